@@ -1,0 +1,233 @@
+"""Model presets and the stage spec: the one contract between the orchestrator and the trainer.
+
+This module must stay importable without torch or megatron: the orchestrator's CLI imports it
+to validate recipes (tp dividing heads, pp dividing layers) in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Model presets
+# --------------------------------------------------------------------------------------------
+
+
+class LongRopeConfig(Strict):
+    """LongRoPE as Phi-3/Phi-4 ship it: per-frequency rescale factors chosen by sequence length."""
+
+    short_factor: list[float]
+    long_factor: list[float]
+    original_max_position_embeddings: int
+    max_position_embeddings: int
+
+    @property
+    def attention_factor(self) -> float:
+        """sqrt(1 + ln(max/original) / ln(original)): scales cos/sin once contexts are extended."""
+        scale = self.max_position_embeddings / self.original_max_position_embeddings
+        if scale <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(scale) / math.log(self.original_max_position_embeddings))
+
+
+class LoraConfig(Strict):
+    rank: int
+    alpha: int
+    dropout: float = 0.0
+    # Decoder linears the adapter wraps, named as in the HF checkpoint.
+    targets: list[str] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+class VisionConfig(Strict):
+    """SigLIP tower, dynamic multi-crop, 2x2 token compression and the 2-layer projector."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    patch_size: int
+    image_size: int
+    layer_norm_eps: float = 1e-6
+    feature_layer: int = -2  # features from the second-to-last layer
+    max_crops: int = 9  # 1344x1344 = a 3x3 grid of 448 crops
+    pool: int = 2  # AvgPool2d(2,2): 32x32 patches -> 16x16 tokens per crop
+
+
+class AudioConfig(Strict):
+    """Conv subsampling + conformer encoder over 80-bin log-Mel features, and its projector."""
+
+    num_mel_bins: int = 80
+    conv_channels: int
+    time_reduction: int = 8
+    num_blocks: int
+    attention_dim: int
+    num_heads: int
+    ffn_dim: int
+    conv_kernel: int = 3
+    relative_attention_max_distance: int = 500
+
+
+class ModelConfig(Strict):
+    """Phi-3-family decoder (Phi-4-Mini), optionally with the Phi-4-Multimodal towers and LoRAs."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    rotary_percent: float = 0.75
+    rotary_base: float = 10000.0
+    rope_scaling: LongRopeConfig | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    bos_token_id: int = 199999
+    eos_token_id: int = 199999
+    pad_token_id: int = 199999
+    vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
+    lora_vision: LoraConfig | None = None
+    lora_speech: LoraConfig | None = None
+    image_token_id: int | None = None
+    audio_token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        if self.rope_scaling is not None:
+            pairs = int(self.kv_channels * self.rotary_percent) // 2
+            for which in ("short_factor", "long_factor"):
+                got = len(getattr(self.rope_scaling, which))
+                if got != pairs:
+                    raise ValueError(f"rope_scaling.{which} needs {pairs} entries (got {got})")
+        return self
+
+    @property
+    def module_groups(self) -> list[str]:
+        """Names a recipe may freeze or train (see orchestrator.config.schema)."""
+        groups = ["backbone"]
+        if self.vision is not None:
+            groups += ["vision.encoder", "vision.projector"]
+        if self.audio is not None:
+            groups += ["audio.encoder", "audio.projector"]
+        if self.lora_vision is not None:
+            groups.append("lora.vision")
+        if self.lora_speech is not None:
+            groups.append("lora.speech")
+        return groups
+
+
+# The released Phi-4-mini LongRoPE factors (config.json of Phi-4-mini-instruct), 48 each.
+PHI4_MINI_SHORT_FACTOR: list[float] = [
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+]
+PHI4_MINI_LONG_FACTOR: list[float] = [
+    1.0, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817,
+    2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687,
+    4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+    8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+    16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884,
+    32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+    33.28, 33.49, 33.5, 44.16, 47.77,
+]
+
+_PHI4_MINI = dict(
+    vocab_size=200064,
+    hidden_size=3072,
+    ffn_hidden_size=8192,
+    num_layers=32,
+    num_attention_heads=24,
+    num_query_groups=8,
+    kv_channels=128,
+    rope_scaling=LongRopeConfig(
+        short_factor=PHI4_MINI_SHORT_FACTOR,
+        long_factor=PHI4_MINI_LONG_FACTOR,
+        original_max_position_embeddings=4096,
+        max_position_embeddings=131072,
+    ),
+)
+
+# Tiny: still GQA 3:1, partial rotary 0.75, tied embeddings; LongRoPE with an original context
+# of 64 so that sequences of the tiny profile exercise the long factors.
+_TINY_HEAD = 16
+_TINY_PAIRS = int(_TINY_HEAD * 0.75) // 2
+_PHI4_MINI_TINY = dict(
+    vocab_size=512,
+    hidden_size=96,
+    ffn_hidden_size=256,
+    num_layers=2,
+    num_attention_heads=6,
+    num_query_groups=2,
+    kv_channels=_TINY_HEAD,
+    rope_scaling=LongRopeConfig(
+        short_factor=[1.0 + 0.05 * i for i in range(_TINY_PAIRS)],
+        long_factor=[1.0 + 0.75 * i for i in range(_TINY_PAIRS)],
+        original_max_position_embeddings=64,
+        max_position_embeddings=1024,
+    ),
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+_MM_FULL = dict(
+    vision=VisionConfig(
+        num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+        patch_size=14, image_size=448,
+    ),
+    audio=AudioConfig(
+        conv_channels=1024, num_blocks=24, attention_dim=1024, num_heads=16, ffn_dim=1536,
+    ),
+    lora_vision=LoraConfig(rank=256, alpha=512, dropout=0.0),
+    lora_speech=LoraConfig(rank=320, alpha=640, dropout=0.01),
+    image_token_id=200010,
+    audio_token_id=200011,
+)
+
+_MM_TINY = dict(
+    vision=VisionConfig(
+        num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2,
+        patch_size=4, image_size=32, max_crops=4,
+    ),
+    audio=AudioConfig(
+        conv_channels=32, num_blocks=2, attention_dim=32, num_heads=2, ffn_dim=64,
+        relative_attention_max_distance=16,
+    ),
+    lora_vision=LoraConfig(rank=4, alpha=8, dropout=0.0),
+    lora_speech=LoraConfig(rank=4, alpha=8, dropout=0.0),
+    image_token_id=10,
+    audio_token_id=11,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "phi4_mini": ModelConfig(name="phi4_mini", **_PHI4_MINI),
+    "phi4_mini_tiny": ModelConfig(name="phi4_mini_tiny", **_PHI4_MINI_TINY),
+    "phi4_multimodal": ModelConfig(name="phi4_multimodal", **_PHI4_MINI, **_MM_FULL),
+    "phi4_multimodal_tiny": ModelConfig(name="phi4_multimodal_tiny", **_PHI4_MINI_TINY, **_MM_TINY),
+}
+
+
+def preset(name: str, size: str = "full") -> ModelConfig:
+    """The preset `name`, or its `_tiny` variant when size is 'tiny'."""
+    key = name if size == "full" else f"{name}_{size}"
+    if key not in PRESETS:
+        raise KeyError(f"unknown model preset {key!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[key]
