@@ -231,3 +231,84 @@ def preset(name: str, size: str = "full") -> ModelConfig:
     if key not in PRESETS:
         raise KeyError(f"unknown model preset {key!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Training sections shared by recipes (orchestrator) and the stage spec (trainer)
+# --------------------------------------------------------------------------------------------
+
+
+class ScalingLaw(Strict):
+    """LR* = B * D^exponent, D the stage's token budget (Phi-4-Mini: exponent -0.32)."""
+
+    B: float = Field(gt=0)
+    exponent: float = -0.32
+
+    def lr_for(self, tokens: float) -> float:
+        return self.B * tokens**self.exponent
+
+
+class LearningRate(Strict):
+    scaling_law: ScalingLaw
+
+
+class Train(Strict):
+    steps: int | None = Field(default=None, gt=0)
+    tokens: float | None = Field(default=None, gt=0, description="token budget; steps derived")
+    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(default=1, gt=0)
+    seq_length: int = Field(gt=0)
+    lr: float | LearningRate
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["constant", "cosine", "wsd", "linear"] = "cosine"
+    decay_fraction: float = Field(default=0.1, gt=0, le=1, description="wsd: final decay share")
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = Field(default=1.0, ge=0)
+    save_interval: int = Field(default=1000, gt=0)
+    keep_last: int = Field(default=2, gt=0)
+    seed: int = 1234
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        assert self.tokens is not None
+        return max(1, math.ceil(self.tokens / self.tokens_per_step))
+
+    @property
+    def total_tokens(self) -> float:
+        return self.tokens if self.tokens is not None else float(self.total_steps * self.tokens_per_step)
+
+    @property
+    def peak_lr(self) -> float:
+        if isinstance(self.lr, LearningRate):
+            return self.lr.scaling_law.lr_for(self.total_tokens)
+        return self.lr
+
+
+class Parallel(Strict):
+    tp: int = Field(default=1, ge=1)
+    pp: int = Field(default=1, ge=1)
+    vpp: int | None = Field(default=None, ge=1, description="virtual stages per pipeline rank")
+    cp: int = Field(default=1, ge=1)
+    sequence_parallel: bool = False
+    pp_layers: list[int] | None = Field(default=None, description="uneven split: layers per stage")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+class Precision(Strict):
+    params: Literal["fp32", "bf16", "fp16"] = "bf16"
+    fp8: Literal["off", "hybrid", "e4m3"] = "off"
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
+    amax_history: int = Field(default=1024, ge=1)
+    amax_compute: Literal["max", "most_recent"] = "max"

@@ -1,0 +1,164 @@
+"""Checks across fields of one recipe: the mistakes a schema alone cannot see.
+
+Each returns problems located at the field a user would edit to fix it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from phi4core.config import PRESETS, ModelConfig, preset
+
+from .errors import Loc, Origin, Positions, Problem, did_you_mean, origin_of
+from .schema import ARTIFACT_GROUPS, MODULE_GROUPS, Recipe
+
+_TRAIN_ONLY = ("model", "tokenizer", "trainable", "frozen", "data", "train")
+
+
+class _Report:
+    def __init__(self, positions: Positions, default: Origin):
+        self.positions = positions
+        self.default = default
+        self.problems: list[Problem] = []
+
+    def add(self, loc: Loc, message: str, *got, hint: str | None = None) -> None:
+        origin = origin_of(self.positions, loc, self.default)
+        self.problems.append(Problem(origin, loc, message, *got, hint=hint))
+
+
+def expand_groups(patterns: list[str], available: list[str]) -> set[str]:
+    return {g for p in patterns for g in available if fnmatch.fnmatchcase(g, p)}
+
+
+def model_of(recipe: Recipe) -> ModelConfig | None:
+    if recipe.model is None:
+        return None
+    try:
+        return preset(recipe.model.preset, recipe.model.size)
+    except KeyError:
+        return None
+
+
+def check_recipe(recipe: Recipe, positions: Positions, default: Origin) -> list[Problem]:
+    r = _Report(positions, default)
+    if recipe.kind == "command":
+        _check_command(recipe, r)
+    else:
+        _check_train(recipe, r)
+    return r.problems
+
+
+def _check_command(recipe: Recipe, r: _Report) -> None:
+    if not recipe.cmd:
+        r.add(("cmd",), "a command stage needs `cmd:`, the argv to run")
+    for key in _TRAIN_ONLY:
+        if getattr(recipe, key) not in (None, [], {}):
+            r.add((key,), f"`{key}` belongs to train stages; this stage is `kind: command`")
+
+
+def _check_train(recipe: Recipe, r: _Report) -> None:
+    if recipe.cmd is not None:
+        r.add(("cmd",), "`cmd` belongs to command stages; add `kind: command`")
+    for key in ("model", "train", "data"):
+        if getattr(recipe, key) is None:
+            r.add((key,), "required field is missing for a train stage")
+    model = model_of(recipe)
+    if recipe.model is not None and model is None:
+        names = sorted({n.removesuffix("_tiny") for n in PRESETS})
+        r.add(("model", "preset"), "unknown model preset", recipe.model.preset,
+              hint=did_you_mean(recipe.model.preset, names) or f"known: {', '.join(names)}")
+    if not recipe.outputs:
+        r.add(("outputs",), "a train stage must list at least one output artifact")
+    _check_groups(recipe, model, r)
+    if model is not None:
+        _check_parallel(recipe, model, r)
+    if recipe.train is not None:
+        _check_train_fields(recipe, r)
+    _check_precision(recipe, r)
+
+
+def _check_groups(recipe: Recipe, model: ModelConfig | None, r: _Report) -> None:
+    available = model.module_groups if model is not None else list(MODULE_GROUPS)
+    for field in ("trainable", "frozen"):
+        for i, pattern in enumerate(getattr(recipe, field)):
+            if not expand_groups([pattern], available):
+                known = [g for g in MODULE_GROUPS if g in available]
+                hint = did_you_mean(pattern, known) or f"groups of this model: {', '.join(known)}"
+                why = ("matches no module group of this model" if model is not None
+                       else "matches no module group")
+                r.add((field, i), why, pattern, hint=hint)
+    trainable = expand_groups(recipe.trainable, available)
+    frozen = expand_groups(recipe.frozen, available)
+    if not recipe.trainable:
+        r.add(("trainable",), "a train stage must train something (trainable is empty)")
+    for group in sorted(trainable & frozen):
+        r.add(("frozen",), f"{group!r} is both trainable and frozen")
+    for name, inp in recipe.inputs.items():
+        provided = set(ARTIFACT_GROUPS.get(inp.artifact or "model", ()))
+        clash = sorted(provided & trainable) if inp.frozen else []
+        if clash:
+            r.add(("inputs", name, "frozen"),
+                  f"this input is frozen but provides {', '.join(clash)}, listed in `trainable`")
+
+
+def _check_parallel(recipe: Recipe, model: ModelConfig, r: _Report) -> None:
+    p = recipe.parallel
+    if model.num_attention_heads % p.tp or model.num_query_groups % p.tp:
+        divisors = [d for d in range(1, model.num_query_groups + 1)
+                    if model.num_query_groups % d == 0 and model.num_attention_heads % d == 0]
+        r.add(("parallel", "tp"),
+              f"tp must divide the {model.num_attention_heads} query heads and "
+              f"{model.num_query_groups} KV heads of {model.name}", p.tp,
+              hint=f"use one of {divisors}")
+    if p.pp_layers is not None:
+        if len(p.pp_layers) != p.pp:
+            r.add(("parallel", "pp_layers"), f"needs one entry per pipeline stage ({p.pp})",
+                  p.pp_layers)
+        elif sum(p.pp_layers) != model.num_layers or min(p.pp_layers) < 1:
+            r.add(("parallel", "pp_layers"),
+                  f"layers per stage must be positive and sum to {model.num_layers}", p.pp_layers)
+    elif model.num_layers % (p.pp * (p.vpp or 1)):
+        r.add(("parallel", "pp"),
+              f"pp{' x vpp' if p.vpp else ''} must divide the {model.num_layers} layers of "
+              f"{model.name} (or give an uneven split in parallel.pp_layers)", p.pp)
+    if p.vpp is not None and p.pp == 1:
+        r.add(("parallel", "vpp"), "virtual pipeline stages need pp > 1", p.vpp)
+    if p.sequence_parallel and p.tp == 1:
+        r.add(("parallel", "sequence_parallel"), "sequence parallelism needs tp > 1")
+    world = recipe.resources.world_size
+    if world % p.model_parallel_size:
+        r.add(("resources",),
+              f"world size {world} (nodes x gpus_per_node) is not divisible by "
+              f"tp*pp*cp = {p.model_parallel_size}")
+
+
+def data_parallel_size(recipe: Recipe) -> int:
+    return max(1, recipe.resources.world_size // recipe.parallel.model_parallel_size)
+
+
+def _check_train_fields(recipe: Recipe, r: _Report) -> None:
+    t = recipe.train
+    assert t is not None
+    if (t.steps is None) == (t.tokens is None):
+        r.add(("train",), "give exactly one of `steps` or `tokens` (a token budget)")
+    dp = data_parallel_size(recipe)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        r.add(("train", "global_batch_size"),
+              f"must be divisible by micro_batch_size x data-parallel size "
+              f"({t.micro_batch_size} x {dp})", t.global_batch_size)
+    if t.steps is not None and t.warmup_steps >= t.steps and t.schedule != "constant":
+        r.add(("train", "warmup_steps"), f"must be below steps ({t.steps})", t.warmup_steps)
+    if isinstance(t.lr, float) and t.min_lr > t.lr:
+        r.add(("train", "min_lr"), f"is above lr ({t.lr})", t.min_lr)
+    if recipe.parallel.cp > 1 and t.seq_length % (2 * recipe.parallel.cp):
+        r.add(("train", "seq_length"), f"must be divisible by 2 x cp ({2 * recipe.parallel.cp})",
+              t.seq_length)
+
+
+def _check_precision(recipe: Recipe, r: _Report) -> None:
+    pr = recipe.precision
+    if pr.fp8 != "off" and pr.params != "bf16":
+        r.add(("precision", "fp8"), "FP8 training needs bf16 params (precision.params: bf16)",
+              pr.fp8)
+    if pr.fp8 != "off" and recipe.resources.gpus_per_node == 0:
+        r.add(("precision", "fp8"), "FP8 needs GPUs (resources.gpus_per_node is 0)", pr.fp8)

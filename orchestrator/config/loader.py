@@ -1,0 +1,340 @@
+"""From YAML files to validated recipes and pipelines.
+
+Layers, in order: the file and its `extends:` chain, a pipeline's per-stage overrides, the
+profile (`--profile tiny`), then `--set key=value` overrides; then interpolation, then the
+schema, then the cross-field checks. Every value keeps the origin it was written at.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checks import check_recipe
+from .errors import ConfigError, Loc, Origin, Positions, Problem, did_you_mean, origin_of
+from .interpolate import resolve
+from .merge import merge, set_path
+from .schema import Pipeline, Recipe, StageEntry
+from .validate import validate
+from .yamlio import read_yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_TRAIN_ONLY_KEYS = {"model", "tokenizer", "trainable", "frozen", "data", "train", "parallel",
+                    "precision"}
+RECIPE_FIELDS = set(Recipe.model_fields)
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    positions: Positions = field(repr=False)
+    document: dict = field(repr=False)  # resolved, before pydantic defaults
+
+    def origin(self, loc: Loc = ()) -> Origin:
+        return origin_of(self.positions, loc, Origin(str(self.path)))
+
+
+@dataclass
+class LoadedPipeline:
+    pipeline: Pipeline
+    path: Path
+    stages: dict[str, LoadedRecipe]  # in file order
+    positions: Positions = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Override:
+    text: str
+    stage: str | None
+    loc: Loc
+    value: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# extends
+# ---------------------------------------------------------------------------------------------
+
+
+def read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, Positions]:
+    doc, positions = read_yaml(path)
+    key = path.resolve()
+    if key in chain:
+        cycle = " -> ".join(str(p) for p in chain + (key,))
+        raise ConfigError.single(positions.get(("extends",), Origin(str(path))), ("extends",),
+                                 f"extends cycle: {cycle}")
+    parents = doc.pop("extends", None)
+    origin = positions.pop(("extends",), Origin(str(path)))
+    if parents is None:
+        return doc, positions
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError.single(Origin(str(path), 1), ("extends",),
+                                 "extends must be a path or a list of paths", parents)
+    base: dict = {}
+    base_pos: Positions = {}
+    for i, parent in enumerate(parents):
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ConfigError.single(origin, ("extends",), "extended file not found",
+                                     str(parent_path))
+        parent_doc, parent_pos = read_with_extends(parent_path, chain + (key,))
+        base, base_pos = merge(base, base_pos, parent_doc, parent_pos)
+    return merge(base, base_pos, doc, positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides and profiles
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_overrides(texts: list[str], stage_names: set[str] | None = None) -> list[Override]:
+    """`key.path=value` (value typed as YAML); in a pipeline `stage.key=value` targets one stage."""
+    out = []
+    for text in texts:
+        origin = Origin("<command line>", override=text)
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError.single(origin, (), "an override must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError.single(origin, (), "the value is not valid YAML", raw) from None
+        parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
+        if any(p == "" for p in parts):
+            raise ConfigError.single(origin, (), "empty component in key path", key)
+        stage = None
+        if stage_names is not None and parts[0] in stage_names and len(parts) > 1:
+            stage, parts = str(parts[0]), parts[1:]
+        if parts[0] not in RECIPE_FIELDS:
+            choices = sorted(RECIPE_FIELDS | (stage_names or set()))
+            raise ConfigError.single(origin, tuple(parts), "unknown key",
+                                     hint=did_you_mean(str(parts[0]), choices))
+        out.append(Override(text, stage, tuple(parts), value))
+    return out
+
+
+def apply_overrides(doc: dict, positions: Positions, overrides: list[Override]) -> None:
+    for ov in overrides:
+        for key in [k for k in positions if k[: len(ov.loc)] == ov.loc]:
+            del positions[key]
+        try:
+            set_path(doc, ov.loc, ov.value)
+        except TypeError:
+            raise ConfigError.single(Origin("<command line>", override=ov.text), ov.loc,
+                                     "cannot set inside a list this way") from None
+        positions[ov.loc] = Origin("<command line>", override=ov.text)
+
+
+def find_profile(name: str, near: Path) -> Path:
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return Path(name)
+    for folder in (near.parent / "profiles", near.parent.parent / "recipes" / "profiles",
+                   PROJECT_ROOT / "recipes" / "profiles"):
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in (PROJECT_ROOT / "recipes" / "profiles").glob("*.yaml"))
+    raise ConfigError.single(Origin("<command line>", override=f"--profile {name}"), (),
+                             "profile not found", name,
+                             hint=did_you_mean(name, known) or f"known: {', '.join(known)}")
+
+
+@dataclass
+class Profile:
+    path: Path
+    common: dict
+    common_pos: Positions
+    per_stage: dict[str, tuple[dict, Positions]]
+
+    def overlay_for(self, stage: str, kind: str) -> list[tuple[dict, Positions]]:
+        common = self.common
+        if kind == "command":
+            common = {k: v for k, v in common.items() if k not in _TRAIN_ONLY_KEYS}
+        layers = [(common, self.common_pos)]
+        if stage in self.per_stage:
+            layers.append(self.per_stage[stage])
+        return layers
+
+
+def load_profile(name: str, near: Path) -> Profile:
+    path = find_profile(name, near)
+    doc, positions = read_with_extends(path)
+    stages = doc.pop("stages", {}) or {}
+    if not isinstance(stages, dict):
+        raise ConfigError.single(origin_of(positions, ("stages",), Origin(str(path))), ("stages",),
+                                 "expected a mapping of stage name to overlay", stages)
+    per_stage = {stage: (overlay or {}, _sub_positions(positions, ("stages", stage)))
+                 for stage, overlay in stages.items()}
+    positions = {k: v for k, v in positions.items() if k[:1] != ("stages",)}
+    return Profile(path, doc, positions, per_stage)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes and pipelines
+# ---------------------------------------------------------------------------------------------
+
+
+def _finish_recipe(path: Path, doc: dict, positions: Positions) -> LoadedRecipe:
+    default = Origin(str(path))
+    doc = resolve(doc, positions, default)
+    recipe = validate(Recipe, doc, positions, default)
+    problems = check_recipe(recipe, positions, default)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedRecipe(recipe, path, positions, doc)
+
+
+def build_recipe(path: Path, *, base: tuple[dict, Positions] | None = None,
+                 layers: list[tuple[dict, Positions]] = (), profile: Profile | None = None,
+                 overrides: list[Override] = ()) -> LoadedRecipe:
+    doc, positions = base if base is not None else read_with_extends(path)
+    for overlay, overlay_pos in layers:
+        doc, positions = merge(doc, positions, overlay, overlay_pos)
+    if profile is not None:
+        name = str(doc.get("name", path.stem))
+        for overlay, overlay_pos in profile.overlay_for(name, doc.get("kind", "train")):
+            doc, positions = merge(doc, positions, overlay, overlay_pos)
+    apply_overrides(doc, positions, list(overrides))
+    return _finish_recipe(path, doc, positions)
+
+
+def load_recipe(path: str | Path, profile: str | None = None,
+                overrides: list[str] = ()) -> LoadedRecipe:
+    """One stage, fully resolved and checked (its inputs against sibling recipes)."""
+    path = Path(path)
+    prof = load_profile(profile, path) if profile else None
+    loaded = build_recipe(path, profile=prof, overrides=parse_overrides(list(overrides)))
+    problems = []
+    for name, inp in loaded.recipe.inputs.items():
+        if inp.stage is None:
+            continue
+        sibling = path.parent / f"{inp.stage}.yaml"
+        loc = ("inputs", name, "stage")
+        if not sibling.is_file():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            problems.append(Problem(loaded.origin(loc), loc,
+                                    f"no stage {inp.stage!r} (no {sibling.name} beside this recipe)",
+                                    hint=did_you_mean(inp.stage, known)))
+            continue
+        upstream = build_recipe(sibling, profile=prof)
+        problems += _artifact_problems(loaded, name, upstream.recipe)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def _artifact_problems(loaded: LoadedRecipe, input_name: str, upstream: Recipe) -> list[Problem]:
+    inp = loaded.recipe.inputs[input_name]
+    if inp.artifact in upstream.outputs:
+        return []
+    loc = ("inputs", input_name, "artifact")
+    return [Problem(loaded.origin(loc), loc,
+                    f"stage {upstream.name!r} has no output {inp.artifact!r} "
+                    f"(its outputs: {', '.join(upstream.outputs) or 'none'})",
+                    hint=did_you_mean(inp.artifact or "", upstream.outputs))]
+
+
+def load_pipeline(path: str | Path, profile: str | None = None,
+                  overrides: list[str] = ()) -> LoadedPipeline:
+    path = Path(path)
+    doc, positions = read_with_extends(path)
+    default = Origin(str(path))
+    # Not interpolated here: overrides are resolved in the context of each stage they reach.
+    pipeline = validate(Pipeline, doc, positions, default)
+    prof = load_profile(profile, path) if profile else None
+
+    entries: list[tuple[int, StageEntry]] = [
+        (i, StageEntry(recipe=e) if isinstance(e, str) else e)
+        for i, e in enumerate(pipeline.stages)
+    ]
+    # Stage names are needed to route `stage.key=value`; read them cheaply first.
+    problems: list[Problem] = []
+    recipe_paths: list[tuple[int, Path, StageEntry]] = []
+    for i, entry in entries:
+        loc: Loc = ("stages", i) if isinstance(pipeline.stages[i], str) else ("stages", i, "recipe")
+        recipe_path = path.parent / entry.recipe
+        if not recipe_path.is_file():
+            problems.append(Problem(origin_of(positions, loc, default), loc,
+                                    "recipe file not found", str(recipe_path)))
+            continue
+        recipe_paths.append((i, recipe_path, entry))
+    if problems:
+        raise ConfigError(problems)
+    raw = {i: read_with_extends(recipe_path) for i, recipe_path, _ in recipe_paths}
+    names = {i: str(raw[i][0].get("name", recipe_path.stem)) for i, recipe_path, _ in recipe_paths}
+    parsed = parse_overrides(list(overrides), set(names.values()))
+
+    stages: dict[str, LoadedRecipe] = {}
+    for i, recipe_path, entry in recipe_paths:
+        layers = [(copy.deepcopy(pipeline.overrides), _sub_positions(positions, ("overrides",))),
+                  (copy.deepcopy(entry.overrides),
+                   _sub_positions(positions, ("stages", i, "overrides")))]
+        mine = [o for o in parsed if o.stage in (None, names[i])]
+        if names[i] in _TRAIN_ONLY_KEYS | RECIPE_FIELDS:
+            problems.append(Problem(origin_of(positions, ("stages", i), default), ("stages", i),
+                                    f"stage name {names[i]!r} collides with a recipe field"))
+        try:
+            kind = raw[i][0].get("kind", "train")
+            loaded = build_recipe(recipe_path, base=raw[i],
+                                  layers=layers,
+                                  profile=prof, overrides=_for_kind(mine, kind))
+        except ConfigError as err:
+            problems += err.problems
+            continue
+        name = loaded.recipe.name
+        if name in stages:
+            problems.append(Problem(origin_of(positions, ("stages", i), default), ("stages", i),
+                                    f"two stages are named {name!r}"))
+            continue
+        stages[name] = loaded
+    if problems:
+        raise ConfigError(problems)
+    problems += check_pipeline_inputs(stages)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedPipeline(pipeline, path, stages, positions)
+
+
+def _sub_positions(positions: Positions, prefix: Loc) -> Positions:
+    return {k[len(prefix):]: v for k, v in positions.items() if k[: len(prefix)] == prefix}
+
+
+def _for_kind(overrides: list[Override], kind: str) -> list[Override]:
+    """Pipeline-wide overrides of training fields skip command stages."""
+    if kind != "command":
+        return overrides
+    return [o for o in overrides if o.stage is not None or o.loc[0] not in _TRAIN_ONLY_KEYS]
+
+
+def check_pipeline_inputs(stages: dict[str, LoadedRecipe]) -> list[Problem]:
+    problems = []
+    for loaded in stages.values():
+        for name, inp in loaded.recipe.inputs.items():
+            if inp.stage is None:
+                continue
+            loc = ("inputs", name, "stage")
+            upstream = stages.get(inp.stage)
+            if upstream is None:
+                problems.append(Problem(loaded.origin(loc), loc,
+                                        f"no stage {inp.stage!r} in this pipeline",
+                                        hint=did_you_mean(inp.stage, stages)))
+                continue
+            problems += _artifact_problems(loaded, name, upstream.recipe)
+    return problems
+
+
+def load_any(path: str | Path, profile: str | None = None, overrides: list[str] = ()
+             ) -> LoadedRecipe | LoadedPipeline:
+    """A pipeline if the file has `stages:`, else a recipe."""
+    path = Path(path)
+    doc, _ = read_yaml(path)
+    if "stages" in doc:
+        return load_pipeline(path, profile, overrides)
+    return load_recipe(path, profile, overrides)

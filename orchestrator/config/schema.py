@@ -1,0 +1,196 @@
+"""The recipe language: what one stage is, and what a pipeline of stages is.
+
+Shapes only; relations between fields (tp dividing heads, inputs naming real stages) are in
+`checks.py` so that each problem can point at the exact field it concerns.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from phi4core.config import Parallel, Precision, Strict, Train
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Module groups a recipe can freeze or train; entries may be globs over these (`lora.*`, `*`).
+MODULE_GROUPS = (
+    "backbone",
+    "lora.vision",
+    "lora.speech",
+    "vision.encoder",
+    "vision.projector",
+    "audio.encoder",
+    "audio.projector",
+)
+
+# Which module groups each artifact kind carries; a stage's outputs are named after these.
+ARTIFACT_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("backbone",),  # the decoder (a multimodal `model` also carries the towers)
+    "vision": ("vision.encoder", "vision.projector", "lora.vision"),
+    "speech": ("audio.encoder", "audio.projector", "lora.speech"),
+}
+
+
+def _identifier(value: str, what: str) -> str:
+    if not IDENTIFIER.match(value):
+        raise ValueError(
+            f"{what} must be an identifier (letters, digits, underscores; no dots, slashes or "
+            "spaces)"
+        )
+    return value
+
+
+class Input(Strict):
+    """Where a stage's weights come from: an upstream stage, a checkpoint folder, or an HF folder."""
+
+    stage: str | None = None
+    artifact: str | None = None
+    path: str | None = None
+    hf: str | None = None
+    frozen: bool = False
+    dependency: Literal["afterok", "afterany"] | None = Field(
+        default=None, description="Slurm dependency type for this edge (cluster default if unset)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Input":
+        given = [k for k in ("stage", "path", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "an input needs exactly one of {stage, artifact}, {path} or {hf}"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.stage is not None and self.artifact is None:
+            raise ValueError("an input from a stage needs `artifact:` (one of that stage's outputs)")
+        if self.stage is None and self.artifact is not None:
+            raise ValueError("`artifact:` only goes with `stage:`")
+        return self
+
+
+class ModelRef(Strict):
+    preset: str = Field(description="phi4_mini or phi4_multimodal")
+    size: Literal["full", "tiny"] = "full"
+
+
+class DataSource(Strict):
+    """One source of a stage's data mixture, sampled in proportion to `weight`."""
+
+    kind: Literal["indexed", "text_jsonl", "chat_jsonl", "webdataset", "lhotse", "synthetic"]
+    path: str | None = Field(default=None, description="file, folder, prefix or shard pattern")
+    weight: float = Field(default=1.0, gt=0)
+    modality: Literal["text", "chat", "image", "audio", "image_audio"] | None = Field(
+        default=None, description="synthetic sources: what to generate"
+    )
+    samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
+
+    @model_validator(mode="after")
+    def _source_named(self) -> "DataSource":
+        if self.kind == "synthetic":
+            if self.modality is None:
+                raise ValueError("a synthetic source needs `modality:`")
+        elif self.path is None:
+            raise ValueError(f"a {self.kind} source needs `path:`")
+        return self
+
+
+class Data(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    num_workers: int = Field(default=0, ge=0)
+
+
+class Resources(Strict):
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=8, ge=0, description="0: CPU processes (tests, demo)")
+    procs_per_node: int | None = Field(
+        default=None, ge=1, description="CPU only: processes per node when gpus_per_node is 0"
+    )
+    time: str = Field(default="04:00:00", description="[D-]HH:MM:SS")
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", value):
+            raise ValueError("time must look like HH:MM:SS or D-HH:MM:SS")
+        return value
+
+    @property
+    def world_size(self) -> int:
+        per_node = self.gpus_per_node or self.procs_per_node or 1
+        return self.nodes * per_node
+
+
+class Logging(Strict):
+    """How a run reports; never part of a stage's fingerprint."""
+
+    interval: int = Field(default=10, ge=1)
+    tensorboard: bool = True
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    kind: Literal["train", "command"] = "train"
+    model: ModelRef | None = None
+    tokenizer: str | None = Field(default=None, description="folder with tokenizer.json, or 'demo'")
+    inputs: dict[str, Input] = Field(default_factory=dict)
+    outputs: list[str] = Field(default_factory=list)
+    trainable: list[str] = Field(default_factory=list)
+    frozen: list[str] = Field(default_factory=list)
+    data: Data | None = None
+    train: Train | None = None
+    parallel: Parallel = Field(default_factory=Parallel)
+    precision: Precision = Field(default_factory=Precision)
+    resources: Resources = Field(default_factory=Resources)
+    logging: Logging = Field(default_factory=Logging)
+    cmd: list[str] | None = Field(default=None, description="command stages: argv to run")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _identifier(value, "a stage name")
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _identifier(item, "an output name")
+        if len(set(value)) != len(value):
+            raise ValueError("outputs are listed twice")
+        return value
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: dict[str, Input]) -> dict[str, Input]:
+        for key in value:
+            _identifier(key, "an input name")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"environment variable name {key!r} is not valid")
+        return value
+
+
+class StageEntry(Strict):
+    recipe: str
+    overrides: dict = Field(default_factory=dict, description="merged over the recipe")
+
+
+class Pipeline(Strict):
+    name: str
+    description: str = ""
+    overrides: dict = Field(default_factory=dict, description="merged over every stage")
+    stages: list[str | StageEntry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _identifier(value, "a pipeline name")

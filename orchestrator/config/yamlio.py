@@ -1,0 +1,110 @@
+"""Safe YAML reading that remembers the file:line of every key.
+
+PyYAML's composer keeps source marks on nodes; we build Python values from the node graph
+ourselves so that (a) only plain YAML types are produced (no Python object tags), (b) an alias
+bomb is refused by counting the nodes an expansion would create, and (c) every key path maps
+to the line where it was written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, Loc, Origin, Positions
+
+# Enough for any real recipe; a billion-laughs document needs millions.
+MAX_EXPANDED_NODES = 100_000
+
+_PLAIN_TAGS = {
+    "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:bool", "tag:yaml.org,2002:null", "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq", "tag:yaml.org,2002:timestamp",
+}
+
+
+class _Builder:
+    def __init__(self, file: str):
+        self.file = file
+        self.count = 0
+        self.positions: Positions = {}
+        self._scalars = yaml.SafeLoader("")  # only for construct_scalar-type helpers
+
+    def origin(self, node: yaml.Node) -> Origin:
+        return Origin(self.file, node.start_mark.line + 1)
+
+    def build(self, node: yaml.Node, loc: Loc, active: tuple[int, ...] = ()) -> Any:
+        self.count += 1
+        if self.count > MAX_EXPANDED_NODES:
+            raise ConfigError.single(
+                self.origin(node), loc,
+                f"document expands to more than {MAX_EXPANDED_NODES} nodes (an alias bomb?)",
+            )
+        if id(node) in active:
+            raise ConfigError.single(self.origin(node), loc, "recursive alias")
+        if node.tag not in _PLAIN_TAGS:
+            raise ConfigError.single(
+                self.origin(node), loc, f"tag {node.tag!r} is not allowed: recipes are plain YAML"
+            )
+        self.positions.setdefault(loc, self.origin(node))
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise ConfigError.single(
+                        self.origin(key_node), loc, "'<<' merge keys are not supported; use extends:"
+                    )
+                key = self.build(key_node, loc + ("<key>",))
+                if not isinstance(key, (str, int)) or isinstance(key, bool):
+                    raise ConfigError.single(self.origin(key_node), loc, "keys must be strings", key)
+                key = str(key)
+                if key in out:
+                    raise ConfigError.single(self.origin(key_node), loc + (key,), "duplicate key")
+                self.positions[loc + (key,)] = self.origin(key_node)
+                out[key] = self.build(value_node, loc + (key,), active + (id(node),))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [
+                self.build(item, loc + (i,), active + (id(node),)) for i, item in enumerate(node.value)
+            ]
+        return self._scalars.construct_object(node, deep=True)
+
+
+def read_yaml(path: Path) -> tuple[Any, Positions]:
+    """Parse one YAML file into plain Python values and the origin of every key path."""
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError.single(Origin(file), (), "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError.single(Origin(file), (), "is a directory, expected a YAML file") from None
+    except OSError as exc:
+        raise ConfigError.single(Origin(file), (), f"cannot read: {exc.strerror}") from None
+    if b"\x00" in raw:
+        raise ConfigError.single(Origin(file, 1), (), "binary file, expected YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError.single(Origin(file, line), (), "not UTF-8 text, expected YAML") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = " ".join(s for s in (exc.context, exc.problem) if s)
+        raise ConfigError.single(Origin(file, line), (), f"YAML syntax error: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError.single(Origin(file, 1), (), f"YAML error: {exc}") from None
+    if node is None:
+        raise ConfigError.single(Origin(file, 1), (), "file is empty")
+    builder = _Builder(file)
+    value = builder.build(node, ())
+    if not isinstance(value, dict):
+        raise ConfigError.single(
+            builder.origin(node), (), "expected a mapping of keys at the top level", value
+        )
+    return value, builder.positions
