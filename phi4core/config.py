@@ -312,3 +312,72 @@ class Precision(Strict):
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
     amax_history: int = Field(default=1024, ge=1)
     amax_compute: Literal["max", "most_recent"] = "max"
+
+
+class DataSource(Strict):
+    """One source of a stage's data mixture, sampled in proportion to `weight`."""
+
+    kind: Literal["indexed", "text_jsonl", "chat_jsonl", "webdataset", "lhotse", "synthetic"]
+    path: str | None = Field(default=None, description="file, folder, prefix or shard pattern")
+    weight: float = Field(default=1.0, gt=0)
+    modality: Literal["text", "chat", "image", "audio", "image_audio"] | None = Field(
+        default=None, description="synthetic sources: what to generate"
+    )
+    samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
+
+    @model_validator(mode="after")
+    def _source_named(self) -> "DataSource":
+        if self.kind == "synthetic":
+            if self.modality is None:
+                raise ValueError("a synthetic source needs `modality:`")
+        elif self.path is None:
+            raise ValueError(f"a {self.kind} source needs `path:`")
+        return self
+
+
+class Data(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    num_workers: int = Field(default=0, ge=0)
+
+
+class Logging(Strict):
+    """How a run reports; never part of a stage's fingerprint."""
+
+    interval: int = Field(default=10, ge=1)
+    tensorboard: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# The stage spec: everything the trainer needs, resolved, in one JSON file
+# --------------------------------------------------------------------------------------------
+
+
+class InputSpec(Strict):
+    """A resolved input: a folder on disk and what it holds."""
+
+    source: Literal["stage", "path", "hf"]
+    path: str
+    artifact: str | None = None  # for store inputs: model | vision | speech
+    frozen: bool = False
+
+
+class StageSpec(Strict):
+    """What `python -m phi4core train SPEC.json` runs. Written by the orchestrator."""
+
+    name: str
+    fingerprint: str
+    model: ModelConfig
+    tokenizer: str | None = None
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    outputs: list[str]
+    trainable: list[str]  # module groups, globs expanded
+    frozen: list[str]
+    data: Data
+    train: Train
+    parallel: Parallel
+    precision: Precision
+    logging: Logging = Field(default_factory=Logging)
+    world_size: int = 1
+    stage_dir: str  # logs, metrics, checkpoints/
+    output_dir: str  # artifacts/<name>/ are written here, then published by the orchestrator

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from phi4core.config import Parallel, Precision, Strict, Train
+from phi4core.config import Data, Logging, Parallel, Precision, Strict, Train
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -75,33 +75,6 @@ class ModelRef(Strict):
     size: Literal["full", "tiny"] = "full"
 
 
-class DataSource(Strict):
-    """One source of a stage's data mixture, sampled in proportion to `weight`."""
-
-    kind: Literal["indexed", "text_jsonl", "chat_jsonl", "webdataset", "lhotse", "synthetic"]
-    path: str | None = Field(default=None, description="file, folder, prefix or shard pattern")
-    weight: float = Field(default=1.0, gt=0)
-    modality: Literal["text", "chat", "image", "audio", "image_audio"] | None = Field(
-        default=None, description="synthetic sources: what to generate"
-    )
-    samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
-
-    @model_validator(mode="after")
-    def _source_named(self) -> "DataSource":
-        if self.kind == "synthetic":
-            if self.modality is None:
-                raise ValueError("a synthetic source needs `modality:`")
-        elif self.path is None:
-            raise ValueError(f"a {self.kind} source needs `path:`")
-        return self
-
-
-class Data(Strict):
-    sources: list[DataSource] = Field(min_length=1)
-    on_bad_record: Literal["skip", "fail"] = "skip"
-    num_workers: int = Field(default=0, ge=0)
-
-
 class Resources(Strict):
     nodes: int = Field(default=1, ge=1)
     gpus_per_node: int = Field(default=8, ge=0, description="0: CPU processes (tests, demo)")
@@ -121,13 +94,6 @@ class Resources(Strict):
     def world_size(self) -> int:
         per_node = self.gpus_per_node or self.procs_per_node or 1
         return self.nodes * per_node
-
-
-class Logging(Strict):
-    """How a run reports; never part of a stage's fingerprint."""
-
-    interval: int = Field(default=10, ge=1)
-    tensorboard: bool = True
 
 
 class Recipe(Strict):

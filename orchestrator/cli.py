@@ -1,0 +1,203 @@
+"""`phi4`: validate, show, plan, run, graph, status and the tools around them.
+
+Start-up stays torch-free: commands that need torch (model-info, convert, data) import it
+inside their bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
+from .config.checks import data_parallel_size
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageProblem(click.ClickException):
+    """Bad input found outside the recipe language (a missing store, a wrong flag value)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"phi4: {self.message}", err=True)
+
+
+def _report_config_errors(fn: Callable) -> Callable:
+    """Bad input never shows a traceback: one line per problem, exit 2."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            for problem in err.problems:
+                click.echo(str(problem), err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def config_options(fn: Callable) -> Callable:
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a field (typed like the file); in a pipeline, "
+                           "STAGE.KEY=VALUE targets one stage.")(fn)
+    fn = click.option("--profile", default=None, metavar="NAME",
+                      help="Overlay recipes/profiles/NAME.yaml on every stage (e.g. tiny).")(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="phi4")
+def cli() -> None:
+    """Train Phi-4-Mini and Phi-4-Multimodal from declarative recipes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# validate / show
+# ---------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@config_options
+def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, ...]) -> None:
+    """Check recipes and pipelines; one line per problem, exit 2 if any."""
+    failed = False
+    for path in paths:
+        try:
+            loaded = load_any(path, profile, list(overrides))
+        except ConfigError as err:
+            failed = True
+            for problem in err.problems:
+                click.echo(str(problem), err=True)
+            continue
+        if isinstance(loaded, LoadedPipeline):
+            click.echo(f"ok  {path}  (pipeline {loaded.pipeline.name}, "
+                       f"{len(loaded.stages)} stages)")
+        else:
+            click.echo(f"ok  {path}  (stage {loaded.recipe.name})")
+    if failed:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def resolved_recipe(loaded: LoadedRecipe) -> dict[str, Any]:
+    """The recipe with every default filled in, plus what follows from it."""
+    recipe = loaded.recipe
+    out = recipe.model_dump(mode="json")
+    if recipe.kind == "train" and recipe.train is not None:
+        t = recipe.train
+        out["derived"] = {
+            "world_size": recipe.resources.world_size,
+            "data_parallel": data_parallel_size(recipe),
+            "total_steps": t.total_steps,
+            "tokens_per_step": t.tokens_per_step,
+            "total_tokens": t.total_tokens,
+            "peak_lr": t.peak_lr,
+            "gradient_accumulation": t.global_batch_size
+            // (t.micro_batch_size * data_parallel_size(recipe)),
+        }
+    return out
+
+
+def _dump(data: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(data, indent=2)
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+@cli.command()
+@click.argument("path")
+@config_options
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
+@_report_config_errors
+def show(path: str, profile: str | None, overrides: tuple[str, ...], fmt: str) -> None:
+    """Print the fully resolved stage or pipeline."""
+    loaded = load_any(path, profile, list(overrides))
+    if isinstance(loaded, LoadedPipeline):
+        data: Any = {
+            "name": loaded.pipeline.name,
+            "description": loaded.pipeline.description,
+            "stages": {name: resolved_recipe(s) for name, s in loaded.stages.items()},
+        }
+    else:
+        data = resolved_recipe(loaded)
+    click.echo(_dump(data, fmt), nl=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# lr
+# ---------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def lr() -> None:
+    """The LR scaling law LR* = B x D^a (D: training tokens)."""
+
+
+@lr.command("fit")
+@click.argument("sweep", type=click.Path(path_type=Path))
+@click.option("--exponent", type=float, default=None,
+              help="Fix the exponent (the Phi-4-Mini report uses -0.32) and fit only B.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@_report_config_errors
+def lr_fit(sweep: Path, exponent: float | None, fmt: str) -> None:
+    """Fit B and the exponent from a CSV of (tokens, best lr) rows."""
+    from .lr import fit, read_sweep
+
+    result = fit(read_sweep(sweep), exponent)
+    if fmt == "json":
+        click.echo(json.dumps({"B": result.B, "exponent": result.exponent, "r2": result.r2,
+                               "fixed_exponent": result.fixed_exponent,
+                               "points": len(result.points)}))
+        return
+    fixed = " (fixed)" if result.fixed_exponent else ""
+    click.echo(f"LR* = {result.B:.6g} x D^{result.exponent:.4f}{fixed}   "
+               f"R^2 = {result.r2:.4f}   from {len(result.points)} runs")
+    click.echo(f"{'tokens':>12}  {'best lr':>10}  {'fit':>10}  {'ratio':>6}")
+    for d, best in result.points:
+        pred = result.predict(d)
+        click.echo(f"{d:12.4g}  {best:10.4g}  {pred:10.4g}  {best / pred:6.3f}")
+    click.echo(f"recipe: lr: {{scaling_law: {{B: {result.B:.6g}, exponent: "
+               f"{result.exponent:.4f}}}}}")
+
+
+@lr.command("predict")
+@click.option("--tokens", type=float, required=True, help="Token budget D, e.g. 5e12.")
+@click.option("--B", "b", type=float, required=True, help="The law's coefficient.")
+@click.option("--exponent", type=float, default=-0.32, show_default=True)
+def lr_predict(tokens: float, b: float, exponent: float) -> None:
+    """LR* for a token budget."""
+    if tokens <= 0 or b <= 0:
+        raise UsageProblem("--tokens and --B must be positive")
+    click.echo(f"{b * tokens ** exponent:.6g}")
+
+
+def _register_command_modules() -> None:
+    """Command modules register themselves on import; their heavy imports stay inside them."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for module in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"{commands.__name__}.{module.name}")
+
+
+_register_command_modules()
+
+
+def main() -> None:
+    cli(prog_name="phi4")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CLI command groups beyond the recipe language; each module registers onto `cli`."""
