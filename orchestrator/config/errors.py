@@ -15,11 +15,11 @@ class Origin:
 
     file: str
     line: int = 0
-    override: str | None = None  # the `--set key=value` text when the value came from one
+    override: str | None = None  # the flag, e.g. `--set key=value`, when it came from one
 
     def __str__(self) -> str:
         if self.override is not None:
-            return f"--set {self.override}"
+            return self.override
         return f"{self.file}:{self.line}" if self.line else self.file
 
 

@@ -97,7 +97,7 @@ def parse_overrides(texts: list[str], stage_names: set[str] | None = None) -> li
     """`key.path=value` (value typed as YAML); in a pipeline `stage.key=value` targets one stage."""
     out = []
     for text in texts:
-        origin = Origin("<command line>", override=text)
+        origin = Origin("<command line>", override=f"--set {text}")
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
@@ -127,9 +127,9 @@ def apply_overrides(doc: dict, positions: Positions, overrides: list[Override]) 
         try:
             set_path(doc, ov.loc, ov.value)
         except TypeError:
-            raise ConfigError.single(Origin("<command line>", override=ov.text), ov.loc,
+            raise ConfigError.single(Origin("<command line>", override=f"--set {ov.text}"), ov.loc,
                                      "cannot set inside a list this way") from None
-        positions[ov.loc] = Origin("<command line>", override=ov.text)
+        positions[ov.loc] = Origin("<command line>", override=f"--set {ov.text}")
 
 
 def find_profile(name: str, near: Path) -> Path:

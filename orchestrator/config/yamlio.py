@@ -38,8 +38,9 @@ class _Builder:
     def build(self, node: yaml.Node, loc: Loc, active: tuple[int, ...] = ()) -> Any:
         self.count += 1
         if self.count > MAX_EXPANDED_NODES:
+            # Aliases share nodes, so blame the top-level key being expanded, not the anchor.
             raise ConfigError.single(
-                self.origin(node), loc,
+                self.positions.get(loc[:1], self.origin(node)), loc[:1],
                 f"document expands to more than {MAX_EXPANDED_NODES} nodes (an alias bomb?)",
             )
         if id(node) in active:

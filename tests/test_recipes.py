@@ -1,0 +1,118 @@
+"""The shipped recipes and pipelines: valid, frozen as the reference says, tiny under the profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_pipeline, load_recipe
+from orchestrator.config.checks import expand_groups, model_of
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+
+# The reference table: (trained, frozen) module groups of each stage.
+FREEZING = {
+    "text_pretrain": ({"backbone"}, set()),
+    "text_post_train": ({"backbone"}, set()),
+    "vision_projector_align": ({"vision.projector"}, {"backbone", "vision.encoder"}),
+    "vision_joint_pretrain": ({"vision.encoder", "vision.projector"}, {"backbone"}),
+    "vision_sft": ({"vision.encoder", "vision.projector", "lora.vision"}, {"backbone"}),
+    "vision_multiframe": ({"vision.encoder", "vision.projector", "lora.vision"}, {"backbone"}),
+    "speech_pretrain": ({"audio.encoder", "audio.projector"}, {"backbone"}),
+    "speech_post_train": ({"lora.speech", "audio.projector"}, {"backbone", "audio.encoder"}),
+    "vision_speech_joint": ({"vision.encoder", "vision.projector", "lora.vision"},
+                            {"backbone", "audio.encoder", "audio.projector", "lora.speech"}),
+}
+
+
+def test_all_nine_stages_exist() -> None:
+    assert {p.stem for p in RECIPES} == set(FREEZING)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", [None, "tiny"])
+def test_recipe_valid(path: Path, profile: str | None) -> None:
+    loaded = load_recipe(path, profile)
+    assert loaded.recipe.name == path.stem
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_freezing_matches_reference(path: Path) -> None:
+    recipe = load_recipe(path).recipe
+    groups = model_of(recipe).module_groups
+    trained, frozen = FREEZING[recipe.name]
+    assert expand_groups(recipe.trainable, groups) == trained
+    assert frozen <= expand_groups(recipe.frozen, groups)
+
+
+def test_seed_numbers() -> None:
+    stage = {p.stem: load_recipe(p).recipe for p in RECIPES}
+    assert stage["text_pretrain"].train.tokens == 5e12
+    assert stage["text_pretrain"].train.seq_length == 131072
+    assert stage["text_pretrain"].train.lr.scaling_law.exponent == -0.32
+    assert stage["vision_joint_pretrain"].train.tokens == 5e11
+    assert stage["vision_sft"].train.tokens == 3e11
+    assert stage["vision_multiframe"].train.seq_length == 65536
+    assert (stage["speech_pretrain"].train.steps, stage["speech_pretrain"].train.lr) == (50000, 4e-5)
+    assert (stage["speech_post_train"].train.steps, stage["speech_post_train"].train.lr) == (50000, 1e-4)
+    mm = model_of(stage["vision_sft"])
+    assert (mm.lora_vision.rank, mm.lora_speech.rank) == (256, 320)
+    assert mm.vision.image_size * 3 == 1344 and mm.vision.max_crops == 9
+    assert mm.rope_scaling.max_position_embeddings == 131072
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", [None, "tiny"])
+def test_pipeline_valid(path: Path, profile: str | None) -> None:
+    loaded = load_pipeline(path, profile)
+    expected = {"phi4_mini": 2, "phi4_multimodal": 9, "phi4_multimodal_from_mini": 7}
+    assert len(loaded.stages) == expected[path.stem]
+
+
+def test_tiny_profile_makes_every_stage_one_cpu_process() -> None:
+    loaded = load_pipeline(REPO / "pipelines/phi4_multimodal.yaml", "tiny")
+    for stage in loaded.stages.values():
+        r = stage.recipe
+        assert r.resources.world_size == 1 and r.resources.gpus_per_node == 0
+        assert r.model.size == "tiny" and r.precision.fp8 == "off"
+        assert r.train.total_steps <= 100 and r.train.seq_length <= 256
+        assert all(s.kind == "synthetic" for s in r.data.sources)
+    assert "vision_encoder" not in loaded.stages["vision_projector_align"].recipe.inputs
+
+
+def test_from_mini_takes_the_backbone_from_hf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHI4_MINI_HF", "/models/mini")
+    loaded = load_pipeline(REPO / "pipelines/phi4_multimodal_from_mini.yaml")
+    for stage in loaded.stages.values():
+        backbone = stage.recipe.inputs["backbone"]
+        assert backbone.hf == "/models/mini" and backbone.frozen and backbone.stage is None
+
+
+def test_overrides_are_typed_and_targeted() -> None:
+    loaded = load_pipeline(REPO / "pipelines/phi4_mini.yaml", "tiny",
+                           ["train.steps=7", "text_post_train.train.lr=5e-4"])
+    pre, post = loaded.stages["text_pretrain"].recipe, loaded.stages["text_post_train"].recipe
+    assert pre.train.steps == post.train.steps == 7
+    assert post.train.lr == 5e-4 and pre.train.lr == 3e-3
+    assert str(loaded.stages["text_post_train"].origin(("train", "lr"))) == \
+        "--set text_post_train.train.lr=5e-4"
+
+
+def test_extends_chain_and_interpolation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/root.yaml").write_text(
+        "model: {preset: phi4_mini, size: tiny}\ntrainable: [backbone]\noutputs: [model]\n"
+        "data: {sources: [{kind: text_jsonl, path: '${oc.env:DATA_ROOT,/d}/a.jsonl'}]}\n"
+        "train: {steps: 10, seq_length: 64, global_batch_size: 4, lr: 1.0e-3}\n"
+        "resources: {gpus_per_node: 0}\nprecision: {params: fp32, fp8: 'off'}\n")
+    (tmp_path / "base/mid.yaml").write_text("extends: root.yaml\ntrain: {seq_length: 128}\n")
+    (tmp_path / "leaf.yaml").write_text(
+        "extends: base/mid.yaml\nname: leaf\ntokenizer: '/tok/${train.seq_length}'\n")
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    recipe = load_recipe(tmp_path / "leaf.yaml").recipe
+    assert recipe.train.seq_length == 128 and recipe.train.steps == 10
+    assert recipe.tokenizer == "/tok/128"
+    assert recipe.data.sources[0].path == "/data/a.jsonl"
