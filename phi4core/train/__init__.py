@@ -1,0 +1,1 @@
+"""The training engine: one stage, from a StageSpec, on one CPU or many GPUs."""

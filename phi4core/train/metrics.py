@@ -1,0 +1,61 @@
+"""Per-step telemetry: metrics.jsonl (read by `phi4 status`), TensorBoard, a progress line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Only rank 0 writes. The JSONL is appended (a resumed run continues the same file)."""
+
+    def __init__(self, stage_dir: Path, total_steps: int, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(stage_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(stage_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step = step
+        record = {"step": step, "time": time.time(), **values}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def progress(self, step: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        done = step - (self.first_step or 0) + 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(done, 1) * (self.total_steps - step - 1)
+        print(f"step {step + 1}/{self.total_steps}  loss {loss:.4f}  lr {lr:.3g}  "
+              f"eta {_clock(eta)}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
