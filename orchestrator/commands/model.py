@@ -1,0 +1,72 @@
+"""`phi4 model-info` and `phi4 convert`: torch is imported inside the commands only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..cli import UsageProblem, cli
+
+
+@cli.command("model-info")
+@click.argument("preset")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def model_info_cmd(preset: str, fmt: str) -> None:
+    """Parameter counts of a model preset, counted from its modules built on the meta device."""
+    from phi4core.config import PRESETS
+
+    if preset not in PRESETS:
+        from ..config.errors import did_you_mean
+
+        hint = did_you_mean(preset, PRESETS) or f"known: {', '.join(sorted(PRESETS))}"
+        raise UsageProblem(f"unknown model preset {preset!r}; {hint}")
+    from phi4core.info import model_info
+
+    info = model_info(preset)
+    if fmt == "json":
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{preset}: {info['total']:,} parameters")
+    for section in ("parts", "groups"):
+        for name, count in (info.get(section) or {}).items():
+            if count:
+                click.echo(f"  {section[:-1]:>5} {name:<18} {count:>15,}")
+
+
+@cli.group()
+def convert() -> None:
+    """Convert between Hugging Face Phi3ForCausalLM folders and phi4 checkpoints."""
+
+
+def _conversion(fn, src: Path, out: Path) -> None:
+    if not src.exists():
+        raise UsageProblem(f"{src}: not found")
+    from phi4core.interop.hf import ConversionError
+
+    try:
+        result = fn(src, out)
+    except ConversionError as err:
+        raise UsageProblem(f"{src}: {err}") from None
+    click.echo(f"wrote {result}")
+
+
+@convert.command("hf-to-phi4")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+def hf_to_phi4_cmd(hf_dir: Path, out: Path) -> None:
+    """HF folder -> a phi4 checkpoint, usable as a stage input `{path: OUT}`."""
+    from phi4core.checkpoint_io import hf_to_phi4
+
+    _conversion(hf_to_phi4, hf_dir, out)
+
+
+@convert.command("phi4-to-hf")
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+def phi4_to_hf_cmd(ckpt: Path, out: Path) -> None:
+    """A phi4 checkpoint (e.g. a stage's `model` artifact) -> an HF folder."""
+    from phi4core.checkpoint_io import phi4_to_hf
+
+    _conversion(phi4_to_hf, ckpt, out)
