@@ -83,6 +83,8 @@ def prepare_text(
     """Tokenise JSONL records into `<out_prefix>.bin/.idx` with megatron's IndexedDatasetBuilder.
 
     One record becomes one document (followed by the end-of-document token when `append_eod`).
+    Special-token strings inside a text become their special ids, so pre-rendered chat text
+    can be pre-training data.
     Bad records (malformed JSON, invalid UTF-8, not an object, missing/non-string/empty text)
     are reported with `file:line` and skipped and counted, or raise `DataError` when
     `on_bad_record="fail"`. Outputs are written under temporary names and renamed into place.
