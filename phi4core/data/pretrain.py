@@ -99,7 +99,9 @@ def build_pretrain_dataset(
     """Packed `seq_length` samples drawn from the blend of `.bin/.idx` prefixes.
 
     blend: `{prefix: weight}`, `[(prefix, weight), ...]` or `[prefix, ...]`; sources are sampled
-        in the weights' proportions (megatron's deterministic blending index).
+        in the weights' proportions (megatron's deterministic blending index), repeating a
+        source for as many epochs as needed. Without weights megatron blends by source size
+        and uses each source at most once, so a split may hold fewer samples than asked.
     num_samples: samples for the train split, or (train, valid, test).
     split: megatron's split string over each source's documents, e.g. "98,2,0".
     cache_dir: where megatron caches its index files (default: `.index_cache` beside the first
