@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from phi4core.data.chat import ChatDataset, render_chat, render_chat_text, tokenize_chat
+from phi4core.data.chat import ChatDataset, render_chat_text, tokenize_chat
 from phi4core.data.packing import (
     PackedCollator, block_causal_mask, build_packed_item, pack_lengths, packed_seq_params,
 )
@@ -146,7 +146,8 @@ def test_packing_keeps_samples_apart(packed, tok):
                 assert item["labels"][b:e].tolist() == ids[1:].tolist()  # no cross-sample label
                 assert item["loss_mask"][b:e].tolist() == m[1:].astype(float).tolist()
             else:
-                assert (item["loss_mask"][b:e] == 0).all() and (item["tokens"][b:e] == tok.pad_id).all()
+                assert (item["loss_mask"][b:e] == 0).all()
+                assert (item["tokens"][b:e] == tok.pad_id).all()
         # Attention: allowed exactly within a segment and causally.
         same = seg[:, None] == seg[None, :]
         causal = torch.ones(128, 128, dtype=torch.bool).tril()
@@ -206,4 +207,5 @@ def test_block_causal_mask_small():
                                       [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
     item = build_packed_item([(np.array([5, 6, 7]), np.array([0, 1, 1], bool))], 4, pad_id=0)
     assert item["tokens"].tolist() == [5, 6, 0, 0] and item["labels"].tolist() == [6, 7, 0, 0]
-    assert item["loss_mask"].tolist() == [1, 1, 0, 0] and item["position_ids"].tolist() == [0, 1, 0, 1]
+    assert item["loss_mask"].tolist() == [1, 1, 0, 0]
+    assert item["position_ids"].tolist() == [0, 1, 0, 1]

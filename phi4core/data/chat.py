@@ -120,7 +120,8 @@ def render_chat(record: Any, add_generation_prompt: bool = False) -> list[Segmen
     if not messages:
         raise ChatFormatError("empty messages")
     tools = record.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+    if tools is not None and not (
+            isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ChatFormatError("bad tools", "'tools' must be a list of objects")
 
     segments: list[Segment] = []

@@ -91,6 +91,7 @@ def iter_jsonl(
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as e:
-                    report.bad(where, "malformed json", e.msg + f" at column {e.colno}", on_bad_record)
+                    report.bad(where, "malformed json", f"{e.msg} at column {e.colno}",
+                               on_bad_record)
                     continue
                 yield where, value

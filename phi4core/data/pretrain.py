@@ -126,7 +126,8 @@ def build_pretrain_dataset(
         raise FileNotFoundError(f"no .bin/.idx for blend prefix(es) {missing}")
     if len(prefixes) == 1:
         weights = None  # a one-source "blend" is just that source
-    sizes = [int(num_samples), 0, 0] if isinstance(num_samples, int) else [int(n) for n in num_samples]
+    sizes = ([int(num_samples), 0, 0] if isinstance(num_samples, int)
+             else [int(n) for n in num_samples])
     if len(sizes) != 3:
         raise ValueError(f"num_samples must be an int or (train, valid, test), got {num_samples}")
     cache = Path(cache_dir) if cache_dir is not None else Path(prefixes[0]).parent / ".index_cache"

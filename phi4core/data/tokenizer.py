@@ -109,7 +109,8 @@ class PhiTokenizer:
         config = {}
         if (path / "tokenizer_config.json").is_file():
             config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        names = {k: _token_name(config.get(f"{k}_token")) or ENDOFTEXT for k in ("bos", "eos", "pad")}
+        names = {k: _token_name(config.get(f"{k}_token")) or ENDOFTEXT
+                 for k in ("bos", "eos", "pad")}
         return cls(Tokenizer.from_file(str(file)), path, **names)
 
     # -- ids ------------------------------------------------------------------------------
