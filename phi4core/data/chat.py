@@ -20,7 +20,6 @@ block and its `<|end|>`; never the `<|assistant|>` tag, system/user/tool turns o
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -35,8 +34,6 @@ from phi4core.data.tokenizer import (
     ASSISTANT, DEMO_BOS, DEMO_PAD, END, ENDOFTEXT, SYSTEM, TOOL, TOOL_CALL, TOOL_CALL_END,
     TOOL_END, USER, PhiTokenizer,
 )
-
-log = logging.getLogger("phi4core.data")
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_TAGS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "tool": TOOL}

@@ -38,8 +38,8 @@ def default_cache_dir() -> Path:
 def ensure_dataset_helpers(cache_dir: str | os.PathLike | None = None) -> str:
     """Make `megatron.core.datasets.helpers` importable; returns "prebuilt" or the compiled path."""
     if MODULE in sys.modules:
-        return "prebuilt" if not getattr(sys.modules[MODULE], "_phi4_compiled", False) else \
-            sys.modules[MODULE].__file__
+        module = sys.modules[MODULE]
+        return module.__file__ if getattr(module, "_phi4_compiled", False) else "prebuilt"
     try:
         importlib.import_module(MODULE)
         return "prebuilt"

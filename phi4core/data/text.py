@@ -9,6 +9,7 @@ same inputs reuse the dataset instead of tokenising again.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -161,8 +162,6 @@ def prepare_text(
 def _reuse(prefix: str, paths: list[str], hashes: list[str], tok_sha: str,
            options: dict) -> PrepareReport | None:
     """The earlier run's report when its manifest matches these exact inputs, else None."""
-    import json
-
     manifest = manifest_path(prefix)
     if not (manifest.is_file() and Path(prefix + ".bin").is_file()
             and Path(prefix + ".idx").is_file()):
