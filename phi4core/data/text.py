@@ -74,7 +74,7 @@ def _batched(items: Iterable[str], size: int) -> Iterable[list[str]]:
 
 def prepare_text(
     jsonl_paths: Sequence[str | os.PathLike] | str | os.PathLike,
-    tokenizer_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | PhiTokenizer,
     out_prefix: str | os.PathLike,
     text_key: str = "text",
     on_bad_record: str = "skip",
@@ -98,7 +98,8 @@ def prepare_text(
         str(p) for p in jsonl_paths]
     if not paths:
         raise ValueError("prepare_text needs at least one JSONL file")
-    tokenizer = PhiTokenizer.from_dir(tokenizer_dir)
+    tokenizer = (tokenizer_dir if isinstance(tokenizer_dir, PhiTokenizer)
+                 else PhiTokenizer.from_dir(tokenizer_dir))
     prefix = str(out_prefix)
     manifest = manifest_path(prefix)
     options = {"text_key": text_key, "append_eod": append_eod, "on_bad_record": policy}
