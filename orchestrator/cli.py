@@ -44,6 +44,13 @@ def _report_config_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def quiet_megatron() -> None:
+    """Commands that import megatron need not print its dozen CPU fallback warnings."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+
+
 def config_options(fn: Callable) -> Callable:
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override a field (typed like the file); in a pipeline, "

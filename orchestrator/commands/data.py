@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import UsageProblem, cli
+from ..cli import UsageProblem, cli, quiet_megatron
 
 
 @cli.group()
@@ -29,6 +29,7 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
     missing = [str(p) for p in jsonl if not p.is_file()]
     if missing:
         raise UsageProblem(f"{missing[0]}: file not found")
+    quiet_megatron()
     from phi4core.data.report import DataError
     from phi4core.data.text import prepare_text
 

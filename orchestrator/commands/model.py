@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import UsageProblem, cli
+from ..cli import UsageProblem, cli, quiet_megatron
 
 
 @cli.command("model-info")
@@ -22,6 +22,7 @@ def model_info_cmd(preset: str, fmt: str) -> None:
 
         hint = did_you_mean(preset, PRESETS) or f"known: {', '.join(sorted(PRESETS))}"
         raise UsageProblem(f"unknown model preset {preset!r}; {hint}")
+    quiet_megatron()
     from phi4core.info import model_info
 
     info = model_info(preset)
@@ -43,6 +44,7 @@ def convert() -> None:
 def _conversion(fn, src: Path, out: Path) -> None:
     if not src.exists():
         raise UsageProblem(f"{src}: not found")
+    quiet_megatron()
     from phi4core.interop.hf import ConversionError
 
     try:
