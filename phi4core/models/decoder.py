@@ -41,6 +41,7 @@ with _warnings.catch_warnings():  # megatron warns a dozen times that TE/apex ar
     from megatron.core.transformer.transformer_config import TransformerConfig
 
 from phi4core.models import cpu_shims
+from phi4core.models.attention import use_sdpa_core_attention
 from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
 
 cpu_shims.apply()  # no-op with a GPU
@@ -272,13 +273,16 @@ def transformer_config(
     return cfg
 
 
-def layer_spec(use_te: bool | None = None):
-    """TE layer spec with a GPU and TE, megatron's local spec (RMSNorm) otherwise."""
+def layer_spec(use_te: bool | None = None, sdpa: bool = True):
+    """TE layer spec with a GPU and TE, megatron's local spec (RMSNorm) otherwise; in the
+    local spec the core attention is torch SDPA for the plain causal case (``sdpa=False``
+    keeps megatron's unfused DotProductAttention)."""
     if use_te is None:
         use_te = use_transformer_engine()
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return use_sdpa_core_attention(spec) if sdpa else spec
 
 
 # ---------------------------------------------------------------------------------------------
