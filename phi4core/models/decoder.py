@@ -258,6 +258,7 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         # CPU/gloo: the batched isend/irecv path needs CUDA streams.
         batch_p2p_comm=gpu_available(),
+        cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
     )
     if prec.fp8 is not None:
         kwargs.update(
