@@ -39,7 +39,6 @@ def run_steps(chunks, model_cfg, par) -> list[float]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    model = chunks[0]
     params = [p for c in chunks for p in c.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     fb = get_forward_backward_func()
@@ -48,7 +47,8 @@ def run_steps(chunks, model_cfg, par) -> list[float]:
         tokens = batch_for(step, model_cfg.vocab_size)
         inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         micro = [(inputs[i : i + MICRO], labels[i : i + MICRO]) for i in range(0, BATCH, MICRO)]
-        it = iter(micro)
+        # one iterator per model chunk (interleaved schedules read each chunk's own)
+        it = iter(micro) if len(chunks) == 1 else [iter(micro) for _ in chunks]
 
         def forward_step(data_iterator, m):
             x, y = next(data_iterator)
@@ -74,13 +74,11 @@ def run_steps(chunks, model_cfg, par) -> list[float]:
         )
         # Tied embeddings across pipeline stages: sum the two copies' gradients.
         if par.pp > 1 and model_cfg.tie_embeddings:
-            w = None
-            if ps.is_pipeline_first_stage(ignore_virtual=True) and model.pre_process:
-                w = model.shared_embedding_or_output_weight()
-            elif ps.is_pipeline_last_stage(ignore_virtual=True) and model.post_process:
-                w = model.shared_embedding_or_output_weight()
-            if w is not None and w.grad is not None:
-                dist.all_reduce(w.grad, group=ps.get_embedding_group())
+            for c in chunks:
+                if c.pre_process or c.post_process:
+                    w = c.shared_embedding_or_output_weight()
+                    if w is not None and w.grad is not None:
+                        dist.all_reduce(w.grad, group=ps.get_embedding_group())
         opt.step()
         if results:
             loss = torch.stack([r["loss"] for r in results]).mean()
@@ -172,6 +170,19 @@ def main() -> None:
         ck = HFCheckpoint(hf_pp2)
         res["hf_from_pp2_maxdiff"] = max_diff({k: ck.get(k) for k in ck.keys()}, ref)
         res["hf_from_pp2_tensors"] = len(ck.keys())
+
+    # E: interleaved 1F1B (PP=2 x 2 virtual stages) on a 4-layer variant, against its TP=1.
+    mc4 = mc.model_copy(update={"num_layers": 4, "name": "phi4_mini_tiny_4l"})
+    hf4 = os.path.join(out_dir, "hf_init_4l")
+    par = init_parallel(ParallelSettings(tp=1), seed=1234)
+    chunks = build_model_chunks(mc4, par)
+    save_hf(chunks, hf4, mc4)
+    res["loss_tp1_4l"] = run_steps(chunks, mc4, par)
+    par = init_parallel(ParallelSettings(pp=2, vpp=2), seed=1234)
+    chunks = build_model_chunks(mc4, par, perform_initialization=False)
+    load_hf_weights(chunks, hf4, mc4)
+    res["vpp_layers_per_chunk"] = [len(c.decoder.layers) for c in chunks]
+    res["loss_pp2_vpp2_4l"] = run_steps(chunks, mc4, par)
     res["timings"]["total"] = time.time() - t0
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:

@@ -61,3 +61,10 @@ def test_checkpoint_tp2_loads_at_pp2_and_tp1(result):
 @pytest.mark.slow
 def test_hf_export_from_pp2(result):
     assert result["hf_from_pp2_maxdiff"] == 0.0 and result["hf_from_pp2_tensors"] == 14
+
+
+@pytest.mark.slow
+def test_interleaved_pp2_vpp2_matches_tp1(result):
+    assert result["vpp_layers_per_chunk"] == [1, 1]  # 4 layers over 2 stages x 2 chunks
+    for a, b in zip(result["loss_tp1_4l"], result["loss_pp2_vpp2_4l"], strict=True):
+        assert abs(a - b) <= TOL, (result["loss_tp1_4l"], result["loss_pp2_vpp2_4l"])
