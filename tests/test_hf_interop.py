@@ -248,3 +248,35 @@ def test_shape_mismatch_names_the_tensor(single, tmp_path, hf_folder):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="safetensors"):
         load_hf_model(bad)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("PHI4_TRANSFORMERS4_PATH"),
+    reason="set PHI4_TRANSFORMERS4_PATH to a folder holding transformers 4.x (pip --target)",
+)
+def test_export_loads_in_transformers_4x(single, tmp_path, hf_folder):
+    """The exported folder loads in transformers 4.x and gives the 5.x logits (opt-in)."""
+    import subprocess
+    import sys
+
+    from transformers import Phi3ForCausalLM
+
+    from phi4core.interop.hf import load_hf_model, save_hf
+
+    _, d = hf_folder
+    out = save_hf(load_hf_model(d).model, tmp_path / "exp")
+    x = _tokens(LONG_LEN, seed=5)
+    torch.save(x, out / "x.pt")
+    with torch.no_grad():
+        torch.save(Phi3ForCausalLM.from_pretrained(out).eval()(x).logits, out / "ref.pt")
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import transformers as t; "
+        "assert t.__version__.startswith('4.'), t.__version__; "
+        "m = t.Phi3ForCausalLM.from_pretrained(sys.argv[2]).eval(); "
+        "x = torch.load(sys.argv[2] + '/x.pt'); ref = torch.load(sys.argv[2] + '/ref.pt'); "
+        "print((m(x).logits - ref).abs().max().item())"
+    )
+    r = subprocess.run([sys.executable, "-c", code, os.environ["PHI4_TRANSFORMERS4_PATH"], str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
