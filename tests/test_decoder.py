@@ -214,3 +214,19 @@ def test_backward_and_sgd_step_reduce_loss(single):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_gpu_flavoured_config_validates(single, monkeypatch):
+    """The settings chosen for a GPU pass megatron's validation (checked here on CPU)."""
+    from phi4core.models import decoder
+
+    monkeypatch.setattr(decoder, "gpu_available", lambda: True)
+    decoder.te_importable.cache_clear()
+    try:
+        assert decoder.te_importable() is False  # TE is not installed here
+        cfg = decoder.transformer_config(preset("phi4_mini"), None, decoder.PrecisionSettings(params="bf16"))
+        assert cfg.bf16 and cfg.params_dtype == torch.bfloat16 and cfg.pipeline_dtype == torch.bfloat16
+        assert cfg.use_cpu_initialization is False and cfg.batch_p2p_comm is True
+        assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion
+    finally:
+        decoder.te_importable.cache_clear()

@@ -10,6 +10,13 @@ megatron's does). megatron multiplies cos/sin by a "concentration factor" it rea
 config (the YaRN hook, ``_yarn_get_concentration_factor_from_config``, present from
 megatron-core 0.16 on); ``attach_attention_factor`` sets that hook so the attention factor
 lands exactly where transformers puts it: on the rotated part of q and k only.
+
+The factor set is chosen from the length megatron asks the rotary module for: the full
+sequence length in training (times CP and, with sequence parallelism, TP: megatron's
+``get_rotary_seq_len``), the allocated ``max_sequence_length`` in megatron inference, and the
+longest sequence of a packed (THD) batch, which then applies to every sequence of the pack.
+transformers decides per forward from the largest position id; the two agree for unpacked
+training and full-sequence evaluation.
 """
 
 from __future__ import annotations
