@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128, help="128 > the tiny preset's original context: long LongRoPE factors")
     ap.add_argument("--seconds", type=float, default=8.0, help="measuring time per model")
+    ap.add_argument("--width-mult", type=int, default=1,
+                    help="scale hidden, ffn and head counts (head dim kept) to see size effects")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     args = ap.parse_args(argv)
 
     import torch
@@ -50,6 +53,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     init_single_process()
     mc = preset(args.preset)
+    w = args.width_mult
+    if w != 1 or args.layers:
+        mc = mc.model_copy(update={
+            "hidden_size": mc.hidden_size * w, "ffn_hidden_size": mc.ffn_hidden_size * w,
+            "num_attention_heads": mc.num_attention_heads * w,
+            "num_query_groups": mc.num_query_groups * w,
+            "num_layers": args.layers or mc.num_layers,
+            "name": f"{mc.name}_w{w}_l{args.layers or mc.num_layers}",
+        })
     ours = build_model(mc)
     with tempfile.TemporaryDirectory() as d:
         save_hf(ours, d, mc)
