@@ -207,4 +207,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m orchestrator.cli`: command modules register on the importable module's
+    # group, not on this `__main__` copy, so hand over to it.
+    from orchestrator.cli import main as _main
+
+    _main()

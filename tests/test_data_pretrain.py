@@ -96,8 +96,12 @@ def test_with_initialised_process_group(sources, tmp_path):
 
     tok, prefixes, _, root = sources
     blend = [(prefixes["digits"], 3), (prefixes["letters"], 1)]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
-                            rank=0, world_size=1)
+    # Model tests earlier in the session may have left a single-process group: reuse it.
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}",
+                                rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         skipped = build_pretrain_dataset(blend, SEQ, 40, 3, tok, cache_dir=tmp_path / "c",
                                          is_built_on_rank=lambda: False)
@@ -106,8 +110,9 @@ def test_with_initialised_process_group(sources, tmp_path):
         ids = [int(built.train[i]["dataset_id"]) for i in range(len(built.train))]
         assert ids.count(0) == 30 and ids.count(1) == 10
     finally:
-        dist.destroy_process_group()
-    assert not dist.is_initialized()
+        if owned:
+            dist.destroy_process_group()
+    assert dist.is_initialized() != owned
 
 
 def test_dataset_helpers_are_prebuilt():
