@@ -249,6 +249,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$defmem
+# Start jobs as soon as they are submitted or resources free up (the default delays batch
+# jobs by up to 3 s, which a test suite of chained jobs pays on every link).
+SchedulerParameters=batch_sched_delay=0
 MailProg=/bin/true
 ReturnToService=2
 # Finished jobs stay visible to \`scontrol show job\` for an hour (there is no sacct).
@@ -263,6 +266,31 @@ Waittime=0
 NodeName=$host NodeAddr=127.0.0.1 NodeHostname=$host ${layout[*]} RealMemory=$conf_mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
+}
+
+# Slurm from 24.05 on initialises a cgroup plugin in slurmd even when no plugin uses cgroups,
+# and that can fail without systemd or in containers; only these releases know "disabled".
+# Earlier ones (22.05 on Debian 12) autodetect, which works here, and get no cgroup.conf.
+write_cgroup_conf() {   # writes cgroup.conf to $1 when this Slurm needs one
+    local v major minor
+    v=$(slurmd -V 2>/dev/null || true)
+    v=${v##* }
+    major=${v%%.*}
+    minor=${v#*.}
+    minor=${minor%%.*}
+    rm -f "$1"
+    if [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]] && ((10#$major * 100 + 10#$minor >= 2405)); then
+        printf '%s\nCgroupPlugin=disabled\n' "$MARK (Slurm $v: no cgroups)" >"$1"
+    fi
+}
+
+# update_file NEW DEST: replaces DEST by NEW when they differ; succeeds when DEST changed.
+update_file() {
+    if [[ -f "$2" ]] && cmp -s "$1" "$2"; then
+        rm -f "$1"
+        return 1
+    fi
+    mv -f "$1" "$2"
 }
 
 link_etc_conf() {
@@ -304,20 +332,22 @@ cmd_up() {
     install_packages
     start_munge
 
-    local new="$DIR/etc/slurm.conf.new" changed=0 ctld_pid="" slurmd_pid=""
-    write_conf "$new"
-    if [[ -f "$CONF" ]] && cmp -s "$new" "$CONF"; then
-        rm -f "$new"
-    else
-        [[ -f "$CONF" ]] && changed=1
-        mv -f "$new" "$CONF"
+    local changed=0 ctld_pid="" slurmd_pid=""
+    write_conf "$CONF.new"
+    update_file "$CONF.new" "$CONF" && changed=1
+    write_cgroup_conf "$DIR/etc/cgroup.conf.new"
+    if [[ -f "$DIR/etc/cgroup.conf.new" ]]; then
+        update_file "$DIR/etc/cgroup.conf.new" "$DIR/etc/cgroup.conf" && changed=1
+    elif [[ -f "$DIR/etc/cgroup.conf" ]]; then
+        rm -f "$DIR/etc/cgroup.conf"
+        changed=1
     fi
     link_etc_conf
 
     ctld_pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld || true)
     slurmd_pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd || true)
     if [[ $changed -eq 1 && ( -n "$ctld_pid" || -n "$slurmd_pid" ) ]]; then
-        say "slurm.conf changed: restarting the daemons"
+        say "configuration changed: restarting the daemons"
         [[ -n "$slurmd_pid" ]] && stop_pid "$slurmd_pid" slurmd
         [[ -n "$ctld_pid" ]] && stop_pid "$ctld_pid" slurmctld
         ctld_pid="" slurmd_pid=""
