@@ -41,12 +41,13 @@ usage() {
 }
 
 log_tails() {
-    local f
-    for f in "$DIR/log/munged.out" "$DIR/log/slurmctld.out" "$DIR/log/slurmctld.log" \
-             "$DIR/log/slurmd.out" "$DIR/log/slurmd.log" /var/log/munge/munged.log; do
+    local f files=("$DIR/log/munged.out" "$DIR/log/slurmctld.out" "$DIR/log/slurmctld.log"
+                   "$DIR/log/slurmd.out" "$DIR/log/slurmd.log")
+    munge_ok || files+=(/var/log/munge/munged.log)
+    for f in "${files[@]}"; do
         if [[ -s "$f" ]]; then
             echo "----- last lines of $f -----" >&2
-            tail -n 25 "$f" >&2
+            tail -n 15 "$f" >&2
         fi
     done
 }
@@ -63,16 +64,29 @@ pid_alive() {
     echo "$pid"
 }
 
-# stop_pid PID NAME: SIGTERM, wait up to 15 s, then SIGKILL.
-stop_pid() {
-    local pid=$1 name=$2 i
-    kill -TERM "$pid" 2>/dev/null || return 0
+# stop_pids PID NAME [PID NAME...]: SIGTERM to all, wait up to 15 s, then SIGKILL.
+stop_pids() {
+    local -a pids=() names=()
+    local i j left
+    while (($# >= 2)); do
+        pids+=("$1") names+=("$2")
+        kill -TERM "$1" 2>/dev/null || true
+        shift 2
+    done
     for ((i = 0; i < 150; i++)); do
-        [[ -d "/proc/$pid" ]] || { say "stopped $name (pid $pid)"; return 0; }
+        left=0
+        for j in "${!pids[@]}"; do [[ -d "/proc/${pids[j]}" ]] && left=1; done
+        ((left)) || break
         sleep 0.1
     done
-    err "$name (pid $pid) ignored SIGTERM for 15 s: killing it"
-    kill -KILL "$pid" 2>/dev/null || true
+    for j in "${!pids[@]}"; do
+        if [[ -d "/proc/${pids[j]}" ]]; then
+            err "${names[j]} (pid ${pids[j]}) ignored SIGTERM for 15 s: killing it"
+            kill -KILL "${pids[j]}" 2>/dev/null || true
+        else
+            say "stopped ${names[j]} (pid ${pids[j]})"
+        fi
+    done
 }
 
 as_root() {
@@ -317,6 +331,14 @@ node_ready() {
     esac
 }
 
+# Epoch seconds at which the node's slurmd last registered with the controller (0 if unknown).
+slurmd_registered_at() {
+    local out t
+    out=$(scontrol show node "$(node_name)" 2>/dev/null || true)
+    t=$(sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p' <<<"$out")
+    date -d "$t" +%s 2>/dev/null || echo 0
+}
+
 ctld_up() { [[ "$(scontrol ping 2>/dev/null || true)" == *"is UP"* ]]; }
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +354,20 @@ cmd_up() {
     install_packages
     start_munge
 
-    local changed=0 ctld_pid="" slurmd_pid=""
+    local changed=0 ctld_pid="" slurmd_pid="" name pid other
+    ctld_pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld || true)
+    slurmd_pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd || true)
+    # Daemons from another scratch folder or a system install: refuse before touching config.
+    for name in slurmctld slurmd; do
+        for pid in $(pgrep -x "$name" || true); do
+            [[ "$pid" == "$ctld_pid" || "$pid" == "$slurmd_pid" ]] && continue
+            other=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
+            err "a $name not started from $DIR runs: pid $pid: $other"
+            err "stop it first (e.g. PHI4_SLURM_DIR=<its folder> $0 down)"
+            exit 1
+        done
+    done
+
     write_conf "$CONF.new"
     update_file "$CONF.new" "$CONF" && changed=1
     write_cgroup_conf "$DIR/etc/cgroup.conf.new"
@@ -344,12 +379,10 @@ cmd_up() {
     fi
     link_etc_conf
 
-    ctld_pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld || true)
-    slurmd_pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd || true)
     if [[ $changed -eq 1 && ( -n "$ctld_pid" || -n "$slurmd_pid" ) ]]; then
         say "configuration changed: restarting the daemons"
-        [[ -n "$slurmd_pid" ]] && stop_pid "$slurmd_pid" slurmd
-        [[ -n "$ctld_pid" ]] && stop_pid "$ctld_pid" slurmctld
+        # shellcheck disable=SC2086
+        stop_pids ${slurmd_pid:+$slurmd_pid slurmd} ${ctld_pid:+$ctld_pid slurmctld}
         ctld_pid="" slurmd_pid=""
     fi
     if [[ -n "$ctld_pid" && -n "$slurmd_pid" ]] && ctld_up && node_ready; then
@@ -357,17 +390,14 @@ cmd_up() {
         return 0
     fi
 
-    local other
     if [[ -z "$ctld_pid" ]]; then
-        other=$(pgrep -x slurmctld || true)
-        [[ -z "$other" ]] || die "a slurmctld not started by this script runs (pid $other): stop it first"
         say "starting slurmctld"
         slurmctld -f "$CONF" </dev/null >"$DIR/log/slurmctld.out" 2>&1 9>&- \
             || die "slurmctld failed to start"
     fi
+    local slurmd_started=0
     if [[ -z "$slurmd_pid" ]]; then
-        other=$(pgrep -x slurmd || true)
-        [[ -z "$other" ]] || die "a slurmd not started by this script runs (pid $other): stop it first"
+        slurmd_started=$(($(date +%s) - 1))
         say "starting slurmd"
         slurmd -f "$CONF" </dev/null >"$DIR/log/slurmd.out" 2>&1 9>&- || die "slurmd failed to start"
     fi
@@ -378,7 +408,10 @@ cmd_up() {
         if ctld_up; then
             state=$(node_state)
             case "$state" in
-                idle | mixed | allocated | completing) break ;;
+                idle | mixed | allocated | completing)
+                    # The controller restores the node's last state from its state files: a
+                    # fresh slurmd counts only once it has registered.
+                    (($(slurmd_registered_at) >= slurmd_started)) && break ;;
                 drain* | down | fail)
                     # A state saved from an earlier run (e.g. drained on a memory change).
                     if [[ $resumed -eq 0 ]]; then
@@ -417,14 +450,16 @@ cmd_down() {
             done
         fi
     fi
-    if pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd); then stop_pid "$pid" slurmd; fi
-    if pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld); then stop_pid "$pid" slurmctld; fi
+    local daemons=()
+    if pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd); then daemons+=("$pid" slurmd); fi
+    if pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld); then daemons+=("$pid" slurmctld); fi
+    ((${#daemons[@]} == 0)) || stop_pids "${daemons[@]}"
     # munged only when this script started it (never a system munged that was there before).
     if [[ -r "$DIR/run/munged.ours" ]]; then
         local ours
         ours=$(tr -dc '0-9' <"$DIR/run/munged.ours")
         if [[ -n "$ours" ]] && pid=$(pid_alive "$MUNGE_PIDFILE" munged) && [[ "$pid" == "$ours" ]]; then
-            stop_pid "$pid" munged
+            stop_pids "$pid" munged
         fi
         rm -f "$DIR/run/munged.ours"
     fi
