@@ -29,6 +29,8 @@ OPTIONAL_PKGS=(slurm-wlm-basic-plugins)
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PIDFILE=/run/munge/munged.pid
 export SLURM_CONF="$CONF"
+# The daemons, runuser and apt's helpers live in sbin, which a non-login PATH may lack.
+case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
 
 T0=$(date +%s.%N)
 say() { echo "slurm_local: $*"; }
