@@ -356,13 +356,17 @@ cmd_up() {
     install_packages
     start_munge
 
-    local changed=0 ctld_pid="" slurmd_pid="" name pid other
+    local changed=0 ctld_pid="" slurmd_pid="" name pid ppid state other
     ctld_pid=$(pid_alive "$DIR/run/slurmctld.pid" slurmctld || true)
     slurmd_pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd || true)
     # Daemons from another scratch folder or a system install: refuse before touching config.
     for name in slurmctld slurmd; do
         for pid in $(pgrep -x "$name" || true); do
             [[ "$pid" == "$ctld_pid" || "$pid" == "$slurmd_pid" ]] && continue
+            # Our daemons' own children (slurmscriptd, a forking slurmd) briefly bear the name.
+            # So does the zombie that daemonizing leaves until init reaps it.
+            read -r _ _ state ppid _ <"/proc/$pid/stat" 2>/dev/null || continue
+            [[ "$state" == Z || "$ppid" == "$ctld_pid" || "$ppid" == "$slurmd_pid" ]] && continue
             other=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
             err "a $name not started from $DIR runs: pid $pid: $other"
             err "stop it first (e.g. PHI4_SLURM_DIR=<its folder> $0 down)"
@@ -399,7 +403,7 @@ cmd_up() {
     fi
     local slurmd_started=0
     if [[ -z "$slurmd_pid" ]]; then
-        slurmd_started=$(($(date +%s) - 1))
+        slurmd_started=$(date +%s)
         say "starting slurmd"
         slurmd -f "$CONF" </dev/null >"$DIR/log/slurmd.out" 2>&1 9>&- || die "slurmd failed to start"
     fi
