@@ -66,6 +66,16 @@ pid_alive() {
     echo "$pid"
 }
 
+# procs_named NAME: pids of processes whose command name is NAME (pgrep -x without procps).
+procs_named() {
+    local d c
+    for d in /proc/[0-9]*; do
+        read -r c <"$d/comm" 2>/dev/null || continue
+        [[ "$c" == "$1" ]] && echo "${d#/proc/}"
+    done
+    return 0
+}
+
 # stop_pids PID NAME [PID NAME...]: SIGTERM to all, wait up to 15 s, then SIGKILL.
 stop_pids() {
     local -a pids=() names=()
@@ -361,7 +371,7 @@ cmd_up() {
     slurmd_pid=$(pid_alive "$DIR/run/slurmd.pid" slurmd || true)
     # Daemons from another scratch folder or a system install: refuse before touching config.
     for name in slurmctld slurmd; do
-        for pid in $(pgrep -x "$name" || true); do
+        for pid in $(procs_named "$name"); do
             [[ "$pid" == "$ctld_pid" || "$pid" == "$slurmd_pid" ]] && continue
             # Our daemons' own children (slurmscriptd, a forking slurmd) briefly bear the name.
             # So does the zombie that daemonizing leaves until init reaps it.
