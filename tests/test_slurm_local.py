@@ -31,7 +31,7 @@ def _why_not_up() -> str | None:
         return f"`scontrol ping` failed ({e}); {START_HINT}"
     if r.returncode != 0 or "is UP" not in r.stdout:
         said = (r.stdout + r.stderr).strip().splitlines()
-        return f"the Slurm controller is not up ({said[-1] if said else 'no answer'}); {START_HINT}"
+        return f"the Slurm controller is not up ({said[0] if said else 'no answer'}); {START_HINT}"
     return None
 
 
