@@ -26,5 +26,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
+slurm-up:
+	bash scripts/slurm_local.sh up
+
+slurm-down:
+	bash scripts/slurm_local.sh down
+
 clean:
 	rm -rf $(VENV) phi4_runs .pytest_cache
