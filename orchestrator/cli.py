@@ -200,4 +200,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m orchestrator.cli` this file runs as `__main__`, but command modules
+    # register on `orchestrator.cli.cli`: run that object, not this module's copy.
+    from orchestrator.cli import main as registered_main
+
+    registered_main()
