@@ -1,0 +1,91 @@
+"""Command-stage pipelines in a temporary folder, and the CLI as a subprocess.
+
+Every stage runs `stage.py`, which appends its name to $COUNTER (how often each stage really
+ran), honours $SLEEP and $FAIL, and writes its one output from its inputs' contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+STAGE_SCRIPT = r'''
+import os, sys, time
+name = sys.argv[1]
+with open(os.environ["COUNTER"], "a") as f:
+    f.write(name + "\n")
+open(os.path.join(os.environ["PHI4_STAGE_DIR"], "started"), "w").close()
+time.sleep(float(os.environ.get("SLEEP", "0")))
+if os.environ.get("FAIL"):
+    sys.exit(int(os.environ["FAIL"]))
+inputs = sorted((k, v) for k, v in os.environ.items() if k.startswith("PHI4_INPUT_"))
+text = name + ":" + os.environ.get("SALT", "") + "".join(
+    "[" + open(os.path.join(v, "data.txt")).read() + "]" for _, v in inputs)
+out = os.path.join(os.environ["PHI4_OUTPUT_DIR"], "out")
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "data.txt"), "w") as f:
+    f.write(text)
+'''
+
+DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+
+
+def write_stage(root: Path, name: str, upstream: list[str], env: dict[str, str] | None = None
+                ) -> Path:
+    lines = [f"name: {name}", "kind: command",
+             f"cmd: [{json.dumps(sys.executable)}, {json.dumps(str(root / 'stage.py'))}, {name}]",
+             "outputs: [out]",
+             f"resources: {{gpus_per_node: 0}}"]
+    if upstream:
+        lines.append("inputs:")
+        lines += [f"  {u}: {{stage: {u}, artifact: out}}" for u in upstream]
+    environment = {"COUNTER": str(root / "counter.txt"), **(env or {})}
+    lines.append("env:")
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in environment.items()]
+    path = root / "recipes" / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_pipeline(root: Path, stages: dict[str, list[str]] = DIAMOND,
+                  env: dict[str, dict[str, str]] | None = None) -> Path:
+    (root / "recipes").mkdir(parents=True, exist_ok=True)
+    (root / "stage.py").write_text(STAGE_SCRIPT)
+    for name, upstream in stages.items():
+        write_stage(root, name, upstream, (env or {}).get(name))
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text("name: test\nstages:\n" +
+                        "".join(f"  - recipes/{n}.yaml\n" for n in stages))
+    return pipeline
+
+
+def phi4(*args: str, store: Path | None = None, check: int | None = None, timeout: float = 60,
+         **kwargs) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "orchestrator.cli", *args]
+    if store is not None:
+        argv += ["--store", str(store)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PHI4_STORE", None)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
+                          **kwargs)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def counts(root: Path) -> dict[str, int]:
+    try:
+        names = (root / "counter.txt").read_text().split()
+    except FileNotFoundError:
+        return {}
+    return {n: names.count(n) for n in sorted(set(names))}
+
+
+def plan_json(pipeline: Path, store: Path, *args: str) -> dict[str, dict]:
+    out = phi4("plan", str(pipeline), "--format", "json", *args, store=store, check=0)
+    return {s["name"]: s for s in json.loads(out.stdout)["stages"]}
