@@ -1,7 +1,10 @@
 """Command-stage pipelines in a temporary folder, and the CLI as a subprocess.
 
-Every stage runs `stage.py`, which appends its name to $COUNTER (how often each stage really
-ran), honours $SLEEP and $FAIL, and writes its one output from its inputs' contents.
+Every stage runs `stage.py`, which appends its name to counter.txt (how often each stage
+really ran) and writes its one output from its inputs' contents. Files in the root steer it
+without touching fingerprints: `hold_<name>` keeps it waiting, `fail_<name>` makes it exit 3;
+on SIGTERM it exits 75 like the trainer; it leaves `resumed_<name>` when it found its own
+checkpoint from an earlier attempt.
 """
 
 from __future__ import annotations
@@ -15,14 +18,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 STAGE_SCRIPT = r'''
-import os, sys, time
+import os, signal, sys, time
 name = sys.argv[1]
-with open(os.environ["COUNTER"], "a") as f:
+stage_dir = os.environ["PHI4_STAGE_DIR"]
+control = os.environ["CONTROL"]
+
+
+def preempted(signum, frame):  # like the trainer: checkpoint, then ask to be requeued
+    sys.exit(75)
+
+
+signal.signal(signal.SIGTERM, preempted)
+with open(os.path.join(control, "counter.txt"), "a") as f:
     f.write(name + "\n")
-open(os.path.join(os.environ["PHI4_STAGE_DIR"], "started"), "w").close()
+resumed = os.path.exists(os.path.join(stage_dir, "checkpoints", "ckpt"))
+open(os.path.join(stage_dir, "checkpoints", "ckpt"), "w").close()
+open(os.path.join(stage_dir, "started"), "w").close()
+while os.path.exists(os.path.join(control, "hold_" + name)):
+    time.sleep(0.05)
 time.sleep(float(os.environ.get("SLEEP", "0")))
-if os.environ.get("FAIL"):
-    sys.exit(int(os.environ["FAIL"]))
+if os.path.exists(os.path.join(control, "fail_" + name)):
+    sys.exit(3)
 inputs = sorted((k, v) for k, v in os.environ.items() if k.startswith("PHI4_INPUT_"))
 text = name + ":" + os.environ.get("SALT", "") + "".join(
     "[" + open(os.path.join(v, "data.txt")).read() + "]" for _, v in inputs)
@@ -30,6 +46,8 @@ out = os.path.join(os.environ["PHI4_OUTPUT_DIR"], "out")
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "data.txt"), "w") as f:
     f.write(text)
+if resumed:
+    open(os.path.join(control, "resumed_" + name), "w").close()
 '''
 
 DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
@@ -44,7 +62,7 @@ def write_stage(root: Path, name: str, upstream: list[str], env: dict[str, str] 
     if upstream:
         lines.append("inputs:")
         lines += [f"  {u}: {{stage: {u}, artifact: out}}" for u in upstream]
-    environment = {"COUNTER": str(root / "counter.txt"), **(env or {})}
+    environment = {"CONTROL": str(root), **(env or {})}
     lines.append("env:")
     lines += [f"  {k}: {json.dumps(v)}" for k, v in environment.items()]
     path = root / "recipes" / f"{name}.yaml"
