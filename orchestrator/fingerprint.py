@@ -69,11 +69,13 @@ def content_digest(pattern: str, hashes: mf.HashCache) -> str | None:
     files = expand(pattern)
     if not files:
         return None
+    if len(files) == 1 and files[0].is_file():  # one file: its name is not its content
+        return mf.digest({"": mf.build(files[0], hashes)[files[0].name]})
     manifest: mf.Manifest = {}
     for root in files:
-        prefix = root.name if len(files) > 1 else ""
+        prefix = f"{root.name}/" if len(files) > 1 and root.is_dir() else ""
         for rel, entry in mf.build(root, hashes).items():
-            manifest[f"{prefix}/{rel}" if prefix and root.is_dir() else rel] = entry
+            manifest[prefix + rel] = entry
     return mf.digest(manifest)
 
 

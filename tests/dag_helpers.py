@@ -83,11 +83,11 @@ def make_pipeline(root: Path, stages: dict[str, list[str]] = DIAMOND,
 
 
 def phi4(*args: str, store: Path | None = None, check: int | None = None, timeout: float = 60,
-         **kwargs) -> subprocess.CompletedProcess:
+         extra_env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "orchestrator.cli", *args]
     if store is not None:
         argv += ["--store", str(store)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     env.pop("PHI4_STORE", None)
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
                           **kwargs)
@@ -104,6 +104,8 @@ def counts(root: Path) -> dict[str, int]:
     return {n: names.count(n) for n in sorted(set(names))}
 
 
-def plan_json(pipeline: Path, store: Path, *args: str) -> dict[str, dict]:
-    out = phi4("plan", str(pipeline), "--format", "json", *args, store=store, check=0)
+def plan_json(pipeline: Path, store: Path, *args: str, extra_env: dict[str, str] | None = None
+              ) -> dict[str, dict]:
+    out = phi4("plan", str(pipeline), "--format", "json", *args, store=store, check=0,
+               extra_env=extra_env)
     return {s["name"]: s for s in json.loads(out.stdout)["stages"]}
