@@ -94,8 +94,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict],
-                 hashes: mf.HashCache) -> tuple[dict[str, Any], list[str]]:
+def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict], hashes: mf.HashCache
+                 ) -> tuple[dict[str, Any], list[tuple[tuple, str]]]:
     """The fingerprinted fields, and what is missing on disk (reasons the stage is blocked).
 
     `inputs` maps input name to what identifies it: for a store input its upstream
@@ -103,7 +103,7 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict],
     """
     recipe = loaded.recipe
     doc = recipe.model_dump(mode="json", exclude=set(_UNFINGERPRINTED))
-    missing: list[str] = []
+    missing: list[tuple[tuple, str]] = []  # (recipe location, what is not there)
     doc["inputs"] = inputs
     if recipe.data is not None:
         data = recipe.data.model_dump(mode="json")
@@ -113,7 +113,7 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict],
                 continue
             digest = content_digest(path, hashes)
             if digest is None:
-                missing.append(f"data.sources[{i}].path: nothing at {path}")
+                missing.append((("data", "sources", i, "path"), f"no data at {path}"))
             source.pop("path")
             source["content"] = digest
         doc["data"] = data
@@ -122,7 +122,7 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict],
         if recipe.tokenizer != "demo":
             digest = content_digest(recipe.tokenizer, hashes)
             if digest is None:
-                missing.append(f"tokenizer: no folder {recipe.tokenizer}")
+                missing.append((("tokenizer",), f"no tokenizer folder at {recipe.tokenizer}"))
             doc["tokenizer"] = {"content": digest}
     model = model_of(recipe)
     if model is not None:

@@ -97,14 +97,13 @@ def make_plan(graph: Graph, store: Store, selection: Selection = Selection(),
     for name in graph.order:
         sp = StagePlan(name, graph.stages[name], name in chosen)
         plan.stages[name] = sp
-        _resolve(plan, sp, list(rerun_args))
-        if sp.verdict == BLOCKED:
-            continue
+        reasons = _resolve(plan, sp, list(rerun_args))
         sp.fields, missing = stage_fields(sp.loaded, _input_fields(sp), store.hashes)
-        for text in missing:
-            sp.problems.append(Problem(sp.loaded.origin(), (), text))
-        if sp.problems:
-            _block(sp, [p.message for p in sp.problems])
+        for loc, text in missing:
+            sp.problems.append(Problem(sp.loaded.origin(loc), loc, text))
+        reasons += [p.message + (f"; {p.hint}" if p.hint else "") for p in sp.problems]
+        if reasons:
+            _block(sp, list(dict.fromkeys(reasons)))
             continue
         sp.fingerprint = fingerprint(sp.fields)
         sp.attempt = store.attempt(name, sp.fingerprint)
@@ -112,16 +111,19 @@ def make_plan(graph: Graph, store: Store, selection: Selection = Selection(),
     return plan
 
 
-def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> None:
-    """Find each input's folder; an input that cannot be found blocks the stage."""
+def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
+    """Find each input's folder. Inputs that cannot be found become problems (root causes);
+    returns the other reasons the stage is blocked (blocked upstream stages)."""
     recipe = sp.loaded.recipe
+    blocked_upstream = []
     for name, inp in recipe.inputs.items():
         loc = ("inputs", name, inp.stage and "stage" or ("path" if inp.path else "hf"))
         if inp.stage is None:
             where = inp.path or inp.hf or ""
             digest = content_digest(where, plan.store.hashes)
             if digest is None:
-                sp.problems.append(Problem(sp.loaded.origin(loc), loc, f"nothing at {where}"))
+                sp.problems.append(Problem(sp.loaded.origin(loc), loc,
+                                           f"no file or folder at {where}"))
                 continue
             sp.inputs[name] = ResolvedInput("path" if inp.path else "hf", where, inp.frozen,
                                             fingerprint=digest)
@@ -129,11 +131,11 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> None:
         upstream = plan.stages.get(inp.stage)
         if upstream is not None:
             if upstream.fingerprint is None:
+                blocked_upstream.append(f"upstream {inp.stage} is blocked")
                 if sp.selected and not upstream.selected:
                     sp.problems.append(Problem(sp.loaded.origin(loc), loc,
                                                f"upstream {inp.stage} is blocked (not selected)"))
-                _block(sp, [f"upstream {inp.stage} is blocked"])
-                return
+                continue
             producer = upstream.attempt
         else:
             producer = plan.store.newest_succeeded(inp.stage, inp.artifact or "")
@@ -148,8 +150,7 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> None:
         sp.inputs[name] = ResolvedInput("stage", str(producer.artifacts / (inp.artifact or "")),
                                         inp.frozen, inp.artifact, inp.stage,
                                         producer.fingerprint)
-    if sp.problems:
-        _block(sp, [str(p.message) + (f"; {p.hint}" if p.hint else "") for p in sp.problems])
+    return blocked_upstream
 
 
 def _input_fields(sp: StagePlan) -> dict[str, dict]:
@@ -253,6 +254,6 @@ def _has_files(folder: Path) -> bool:
 
 def resolve_or_raise(plan: Plan) -> None:
     """Running needs every selected stage's inputs: otherwise one line each, exit 2."""
-    problems = plan.blocking_problems()
+    problems = list(dict.fromkeys(plan.blocking_problems()))  # stages share base files
     if problems:
         raise ConfigError(problems)
