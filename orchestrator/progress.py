@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 _REFRESH_SECONDS = 0.25
+_PLAIN_PROGRESS_SECONDS = 30.0  # a log line per running stage at most this often
 _COLOURS = {"running": "cyan", "succeeded": "green", "up to date": "green", "failed": "red",
             "blocked": "yellow", "cancelled": "magenta", "preempted": "magenta",
             "waiting": "blue", "pending": "white"}
@@ -39,6 +40,7 @@ class Display:
         self.live = self.stream.isatty() if live is None else live
         self._live = None
         self._last = 0.0
+        self._printed: dict[str, float] = {}
         if self.live:
             from rich.console import Console
             from rich.live import Live
@@ -63,10 +65,17 @@ class Display:
             self.refresh(force=True)
 
     def progress(self, name: str, detail: str) -> None:
-        """Step/loss of a running stage: redrawn live, never printed as lines."""
-        if name in self.rows:
-            self.rows[name].detail = detail
-        self.refresh()
+        """Step/loss of a running stage: redrawn live; in plain mode an occasional line."""
+        row = self.rows.get(name)
+        if row is None or row.detail == detail:
+            return
+        row.detail = detail
+        if self._live is not None:
+            self.refresh()
+        elif time.time() - self._printed.get(name, 0.0) >= _PLAIN_PROGRESS_SECONDS:
+            self._printed[name] = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {detail} ({row.elapsed()})",
+                  file=self.stream, flush=True)
 
     def refresh(self, force: bool = False) -> None:
         if self._live is None or (not force and time.time() - self._last < _REFRESH_SECONDS):

@@ -110,3 +110,27 @@ def test_planning_never_imports_torch(tmp_path: Path) -> None:
                          capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"codes": [0, 0, 0, 0], "heavy": []}
+
+
+def test_train_stage_spec_is_the_trainer_contract(tmp_path: Path) -> None:
+    from orchestrator.config import load_pipeline
+    from orchestrator.graph import build_graph
+    from orchestrator.launch import environment, spec
+    from orchestrator.plan import make_plan
+    from orchestrator.store import Store
+    from phi4core.config import StageSpec
+
+    loaded = load_pipeline(REPO / "pipelines/phi4_multimodal.yaml", "tiny")
+    plan = make_plan(build_graph(loaded.stages), Store(tmp_path))
+    sp = plan.stages["vision_speech_joint"]
+    resolved = StageSpec.model_validate(spec(sp.loaded, sp.attempt, sp.inputs)
+                                        .model_dump(mode="json"))
+    assert resolved.fingerprint == sp.fingerprint and resolved.world_size == 1
+    assert resolved.model.name == "phi4_multimodal_tiny"
+    assert resolved.trainable == ["lora.vision", "vision.encoder", "vision.projector"]
+    assert resolved.frozen == ["audio.encoder", "audio.projector", "backbone", "lora.speech"]
+    assert resolved.inputs["speech"].frozen and resolved.inputs["speech"].source == "stage"
+    assert resolved.output_dir == str(sp.attempt.staging)
+    env = environment(sp.loaded, sp.attempt, sp.inputs)
+    assert env["PHI4_INPUT_SPEECH"] == resolved.inputs["speech"].path
+    assert env["PHI4_SPEC"] == str(sp.attempt.spec)

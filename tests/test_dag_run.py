@@ -36,6 +36,18 @@ def test_diamond_runs_in_order_then_nothing(diamond) -> None:
     assert "nothing to run: 4 stages up to date" in again.stdout
     assert counts(root) == {"a": 1, "b": 1, "c": 1, "d": 1}
     assert {s["verdict"] for s in plan_json(pipeline, store).values()} == {"up to date"}
+    status = _status(store)
+    assert (status["d"]["state"], status["d"]["step"], status["d"]["loss"]) == (
+        "succeeded", 2, 1.25)
+    assert status["d"]["artifacts"] == ["out"] and status["d"]["duration"] > 0
+    log = Path(status["d"]["path"]) / "logs" / "stdout.log"
+    assert log.read_text().startswith("=== phi4 attempt 1 of d")
+
+
+def test_status_without_a_store_is_a_one_line_error(tmp_path: Path) -> None:
+    out = phi4("status", store=tmp_path / "none")
+    assert out.returncode == 2 and out.stderr == f"phi4: no store at {tmp_path}/none " \
+        "(use --store or $PHI4_STORE)\n"
 
 
 def test_changing_a_field_reruns_it_and_its_descendants(diamond) -> None:
