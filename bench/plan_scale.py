@@ -62,11 +62,11 @@ def cli_seconds(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn, repeat: int = 3):
+def timed(fn, *args, repeat: int = 3):
     best, result = float("inf"), None
     for _ in range(repeat):
         start = time.perf_counter()
-        result = fn()
+        result = fn(*args)
         best = min(best, time.perf_counter() - start)
     return best, result
 
@@ -76,12 +76,12 @@ def bench_plan(tmp: Path) -> None:
     for n in (10, 1000):
         pipeline = generate(tmp / f"p{n}", n)
         store = Store(tmp / f"store{n}")
-        load_s, loaded = timed(lambda: load_pipeline(pipeline))
+        load_s, loaded = timed(load_pipeline, pipeline)
         graph = build_graph(loaded.stages)
-        empty_s, plan = timed(lambda: make_plan(graph, store))
+        empty_s, plan = timed(make_plan, graph, store)
         assert plan.count("run") == n
         publish_all(plan)
-        full_s, again = timed(lambda: make_plan(graph, store))
+        full_s, again = timed(make_plan, graph, store)
         assert again.count("up to date") == n
         rows[n] = (load_s, empty_s, full_s, cli_seconds("plan", str(pipeline), "--store",
                                                          str(store.root)))
@@ -118,9 +118,9 @@ def bench_status(tmp: Path) -> None:
     for stages, per_stage in ((10, 10), (100, 100)):
         attempts = stages * per_stage
         store = fake_store(tmp / f"status{attempts}", stages, per_stage)
-        all_s, found = timed(lambda: collect(store, every_attempt=True))
+        all_s, found = timed(collect, store, True)
         assert len(found) == attempts
-        latest_s, _ = timed(lambda: collect(store))
+        latest_s, _ = timed(collect, store)
         cli_s = cli_seconds("status", "--all", "--store", str(store.root))
         rows[attempts] = (all_s, latest_s, cli_s, stages)
     print(f"{'attempts':>9} {'status --all':>13} {'status (latest)':>16} {'CLI status --all':>17}")

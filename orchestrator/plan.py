@@ -89,9 +89,10 @@ class Plan:
         return [p for s in self.stages.values() if s.selected for p in s.problems]
 
 
-def make_plan(graph: Graph, store: Store, selection: Selection = Selection(),
+def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
               rerun_args: list[str] = ()) -> Plan:
     """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands."""
+    selection = selection or Selection()
     chosen = selection.chosen(graph)
     plan = Plan(graph, store, selection, {})
     for name in graph.order:

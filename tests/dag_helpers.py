@@ -60,7 +60,7 @@ def write_stage(root: Path, name: str, upstream: list[str], env: dict[str, str] 
     lines = [f"name: {name}", "kind: command",
              f"cmd: [{json.dumps(sys.executable)}, {json.dumps(str(root / 'stage.py'))}, {name}]",
              "outputs: [out]",
-             f"resources: {{gpus_per_node: 0}}"]
+             "resources: {gpus_per_node: 0}"]
     if upstream:
         lines.append("inputs:")
         lines += [f"  {u}: {{stage: {u}, artifact: out}}" for u in upstream]

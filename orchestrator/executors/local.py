@@ -17,13 +17,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from phi4core.exitcodes import PREEMPTED
 
 from .. import launch
 from ..metrics import last_record, progress_text
-from ..plan import RUN, UP_TO_DATE, Plan, StagePlan, assess
+from ..plan import UP_TO_DATE, Plan, StagePlan, assess
 from ..progress import Display
 from ..store import StageLock, write_json
 
@@ -254,8 +255,10 @@ class LocalExecutor:
             self._failed(name, Outcome("preempted", "checkpointed; rerun to resume", code))
         else:
             attempt.update_status(state="failed", error=_describe(code), **end)
-            self._failed(name, Outcome("failed", f"{_describe(code)}; log: {attempt.log_file}",
-                                       code))
+            said = _last_line(attempt.log_file)
+            self._failed(name, Outcome(
+                "failed", f"{_describe(code)}{f': {said}' if said else ''}; "
+                f"log: {attempt.log_file}", code))
 
     def _failed(self, name: str, outcome: Outcome) -> None:
         self.failed_first = self.failed_first or name
@@ -291,6 +294,18 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _last_line(log: Path, limit: int = 160) -> str:
+    """The stage's last words (usually the error), for the failure line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    last = next((ln for ln in reversed(lines) if ln), "")
+    return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
 def _describe(code: int) -> str:
