@@ -65,6 +65,20 @@ def environment(loaded: LoadedRecipe, attempt: Attempt,
     return env
 
 
+def spec_document(loaded: LoadedRecipe, attempt: Attempt,
+                  inputs: dict[str, ResolvedInput]) -> dict:
+    """What goes into spec.json: the trainer's StageSpec, or for a command stage the same
+    facts about what it was given (a record; the command reads its environment)."""
+    if loaded.recipe.kind == "train":
+        return spec(loaded, attempt, inputs).model_dump(mode="json")
+    recipe = loaded.recipe
+    return {"name": recipe.name, "kind": "command", "fingerprint": attempt.fingerprint,
+            "cmd": recipe.cmd, "env": recipe.env, "outputs": recipe.outputs,
+            "inputs": {name: {"source": i.source, "path": i.path, "artifact": i.artifact,
+                              "frozen": i.frozen} for name, i in inputs.items()},
+            "stage_dir": str(attempt.dir), "output_dir": str(attempt.staging)}
+
+
 def spec(loaded: LoadedRecipe, attempt: Attempt, inputs: dict[str, ResolvedInput]) -> StageSpec:
     recipe = loaded.recipe
     model = model_of(recipe)

@@ -40,8 +40,12 @@ def test_diamond_runs_in_order_then_nothing(diamond) -> None:
     assert (status["d"]["state"], status["d"]["step"], status["d"]["loss"]) == (
         "succeeded", 2, 1.25)
     assert status["d"]["artifacts"] == ["out"] and status["d"]["duration"] > 0
-    log = Path(status["d"]["path"]) / "logs" / "stdout.log"
-    assert log.read_text().startswith("=== phi4 attempt 1 of d")
+    stage_dir = Path(status["d"]["path"])
+    assert (stage_dir / "logs" / "stdout.log").read_text().startswith("=== phi4 attempt 1 of d")
+    spec = json.loads((stage_dir / "spec.json").read_text())
+    assert spec["kind"] == "command" and spec["inputs"]["b"]["path"].endswith("/artifacts/out")
+    fields = json.loads((stage_dir / "fields.json").read_text())
+    assert fields["cmd"] == spec["cmd"] and fields["inputs.c.stage"] == "c"
 
 
 def test_status_without_a_store_is_a_one_line_error(tmp_path: Path) -> None:

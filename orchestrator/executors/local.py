@@ -182,9 +182,7 @@ class LocalExecutor:
         argv = sp.command
         record = attempt.begin(sp.fields, executor="local", command=argv, reasons=sp.reasons,
                                inputs=self._consumed(sp), job_id=None, child_pid=None)
-        if sp.loaded.recipe.kind == "train":
-            write_json(attempt.spec, launch.spec(sp.loaded, attempt, sp.inputs)
-                       .model_dump(mode="json"))
+        write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
         log = open(attempt.log_file, "ab")
         log.write(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
