@@ -62,6 +62,7 @@ class StagePlan:
     reasons: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # root causes of a block
     attempt: Attempt | None = None
+    published: bool = False  # its artifacts verified when planned (it runs for other reasons)
 
     @property
     def command(self) -> list[str]:
@@ -191,6 +192,8 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
     if plan.selection.forces(sp.name) and sp.selected:
         reasons.append("forced (--force)")
     problem = sp.attempt.artifact_problem(sp.loaded.recipe.outputs)
+    if upstream_pending:
+        sp.published = problem is None
     if problem is None:
         reasons += _republished_inputs(plan, sp)
     else:
@@ -242,7 +245,7 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
         why = status.get("error") or f"exit code {status.get('exit_code')}"
         return [f"last attempt failed ({why})"]
     if state == "blocked":
-        return [f"was blocked: upstream {status.get('blocked_by')} failed"]
+        return [f"was blocked: {status.get('error') or 'upstream failed'}"]
     return [problem]
 
 

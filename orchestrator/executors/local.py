@@ -171,11 +171,11 @@ class LocalExecutor:
 
     def _launch(self, name: str, lock: StageLock, running: dict[str, _Child]) -> None:
         sp = self.plan.stages[name]
-        waited = self.display.rows.get(name) and self.display.rows[name].state == "waiting"
         assess(self.plan, sp, upstream_pending=False)  # the store may have moved on
         if sp.verdict == UP_TO_DATE:
             lock.release()
-            detail = "done by another run" if waited else "upstream republished the same files"
+            detail = ("its inputs came out identical" if sp.published
+                      else "done by another run")
             self._finish_event(name, Outcome("up to date", detail))
             return
         attempt = sp.attempt
