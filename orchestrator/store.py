@@ -26,6 +26,7 @@ from typing import Any
 
 from . import manifest as mf
 
+
 def resolve_root(path: str | Path | None) -> Path:
     """--store, else $PHI4_STORE, else ./phi4_runs."""
     chosen = path or os.environ.get("PHI4_STORE") or "phi4_runs"

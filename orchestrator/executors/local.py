@@ -141,7 +141,8 @@ class LocalExecutor:
                 self._launch(name, lock, running)
             elif self.display.rows.get(name) and self.display.rows[name].state != "waiting":
                 status = self.plan.stages[name].attempt.status() or {}
-                self.display.event(name, "waiting", f"locked by pid {status.get('pid')} on "
+                self.display.event(name, "waiting", f"locked by phi4 pid {status.get('pid')} "
+                                   f"(stage pid {status.get('child_pid')}) on "
                                    f"{status.get('host')}")
 
     def _upstream(self, name: str) -> set[str]:
