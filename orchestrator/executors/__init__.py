@@ -1,0 +1,1 @@
+"""Executors: turn a plan into launched processes (local) or jobs (cluster)."""

@@ -1,0 +1,329 @@
+"""Run a plan on this machine: stages as child processes, up to `jobs` side by side.
+
+One thread, one loop: start what is ready, poll children, wait for locks, redraw. Keeping it
+single-threaded makes signal handling and `preexec_fn` safe and the order of events simple.
+
+Each child runs in its own process group (so SIGINT/SIGTERM to the run stop whole stage
+trees, torchrun's workers included), dies with the run (PR_SET_PDEATHSIG: SIGTERM, so a
+trainer still checkpoints), and inherits the stage lock, so a child that outlives a killed
+run keeps its stage locked until it exits and no second run starts the stage meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from phi4core.exitcodes import PREEMPTED
+
+from .. import launch
+from ..metrics import last_record, progress_text
+from ..plan import UP_TO_DATE, Plan, StagePlan, assess
+from ..progress import Display
+from ..store import StageLock, write_json
+
+_POLL_SECONDS = 0.05
+OK_STATES = ("succeeded", "up to date")
+
+
+def _die_with_parent():
+    """A preexec_fn: the child gets SIGTERM when the run that started it dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+@dataclass
+class Outcome:
+    state: str  # succeeded | up to date | failed | cancelled | preempted | blocked | not run
+    detail: str = ""
+    exit_code: int | None = None
+    blocked_by: str | None = None  # the failed stage at the root of a block
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen
+    lock: StageLock
+    log: IO[bytes]
+    signalled_at: float | None = None
+
+
+class LocalExecutor:
+    def __init__(self, plan: Plan, jobs: int = 1, keep_going: bool = False,
+                 display: Display | None = None, grace_seconds: float = 30.0):
+        self.plan = plan
+        self.jobs = max(1, jobs)
+        self.keep_going = keep_going
+        self.grace = grace_seconds
+        self.display = display or Display(plan.to_run(), live=False)
+        self.outcomes: dict[str, Outcome] = {}
+        self.stop_signal: int | None = None  # SIGINT/SIGTERM received
+        self.failed_first: str | None = None
+        self._preexec = _die_with_parent()
+
+    # ------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Outcome]:
+        pending = self.plan.to_run()
+        waiting: dict[str, StageLock] = {}
+        running: dict[str, _Child] = {}
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while pending or waiting or running:
+                if self.stop_signal is not None:
+                    pending.clear()
+                    waiting.clear()
+                    self._stop_children(running)
+                elif self.failed_first is None or self.keep_going:
+                    self._start_ready(pending, waiting, running)
+                elif pending or waiting:
+                    # A failure without --keep-going: descendants are blocked, the rest wait
+                    # for another run (the running stages finish).
+                    for name in pending + list(waiting):
+                        blocker = self._blocker(name)
+                        if blocker is not None:
+                            self._block(name, blocker)
+                        else:
+                            self.outcomes[name] = Outcome(
+                                "not run", f"stopped after {self.failed_first} failed "
+                                "(--keep-going runs independent stages)")
+                    pending.clear()
+                    waiting.clear()
+                self._poll(running)
+                self.display.refresh()
+                time.sleep(_POLL_SECONDS)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.display.close()
+        return self.outcomes
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C: no more grace
+            self.grace = 0.0
+        self.stop_signal = signum
+
+    def _start_ready(self, pending: list[str], waiting: dict[str, StageLock],
+                     running: dict[str, _Child]) -> None:
+        for name in list(pending):
+            blocker = self._blocker(name)
+            if blocker is not None:
+                pending.remove(name)
+                self._block(name, blocker)
+            elif self._upstream_done(name):
+                pending.remove(name)
+                waiting[name] = self.plan.stages[name].attempt.lock()
+        # Waiting for a lock held by another run does not take a job slot.
+        for name in list(waiting):
+            if len(running) >= self.jobs:
+                break
+            lock = waiting[name]
+            if lock.try_acquire():
+                del waiting[name]
+                self._launch(name, lock, running)
+            elif self.display.rows.get(name) and self.display.rows[name].state != "waiting":
+                status = self.plan.stages[name].attempt.status() or {}
+                self.display.event(name, "waiting", f"locked by phi4 pid {status.get('pid')} "
+                                   f"(stage pid {status.get('child_pid')}) on "
+                                   f"{status.get('host')}")
+
+    def _upstream(self, name: str) -> set[str]:
+        return {e.upstream for e in self.plan.graph.inputs_of(name)
+                if e.upstream in self.plan.stages}
+
+    def _upstream_done(self, name: str) -> bool:
+        return all(self._ok(u) for u in self._upstream(name))
+
+    def _ok(self, name: str) -> bool:
+        if name in self.outcomes:
+            return self.outcomes[name].state in OK_STATES
+        return self.plan.stages[name].verdict == UP_TO_DATE
+
+    def _blocker(self, name: str) -> str | None:
+        """The stage whose failure keeps `name` from running, if any."""
+        for up in sorted(self._upstream(name)):
+            outcome = self.outcomes.get(up)
+            if outcome is None or outcome.state in OK_STATES or outcome.state == "not run":
+                continue
+            return outcome.blocked_by or up
+        return None
+
+    # ------------------------------------------------------------------------------------
+    # one stage
+    # ------------------------------------------------------------------------------------
+
+    def _launch(self, name: str, lock: StageLock, running: dict[str, _Child]) -> None:
+        sp = self.plan.stages[name]
+        assess(self.plan, sp, upstream_pending=False)  # the store may have moved on
+        if sp.verdict == UP_TO_DATE:
+            lock.release()
+            detail = ("its inputs came out identical" if sp.published
+                      else "done by another run")
+            self._finish_event(name, Outcome("up to date", detail))
+            return
+        attempt = sp.attempt
+        argv = sp.command
+        record = attempt.begin(sp.fields, executor="local", command=argv, reasons=sp.reasons,
+                               inputs=self._consumed(sp), job_id=None, child_pid=None)
+        write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
+        log = open(attempt.log_file, "ab")
+        log.write(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) at "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **sp.env},
+                                    process_group=0, pass_fds=(lock.fd,),
+                                    preexec_fn=self._preexec)
+        except OSError as err:
+            log.close()
+            attempt.update_status(state="failed", ended=time.time(),
+                                  error=f"cannot start {argv[0]}: {err.strerror}")
+            lock.release()
+            self._failed(name, Outcome("failed", f"cannot start {argv[0]}: {err.strerror}"))
+            return
+        attempt.update_status(child_pid=proc.pid, job_id=str(proc.pid))
+        running[name] = _Child(proc, lock, log)
+        self.display.event(name, "running", "; ".join(sp.reasons))
+
+    def _consumed(self, sp: StagePlan) -> dict[str, dict]:
+        """Lineage: exactly which upstream files this attempt reads."""
+        out = {}
+        for name, inp in sp.inputs.items():
+            digest = inp.fingerprint
+            if inp.source == "stage":
+                digest = self.plan.store.attempt(inp.stage, inp.fingerprint) \
+                    .artifact_digest(inp.artifact)
+            out[name] = {"source": inp.source, "path": inp.path, "stage": inp.stage,
+                         "fingerprint": inp.fingerprint, "artifact": inp.artifact,
+                         "digest": digest}
+        return out
+
+    def _poll(self, running: dict[str, _Child]) -> None:
+        for name, child in list(running.items()):
+            code = child.proc.poll()
+            if code is None:
+                record = last_record(self.plan.stages[name].attempt.metrics)
+                if record:
+                    train = self.plan.stages[name].loaded.recipe.train
+                    self.display.progress(name, progress_text(
+                        record, train.total_steps if train else None))
+                continue
+            del running[name]
+            child.log.close()
+            try:
+                self._collect(name, code, child)
+            finally:
+                child.lock.release()
+
+    def _collect(self, name: str, code: int, child: _Child) -> None:
+        sp = self.plan.stages[name]
+        attempt = sp.attempt
+        end = {"ended": time.time(), "exit_code": code}
+        if code == 0:
+            problem = attempt.publish(sp.loaded.recipe.outputs)
+            if problem is None:
+                attempt.update_status(state="succeeded", **end)
+                self._finish_event(name, Outcome("succeeded", exit_code=0))
+                return
+            attempt.update_status(state="failed", error=problem, **end)
+            self._failed(name, Outcome("failed", problem, 0))
+        elif child.signalled_at is not None:
+            attempt.update_status(state="cancelled", **end)
+            self._finish_event(name, Outcome("cancelled", _describe(code), code))
+        elif code == PREEMPTED:
+            attempt.update_status(state="preempted", **end)
+            self._failed(name, Outcome("preempted", "checkpointed; rerun to resume", code))
+        else:
+            attempt.update_status(state="failed", error=_describe(code), **end)
+            said = _last_line(attempt.log_file)
+            self._failed(name, Outcome(
+                "failed", f"{_describe(code)}{f': {said}' if said else ''}; "
+                f"log: {attempt.log_file}", code))
+
+    def _failed(self, name: str, outcome: Outcome) -> None:
+        self.failed_first = self.failed_first or name
+        self._finish_event(name, outcome)
+
+    def _block(self, name: str, blocker: str) -> None:
+        attempt = self.plan.stages[name].attempt
+        why = f"upstream {blocker} {self.outcomes[blocker].state}"
+        if (attempt.status() or {}).get("state") != "succeeded":
+            # Recorded so that `phi4 status` can say why this stage never ran; a published
+            # result is never hidden behind such a record.
+            attempt.update_status(state="blocked", blocked_by=blocker, ended=time.time(),
+                                  error=why)
+            self.plan.store.set_latest(name, attempt.fingerprint)
+        self._finish_event(name, Outcome("blocked", why, blocked_by=blocker))
+
+    def _finish_event(self, name: str, outcome: Outcome) -> None:
+        self.outcomes[name] = outcome
+        self.display.event(name, outcome.state, outcome.detail)
+
+    def _stop_children(self, running: dict[str, _Child]) -> None:
+        now = time.monotonic()
+        for child in running.values():
+            if child.signalled_at is None:
+                child.signalled_at = now
+                _signal_group(child.proc.pid, signal.SIGTERM)
+            elif now - child.signalled_at >= self.grace:
+                _signal_group(child.proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _last_line(log: Path, limit: int = 160) -> str:
+    """The stage's last words (usually the error), for the failure line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    last = next((ln for ln in reversed(lines) if ln), "")
+    return last if len(last) <= limit else last[: limit - 3] + "..."
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def exit_status(outcomes: dict[str, Outcome], stop_signal: int | None) -> int:
+    """128+signal when stopped by one; 1 when a stage failed; PREEMPTED when the only trouble
+    is a preemption (an outer scheduler may requeue the run); 1 for anything else not done."""
+    if stop_signal is not None:
+        return 128 + stop_signal
+    states = {o.state for o in outcomes.values()}
+    if "failed" in states:
+        return 1
+    if "preempted" in states:
+        return PREEMPTED
+    return 1 if states & {"blocked", "not run", "cancelled"} else 0

@@ -1,0 +1,263 @@
+"""What would run, what is up to date, and why: one verdict per stage, nothing executed.
+
+A stage is up to date when its fingerprint's artifacts are published and verify, and the
+upstream artifacts it consumed are still the ones published now (a forced upstream rerun that
+produced different files makes its consumers stale even though fingerprints are unchanged).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, LoadedRecipe, Problem
+from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
+from .graph import Graph
+from .launch import ResolvedInput, command, environment
+from .store import Attempt, Store
+
+RUN, UP_TO_DATE, BLOCKED, SKIP = "run", "up to date", "blocked", "not selected"
+
+
+@dataclass
+class Selection:
+    """--only / --from / --until narrow what runs; --force reruns up-to-date stages."""
+
+    only: tuple[str, ...] = ()
+    from_: str | None = None
+    until: str | None = None
+    force: str | None = None  # a stage name, or "*" for all selected stages
+
+    def names(self) -> tuple[str, ...]:
+        named = [*self.only, self.from_, self.until]
+        if self.force not in (None, "*"):
+            named.append(self.force)
+        return tuple(n for n in named if n is not None)
+
+    def chosen(self, graph: Graph) -> set[str]:
+        chosen = set(graph.stages)
+        if self.only:
+            chosen &= set(self.only)
+        if self.from_:
+            chosen &= {self.from_} | graph.descendants(self.from_)
+        if self.until:
+            chosen &= {self.until} | graph.ancestors(self.until)
+        return chosen
+
+    def forces(self, name: str) -> bool:
+        return self.force == "*" or self.force == name
+
+
+@dataclass
+class StagePlan:
+    name: str
+    loaded: LoadedRecipe
+    selected: bool
+    inputs: dict[str, ResolvedInput] = field(default_factory=dict)
+    fingerprint: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    verdict: str = RUN
+    reasons: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # root causes of a block
+    attempt: Attempt | None = None
+    published: bool = False  # its artifacts verified when planned (it runs for other reasons)
+
+    @property
+    def command(self) -> list[str]:
+        return command(self.loaded, self.attempt) if self.attempt else []
+
+    @property
+    def env(self) -> dict[str, str]:
+        return environment(self.loaded, self.attempt, self.inputs) if self.attempt else {}
+
+
+@dataclass
+class Plan:
+    graph: Graph
+    store: Store
+    selection: Selection
+    stages: dict[str, StagePlan]  # topological order
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for s in self.stages.values() if s.verdict == verdict)
+
+    def to_run(self) -> list[str]:
+        return [n for n, s in self.stages.items() if s.verdict == RUN]
+
+    def blocking_problems(self) -> list[Problem]:
+        return [p for s in self.stages.values() if s.selected for p in s.problems]
+
+
+def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
+              rerun_args: list[str] = ()) -> Plan:
+    """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands."""
+    selection = selection or Selection()
+    chosen = selection.chosen(graph)
+    plan = Plan(graph, store, selection, {})
+    for name in graph.order:
+        sp = StagePlan(name, graph.stages[name], name in chosen)
+        plan.stages[name] = sp
+        reasons = _resolve(plan, sp, list(rerun_args))
+        sp.fields, missing = stage_fields(sp.loaded, _input_fields(sp), store.hashes)
+        for loc, text in missing:
+            sp.problems.append(Problem(sp.loaded.origin(loc), loc, text))
+        reasons += [p.message + (f"; {p.hint}" if p.hint else "") for p in sp.problems]
+        if reasons:
+            _block(sp, list(dict.fromkeys(reasons)))
+            continue
+        sp.fingerprint = fingerprint(sp.fields)
+        sp.attempt = store.attempt(name, sp.fingerprint)
+        assess(plan, sp, upstream_pending=True)
+    return plan
+
+
+def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
+    """Find each input's folder. Inputs that cannot be found become problems (root causes);
+    returns the other reasons the stage is blocked (blocked upstream stages)."""
+    recipe = sp.loaded.recipe
+    blocked_upstream = []
+    for name, inp in recipe.inputs.items():
+        loc = ("inputs", name, inp.stage and "stage" or ("path" if inp.path else "hf"))
+        if inp.stage is None:
+            where = inp.path or inp.hf or ""
+            digest = content_digest(where, plan.store.hashes)
+            if digest is None:
+                sp.problems.append(Problem(sp.loaded.origin(loc), loc,
+                                           f"no file or folder at {where}"))
+                continue
+            sp.inputs[name] = ResolvedInput("path" if inp.path else "hf", where, inp.frozen,
+                                            fingerprint=digest)
+            continue
+        upstream = plan.stages.get(inp.stage)
+        if upstream is not None:
+            if upstream.fingerprint is None:
+                blocked_upstream.append(f"upstream {inp.stage} is blocked")
+                if sp.selected and not upstream.selected:
+                    sp.problems.append(Problem(sp.loaded.origin(loc), loc,
+                                               f"upstream {inp.stage} is blocked (not selected)"))
+                continue
+            producer = upstream.attempt
+        else:
+            producer = plan.store.newest_succeeded(inp.stage, inp.artifact or "")
+            if producer is None:
+                sibling = Path(sp.loaded.path).parent / f"{inp.stage}.yaml"
+                hint = shlex.join(["phi4", "run", str(sibling), *rerun_args])
+                sp.problems.append(Problem(
+                    sp.loaded.origin(loc), loc,
+                    f"no verified artifact {inp.artifact!r} of stage {inp.stage!r} in the store "
+                    f"{plan.store.root}", hint=f"run it first: {hint} (or add --with-deps)"))
+                continue
+        sp.inputs[name] = ResolvedInput("stage", str(producer.artifacts / (inp.artifact or "")),
+                                        inp.frozen, inp.artifact, inp.stage,
+                                        producer.fingerprint)
+    return blocked_upstream
+
+
+def _input_fields(sp: StagePlan) -> dict[str, dict]:
+    out = {}
+    for name, inp in sp.inputs.items():
+        if inp.source == "stage":
+            out[name] = {"stage": inp.stage, "artifact": inp.artifact, "frozen": inp.frozen,
+                         "fingerprint": inp.fingerprint}
+        else:
+            out[name] = {"source": inp.source, "frozen": inp.frozen, "content": inp.fingerprint}
+    return out
+
+
+def _block(sp: StagePlan, reasons: list[str]) -> None:
+    sp.verdict = BLOCKED
+    sp.reasons = reasons
+
+
+def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
+    """Set the verdict of a stage whose fingerprint is known. With `upstream_pending`, the
+    verdicts of upstream stages in this plan are still to be carried out (planning time);
+    without, they have been (the executor asks again just before launching)."""
+    assert sp.attempt is not None
+    reasons: list[str] = []
+    upstream_runs = []
+    if upstream_pending:
+        ups = sorted({i.stage for i in sp.inputs.values() if i.stage in plan.stages})
+        upstream_runs = [u for u in ups if plan.stages[u].verdict == RUN]
+        unselected = [u for u in ups if plan.stages[u].verdict == SKIP]
+        if sp.selected and unselected:
+            for u in unselected:
+                loc = next(("inputs", n, "stage") for n, i in sp.inputs.items() if i.stage == u)
+                sp.problems.append(Problem(sp.loaded.origin(loc), loc,
+                                           f"upstream {u} must run first but is not selected"))
+            _block(sp, [p.message for p in sp.problems])
+            return
+    if plan.selection.forces(sp.name) and sp.selected:
+        reasons.append("forced (--force)")
+    problem = sp.attempt.artifact_problem(sp.loaded.recipe.outputs)
+    if upstream_pending:
+        sp.published = problem is None
+    if problem is None:
+        reasons += _republished_inputs(plan, sp)
+    else:
+        reasons += _why_not_done(plan, sp, problem)
+    if not reasons and upstream_runs:
+        reasons = [f"upstream {', '.join(upstream_runs)} will run (this stage is skipped then "
+                   "if its inputs come out identical)"]
+    if not reasons:
+        sp.verdict, sp.reasons = UP_TO_DATE, []
+    else:
+        sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
+
+
+def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
+    consumed = ((sp.attempt.status() or {}).get("inputs") or {})
+    out = []
+    for name, inp in sp.inputs.items():
+        if inp.source != "stage":
+            continue
+        now = plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
+        then = (consumed.get(name) or {}).get("digest")
+        if now is not None and then is not None and now != then:
+            out.append(f"input {name} was republished with different files since this ran")
+    return out
+
+
+def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
+    attempt = sp.attempt
+    status = attempt.status()
+    if status is None:
+        previous = plan.store.latest(sp.name)
+        old = previous.fields() if previous and previous.fingerprint != sp.fingerprint else None
+        if old is None:
+            return ["new"]
+        return describe_changes(old, sp.fields) or ["new fingerprint (same fields?)"]
+    state, n = attempt.state(status), status.get("attempt", 0)
+    resume = ("will resume from checkpoints/" if _has_files(attempt.checkpoints)
+              else "will start over")
+    if state == "running":
+        return [f"running in another phi4 run (pid {status.get('pid')} on "
+                f"{status.get('host')}); will wait for it"]
+    if state == "interrupted":
+        return [f"interrupted (attempt {n} died without finishing); {resume}"]
+    if state == "preempted":
+        return [f"preempted (attempt {n}, exit {status.get('exit_code')}); {resume}"]
+    if state == "cancelled":
+        return [f"cancelled (attempt {n}); {resume}"]
+    if state == "failed":
+        why = status.get("error") or f"exit code {status.get('exit_code')}"
+        return [f"last attempt failed ({why})"]
+    if state == "blocked":
+        return [f"was blocked: {status.get('error') or 'upstream failed'}"]
+    return [problem]
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return any(folder.iterdir())
+    except OSError:
+        return False
+
+
+def resolve_or_raise(plan: Plan) -> None:
+    """Running needs every selected stage's inputs: otherwise one line each, exit 2."""
+    problems = list(dict.fromkeys(plan.blocking_problems()))  # stages share base files
+    if problems:
+        raise ConfigError(problems)

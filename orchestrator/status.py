@@ -1,0 +1,92 @@
+"""`phi4 status`: what the store holds, one row per stage (or per attempt with --all)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from .metrics import last_record
+from .store import Attempt, Store
+
+
+@dataclass
+class StatusRow:
+    stage: str
+    fingerprint: str
+    state: str
+    attempt: int
+    started: float | None
+    ended: float | None
+    duration: float | None
+    exit_code: int | None
+    step: int | None
+    loss: float | None
+    artifacts: list[str]
+    note: str  # why it failed or was blocked
+    path: str
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def row_for(attempt: Attempt) -> StatusRow | None:
+    status = attempt.status()
+    if status is None:
+        return None
+    state = attempt.state(status) or "unknown"
+    started, ended = status.get("started"), status.get("ended")
+    end = ended or (time.time() if state == "running" else None)
+    record = last_record(attempt.metrics) or {}
+    note = status.get("error") or ""  # for `blocked`: "upstream X failed"
+    if state == "interrupted":
+        note = "the run died; rerun resumes"
+    try:
+        artifacts = sorted(os.listdir(attempt.artifacts))
+    except OSError:
+        artifacts = []
+    loss = record.get("loss")
+    return StatusRow(
+        stage=attempt.name, fingerprint=attempt.fingerprint, state=state,
+        attempt=int(status.get("attempt") or 0), started=started, ended=ended,
+        duration=(end - started) if started and end else None,
+        exit_code=status.get("exit_code"), step=record.get("step"),
+        loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
+        note=note, path=str(attempt.dir))
+
+
+def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:
+    """Latest attempt per stage name; with `every_attempt`, every fingerprint (newest first)."""
+    rows = []
+    for name in store.stage_names():
+        if every_attempt:
+            found = [r for r in map(row_for, store.attempts(name)) if r is not None]
+            rows += sorted(found, key=lambda r: r.started or 0, reverse=True)
+        else:
+            latest = store.latest(name)
+            row = row_for(latest) if latest else None
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_rows(rows: list[StatusRow]) -> list[str]:
+    if not rows:
+        return []
+    table = [("STAGE", "FINGERPRINT", "STATE", "TRY", "TIME", "STEP", "LOSS", "ARTIFACTS",
+              "NOTE")]
+    for r in rows:
+        table.append((r.stage, r.fingerprint, r.state, str(r.attempt), duration_text(r.duration),
+                      "-" if r.step is None else str(r.step),
+                      "-" if r.loss is None else f"{r.loss:.4g}",
+                      ",".join(r.artifacts) or "-", r.note))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+            for row in table]

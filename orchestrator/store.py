@@ -1,0 +1,236 @@
+"""The artifact store: one folder per (stage, fingerprint), published by atomic rename.
+
+    <store>/stages/<name>/<fingerprint>/
+        spec.json  status.json  fields.json  manifest.json  .lock
+        logs/stdout.log  metrics.jsonl  checkpoints/  staging/<artifact>/  artifacts/<artifact>/
+    <store>/stages/<name>/latest      fingerprint of the stage's most recent attempt
+    <store>/cache/sha256/             content hashes by (inode, size, mtime, ctime)
+
+An attempt writes into `staging/`; on success the manifest is written, then `staging/` is
+renamed to `artifacts/`. So `artifacts/` plus `manifest.json` means "complete", and anything
+else is an unfinished attempt. `checkpoints/` survives reruns: the trainer resumes from it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import manifest as mf
+
+
+def resolve_root(path: str | Path | None) -> Path:
+    """--store, else $PHI4_STORE, else ./phi4_runs."""
+    chosen = path or os.environ.get("PHI4_STORE") or "phi4_runs"
+    return Path(chosen).expanduser().resolve()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Readers never see a half-written file: write aside, then rename over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class StageLock:
+    """`flock` on `<fp>/.lock`: held while an attempt runs, released by the kernel when the
+    holder dies, so a SIGKILLed run never leaves a stage locked."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def is_held_elsewhere(self) -> bool:
+        if not self.path.exists():
+            return False
+        if self.try_acquire():
+            self.release()
+            return False
+        return True
+
+
+@dataclass
+class Attempt:
+    """The folder of one stage fingerprint: all its attempts share it (and its checkpoints)."""
+
+    store: "Store"
+    name: str
+    fingerprint: str
+
+    @property
+    def dir(self) -> Path:
+        return self.store.root / "stages" / self.name / self.fingerprint
+
+    spec = property(lambda self: self.dir / "spec.json")
+    status_file = property(lambda self: self.dir / "status.json")
+    fields_file = property(lambda self: self.dir / "fields.json")
+    manifest_file = property(lambda self: self.dir / "manifest.json")
+    logs = property(lambda self: self.dir / "logs")
+    log_file = property(lambda self: self.dir / "logs" / "stdout.log")
+    metrics = property(lambda self: self.dir / "metrics.jsonl")
+    checkpoints = property(lambda self: self.dir / "checkpoints")
+    staging = property(lambda self: self.dir / "staging")
+    artifacts = property(lambda self: self.dir / "artifacts")
+
+    def lock(self) -> StageLock:
+        return StageLock(self.dir / ".lock")
+
+    def status(self) -> dict | None:
+        return read_json(self.status_file)
+
+    def fields(self) -> dict | None:
+        return read_json(self.fields_file)
+
+    def manifest(self) -> dict | None:
+        return read_json(self.manifest_file)
+
+    def update_status(self, **changes: Any) -> dict:
+        status = self.status() or {"stage": self.name, "fingerprint": self.fingerprint,
+                                   "attempt": 0}
+        status.update(changes)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.status_file, status)
+        return status
+
+    def state(self, status: dict | None = None) -> str | None:
+        """The recorded state, except that `running` with nobody holding the lock is what a
+        killed run leaves behind: `interrupted`."""
+        status = status if status is not None else self.status()
+        state = (status or {}).get("state")
+        if state == "running" and not self.lock().is_held_elsewhere():
+            return "interrupted"
+        return state
+
+    def artifact_problem(self, outputs: list[str]) -> str | None:
+        """None when every output is published and matches its manifest; else why not."""
+        recorded = self.manifest()
+        if recorded is None or not self.artifacts.is_dir():
+            return "artifact missing"
+        for name in outputs:
+            files = recorded.get("artifacts", {}).get(name)
+            if files is None:
+                return f"artifact missing: {name}"
+            problem = mf.check(self.artifacts / name, files, self.store.hashes)
+            if problem is not None:
+                return f"artifact {'missing' if problem == 'missing' else 'corrupt'}: " \
+                       f"{name}" + ("" if problem == "missing" else f"/{problem}")
+        return None
+
+    def artifact_digest(self, artifact: str) -> str | None:
+        files = (self.manifest() or {}).get("artifacts", {}).get(artifact)
+        return None if files is None else mf.digest(files)
+
+    def begin(self, fields: dict, **status: Any) -> dict:
+        """Start an attempt: forget any earlier output (never the checkpoints) and record it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Manifest first: without it a leftover `artifacts/` is never trusted.
+        self.manifest_file.unlink(missing_ok=True)
+        for stale in (self.artifacts, self.staging):
+            if stale.exists():
+                trash = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
+                os.rename(stale, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        for folder in (self.staging, self.logs, self.checkpoints):
+            folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.fields_file, fields)
+        previous = self.status() or {}
+        record = self.update_status(
+            state="running", attempt=int(previous.get("attempt", 0)) + 1, started=time.time(),
+            ended=None, exit_code=None, error=None, blocked_by=None, pid=os.getpid(),
+            host=socket.gethostname(), **status)
+        self.store.set_latest(self.name, self.fingerprint)
+        return record
+
+    def publish(self, outputs: list[str]) -> str | None:
+        """Manifest, then rename staging -> artifacts. Returns a problem instead of publishing
+        when a declared output was not written."""
+        missing = [o for o in outputs if not (self.staging / o).is_dir()]
+        if missing:
+            return (f"the stage exited 0 but did not write "
+                    f"{', '.join(f'$PHI4_OUTPUT_DIR/{o}/' for o in missing)}")
+        built = {o: mf.build(self.staging / o, self.store.hashes) for o in outputs}
+        write_json(self.manifest_file, {"artifacts": built, "created": time.time()})
+        os.rename(self.staging, self.artifacts)
+        return None
+
+
+class Store:
+    def __init__(self, root: str | Path | None = None):
+        self.root = resolve_root(root)
+        self.hashes = mf.HashCache(self.root / "cache" / "sha256")
+
+    def attempt(self, name: str, fingerprint: str) -> Attempt:
+        return Attempt(self, name, fingerprint)
+
+    def stage_names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.root / "stages").iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def attempts(self, name: str) -> list[Attempt]:
+        try:
+            entries = (self.root / "stages" / name).iterdir()
+            return [Attempt(self, name, p.name) for p in entries if p.is_dir()]
+        except FileNotFoundError:
+            return []
+
+    def set_latest(self, name: str, fingerprint: str) -> None:
+        path = self.root / "stages" / name / "latest"
+        tmp = path.with_name(f".latest.{os.getpid()}")
+        tmp.write_text(fingerprint)
+        os.replace(tmp, path)
+
+    def latest(self, name: str) -> Attempt | None:
+        """The stage's most recent attempt (any fingerprint)."""
+        try:
+            fp = (self.root / "stages" / name / "latest").read_text().strip()
+        except OSError:
+            return None
+        return Attempt(self, name, fp)
+
+    def newest_succeeded(self, name: str, artifact: str) -> Attempt | None:
+        """The newest attempt of `name` whose `artifact` is published and verifies: what a
+        single-recipe run consumes."""
+        ranked = []
+        for attempt in self.attempts(name):
+            status = attempt.status() or {}
+            if status.get("state") == "succeeded":
+                ranked.append((status.get("ended") or 0, attempt))
+        for _, attempt in sorted(ranked, key=lambda r: r[0], reverse=True):
+            if attempt.artifact_problem([artifact]) is None:
+                return attempt
+        return None
