@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+DEMO_STORE ?= phi4_runs
+PHI4 := $(VENV)/bin/phi4
+
+# The tiny multimodal pipeline: validated, planned and drawn; then the text stages trained.
 demo: $(STAMP)
-	$(VENV)/bin/phi4 demo
+	$(PHI4) validate pipelines/phi4_multimodal.yaml --profile tiny
+	$(PHI4) plan pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
+	$(PHI4) graph pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
