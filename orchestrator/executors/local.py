@@ -17,16 +17,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 from phi4core.exitcodes import PREEMPTED
 
 from .. import launch
 from ..metrics import last_record, progress_text
-from ..plan import UP_TO_DATE, Plan, StagePlan, assess
+from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
 from ..store import StageLock, write_json
+from .attempts import Outcome, consumed, record_exit
 
 _POLL_SECONDS = 0.05
 OK_STATES = ("succeeded", "up to date")
@@ -45,14 +45,6 @@ def _die_with_parent():
         prctl(pr_set_pdeathsig, signal.SIGTERM)
 
     return preexec
-
-
-@dataclass
-class Outcome:
-    state: str  # succeeded | up to date | failed | cancelled | preempted | blocked | not run
-    detail: str = ""
-    exit_code: int | None = None
-    blocked_by: str | None = None  # the failed stage at the root of a block
 
 
 @dataclass
@@ -182,7 +174,8 @@ class LocalExecutor:
         attempt = sp.attempt
         argv = sp.command
         record = attempt.begin(sp.fields, executor="local", command=argv, reasons=sp.reasons,
-                               inputs=self._consumed(sp), job_id=None, child_pid=None)
+                               inputs=consumed(self.plan.store, sp.inputs), job_id=None,
+                               child_pid=None)
         write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
         log = open(attempt.log_file, "ab")
         log.write(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) at "
@@ -204,19 +197,6 @@ class LocalExecutor:
         running[name] = _Child(proc, lock, log)
         self.display.event(name, "running", "; ".join(sp.reasons))
 
-    def _consumed(self, sp: StagePlan) -> dict[str, dict]:
-        """Lineage: exactly which upstream files this attempt reads."""
-        out = {}
-        for name, inp in sp.inputs.items():
-            digest = inp.fingerprint
-            if inp.source == "stage":
-                digest = self.plan.store.attempt(inp.stage, inp.fingerprint) \
-                    .artifact_digest(inp.artifact)
-            out[name] = {"source": inp.source, "path": inp.path, "stage": inp.stage,
-                         "fingerprint": inp.fingerprint, "artifact": inp.artifact,
-                         "digest": digest}
-        return out
-
     def _poll(self, running: dict[str, _Child]) -> None:
         for name, child in list(running.items()):
             code = child.proc.poll()
@@ -236,28 +216,12 @@ class LocalExecutor:
 
     def _collect(self, name: str, code: int, child: _Child) -> None:
         sp = self.plan.stages[name]
-        attempt = sp.attempt
-        end = {"ended": time.time(), "exit_code": code}
-        if code == 0:
-            problem = attempt.publish(sp.loaded.recipe.outputs)
-            if problem is None:
-                attempt.update_status(state="succeeded", **end)
-                self._finish_event(name, Outcome("succeeded", exit_code=0))
-                return
-            attempt.update_status(state="failed", error=problem, **end)
-            self._failed(name, Outcome("failed", problem, 0))
-        elif child.signalled_at is not None:
-            attempt.update_status(state="cancelled", **end)
-            self._finish_event(name, Outcome("cancelled", _describe(code), code))
-        elif code == PREEMPTED:
-            attempt.update_status(state="preempted", **end)
-            self._failed(name, Outcome("preempted", "checkpointed; rerun to resume", code))
+        outcome = record_exit(sp.attempt, sp.loaded.recipe.outputs, code,
+                              cancelled=code != 0 and child.signalled_at is not None)
+        if outcome.state in ("failed", "preempted"):
+            self._failed(name, outcome)
         else:
-            attempt.update_status(state="failed", error=_describe(code), **end)
-            said = _last_line(attempt.log_file)
-            self._failed(name, Outcome(
-                "failed", f"{_describe(code)}{f': {said}' if said else ''}; "
-                f"log: {attempt.log_file}", code))
+            self._finish_event(name, outcome)
 
     def _failed(self, name: str, outcome: Outcome) -> None:
         self.failed_first = self.failed_first or name
@@ -293,27 +257,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
-
-
-def _last_line(log: Path, limit: int = 160) -> str:
-    """The stage's last words (usually the error), for the failure line."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return ""
-    last = next((ln for ln in reversed(lines) if ln), "")
-    return last if len(last) <= limit else last[: limit - 3] + "..."
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 def exit_status(outcomes: dict[str, Outcome], stop_signal: int | None) -> int:
