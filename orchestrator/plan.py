@@ -232,6 +232,8 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     state, n = attempt.state(status), status.get("attempt", 0)
     resume = ("will resume from checkpoints/" if _has_files(attempt.checkpoints)
               else "will start over")
+    if status.get("executor") == "slurm" and state in ("pending", "running"):
+        return [f"{state} as Slurm job {status.get('job_id')}"]
     if state == "running":
         return [f"running in another phi4 run (pid {status.get('pid')} on "
                 f"{status.get('host')}); will wait for it"]

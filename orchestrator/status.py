@@ -25,6 +25,8 @@ class StatusRow:
     artifacts: list[str]
     note: str  # why it failed or was blocked
     path: str
+    executor: str | None = None  # local | slurm
+    job: str | None = None  # Slurm job id (local runs: the stage's pid)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -52,7 +54,8 @@ def row_for(attempt: Attempt) -> StatusRow | None:
         duration=(end - started) if started and end else None,
         exit_code=status.get("exit_code"), step=record.get("step"),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
-        note=note, path=str(attempt.dir))
+        note=note, path=str(attempt.dir), executor=status.get("executor"),
+        job=None if status.get("job_id") is None else str(status.get("job_id")))
 
 
 def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:
@@ -80,10 +83,12 @@ def duration_text(seconds: float | None) -> str:
 def format_rows(rows: list[StatusRow]) -> list[str]:
     if not rows:
         return []
-    table = [("STAGE", "FINGERPRINT", "STATE", "TRY", "TIME", "STEP", "LOSS", "ARTIFACTS",
+    table = [("STAGE", "FINGERPRINT", "STATE", "TRY", "JOB", "TIME", "STEP", "LOSS", "ARTIFACTS",
               "NOTE")]
     for r in rows:
-        table.append((r.stage, r.fingerprint, r.state, str(r.attempt), duration_text(r.duration),
+        job = f"slurm:{r.job}" if r.executor == "slurm" and r.job else "-"
+        table.append((r.stage, r.fingerprint, r.state, str(r.attempt), job,
+                      duration_text(r.duration),
                       "-" if r.step is None else str(r.step),
                       "-" if r.loss is None else f"{r.loss:.4g}",
                       ",".join(r.artifacts) or "-", r.note))

@@ -127,10 +127,12 @@ class Attempt:
 
     def state(self, status: dict | None = None) -> str | None:
         """The recorded state, except that `running` with nobody holding the lock is what a
-        killed run leaves behind: `interrupted`."""
+        killed local run leaves behind: `interrupted`. A Slurm job's liveness is the
+        scheduler's to tell (its lock may be on another node): see executors/slurm_status."""
         status = status if status is not None else self.status()
         state = (status or {}).get("state")
-        if state == "running" and not self.lock().is_held_elsewhere():
+        if state == "running" and (status or {}).get("executor") != "slurm" \
+                and not self.lock().is_held_elsewhere():
             return "interrupted"
         return state
 

@@ -61,7 +61,8 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
             raise UsageProblem(f"no stage {name!r} in {path}; {hint}")
     rerun_args = [*(["--profile", profile] if profile else []),
                   *(["--store", store_dir] if store_dir else [])]
-    return make_plan(graph, Store(store_dir), selection, rerun_args), title
+    prefix = loaded.pipeline.name if isinstance(loaded, LoadedPipeline) else "phi4"
+    return make_plan(graph, Store(store_dir), selection, rerun_args), title, prefix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def plan_text(plan, title: str) -> str:
 def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
          fmt: str, **selection: Any) -> None:
     """What `phi4 run` would do and why; runs nothing."""
-    planned, title = _load_plan(path, profile, overrides, store_dir, **selection)
+    planned, title, _ = _load_plan(path, profile, overrides, store_dir, **selection)
     if fmt == "json":
         click.echo(json.dumps(plan_json(planned, path), indent=1))
     else:
@@ -144,15 +145,45 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
 @click.option("--dry-run", "-n", is_flag=True, help="Print the plan and run nothing.")
 @click.option("--grace", type=float, default=30.0, show_default=True, metavar="SECONDS",
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
+@click.option("--executor", type=click.Choice(["local", "slurm", "nemo_run"]), default="local",
+              show_default=True, help="Where stages run: here, as Slurm batch jobs, or as a "
+                                      "NeMo-Run experiment.")
+@click.option("--cluster", "cluster_file", default=None, metavar="FILE",
+              help="clusters/NAME.yaml: partition, account, container, env (slurm, nemo_run).")
+@click.option("--wait", is_flag=True,
+              help="slurm: follow the submitted jobs until they end (default: return at once).")
+@click.option("--poll", type=float, default=1.0, hidden=True)
 @_report_config_errors
 def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
-        jobs: int, keep_going: bool, dry_run: bool, grace: float, **selection: Any) -> None:
+        jobs: int, keep_going: bool, dry_run: bool, grace: float, executor: str,
+        cluster_file: str | None, wait: bool, poll: float, **selection: Any) -> None:
     """Run the stages that are not up to date, in dependency order."""
     from ..executors.local import LocalExecutor, exit_status
     from ..plan import resolve_or_raise
     from ..progress import Display
 
-    planned, title = _load_plan(path, profile, overrides, store_dir, **selection)
+    if executor == "local" and (cluster_file or wait):
+        raise UsageProblem("--cluster and --wait go with --executor slurm or nemo_run")
+    if executor == "slurm" and not dry_run:
+        from ..executors.slurm_status import reconcile_store
+        from ..store import Store
+
+        reconcile_store(Store(store_dir))  # jobs that ended unrecorded: the plan must know
+    planned, title, prefix = _load_plan(path, profile, overrides, store_dir, **selection)
+    if executor == "slurm":
+        from .slurm import run_on_slurm
+
+        if not dry_run:
+            resolve_or_raise(planned)
+        run_on_slurm(planned, prefix, title, cluster_file, dry_run, wait, poll)
+        return
+    if executor == "nemo_run":
+        from .nemo import run_on_nemo
+
+        if not dry_run:
+            resolve_or_raise(planned)
+        run_on_nemo(planned, prefix, title, cluster_file, dry_run)
+        return
     if dry_run:
         click.echo(plan_text(planned, title), nl=False)
         return
@@ -197,6 +228,10 @@ def status(store_dir: str | None, every: bool, fmt: str) -> None:
     if not (store.root / "stages").is_dir():
         raise UsageProblem(f"no store at {store.root} (use --store or $PHI4_STORE)")
     rows = collect(store, every)
+    if any(r.executor == "slurm" for r in rows):
+        from ..executors.slurm_status import annotate
+
+        rows = annotate(store, rows)
     if fmt == "json":
         click.echo(json.dumps({"store": str(store.root), "stages": [r.as_json() for r in rows]},
                               indent=1))
@@ -219,7 +254,7 @@ def graph(path: str, profile: str | None, overrides: tuple[str, ...], store_dir:
     """The lineage: stages coloured by status, trained/frozen groups, artifacts on edges."""
     from ..render import render
 
-    planned, title = _load_plan(path, profile, overrides, store_dir, with_deps=True)
+    planned, title, _ = _load_plan(path, profile, overrides, store_dir, with_deps=True)
     drawing = render(planned, fmt, title)
     if output is None:
         click.echo(drawing, nl=False)
