@@ -132,9 +132,12 @@ fi
 exit "$phi4_verdict"'''
 
 # `scontrol requeue` holds a job ~2 minutes before it may start again, and the request ends
-# this script: a detached helper releases the job once it is pending again.
+# this script: a detached helper releases the job once it is pending again. Not at once: the
+# node refuses to relaunch a job within the second its credential was revoked (the requeue's
+# kill), and the job would fail ("Job credential revoked").
 _RELEASE = r'''    setsid -f bash -c 'for _ in $(seq 600); do
         if scontrol -o show job "$1" 2>/dev/null | grep -q "JobState=PENDING"; then
+            sleep 2
             exec scontrol update JobId="$1" StartTime=now
         fi
         sleep 0.2
