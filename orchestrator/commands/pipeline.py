@@ -173,15 +173,13 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
     if executor == "slurm":
         from .slurm import run_on_slurm
 
-        if not dry_run:
-            resolve_or_raise(planned)
+        resolve_or_raise(planned)  # a script cannot be shown for a stage with missing inputs
         run_on_slurm(planned, prefix, title, cluster_file, dry_run, wait, poll)
         return
     if executor == "nemo_run":
         from .nemo import run_on_nemo
 
-        if not dry_run:
-            resolve_or_raise(planned)
+        resolve_or_raise(planned)
         run_on_nemo(planned, prefix, title, cluster_file, dry_run)
         return
     if dry_run:
