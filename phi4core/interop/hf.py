@@ -1,0 +1,714 @@
+"""Hugging Face ``Phi3ForCausalLM`` folders <-> the phi4core decoder.
+
+Reading: ``config.json`` (LongRoPE spelled ``rope_scaling: {type: longrope}`` as transformers 4.x
+and the released Phi-4-mini do, or ``rope_parameters: {rope_type: longrope}`` as 5.x writes),
+and single-file or sharded (``model.safetensors.index.json``) safetensors with fused
+``qkv_proj``/``gate_up_proj`` (split ``q/k/v_proj``, ``gate/up_proj`` are accepted too). Each
+rank takes its own TP shard of the layers of its PP stage.
+
+Writing: a ``config.json`` in the released Phi-4-mini layout (loads in transformers 4.x and
+5.x) plus safetensors (sharded with an index above ``max_shard_bytes``).
+
+Any mismatch raises ``ConversionError`` naming the field or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from phi4core.config import LongRopeConfig, ModelConfig
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_NAME_DTYPES.update({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
+
+
+class ConversionError(ValueError):
+    """A Hugging Face folder or config that does not fit the phi4core decoder (or back)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ConversionError(f"no config.json in {path}")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{f}: not valid JSON ({exc})") from exc
+
+
+def _req(cfg: dict, key: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConversionError(f"HF config is missing the field {key!r}")
+    return cfg[key]
+
+
+def _first_id(v: Any, default: int) -> int:
+    if v is None:
+        return default
+    if isinstance(v, (list, tuple)):
+        return int(v[0]) if v else default
+    return int(v)
+
+
+def model_config_from_hf(cfg: dict, name: str | None = None) -> ModelConfig:
+    """ModelConfig from a Phi-3 ``config.json`` dict (4.x or 5.x spelling)."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type != "phi3":
+        raise ConversionError(
+            f"config field 'model_type' is {model_type!r}: only Phi-3-family decoders "
+            f"('phi3', Phi3ForCausalLM, as Phi-4-mini ships) are supported"
+        )
+    if archs and not any(a in ("Phi3ForCausalLM", "Phi3Model") for a in archs):
+        raise ConversionError(f"config field 'architectures' is {archs}: expected Phi3ForCausalLM")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"config field 'hidden_act' is {act!r}: the decoder uses SwiGLU (silu)")
+    for flag in ("attention_bias", "mlp_bias", "lm_head_bias"):
+        if cfg.get(flag):
+            raise ConversionError(f"config field {flag!r} is true: the decoder has no biases")
+
+    hidden = int(_req(cfg, "hidden_size"))
+    heads = int(_req(cfg, "num_attention_heads"))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    max_pos = int(cfg.get("max_position_embeddings") or 4096)
+
+    # RoPE: 4.x `rope_scaling` or 5.x `rope_parameters`; theta/partial factor may sit inside.
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConversionError(f"config field 'rope_scaling' must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("su", "yarn"):  # transformers maps Phi-3's legacy names to longrope
+        rope_type = "longrope"
+    theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    partial = float(cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+    # transformers gives the top-level original_max_position_embeddings priority (Phi3).
+    original = cfg.get("original_max_position_embeddings") or rope.get(
+        "original_max_position_embeddings"
+    )
+    scaling = None
+    if rope_type == "longrope":
+        original = int(original or max_pos)
+        short = rope.get("short_factor")
+        long_ = rope.get("long_factor")
+        if short is None or long_ is None:
+            raise ConversionError("rope_scaling (longrope) needs 'short_factor' and 'long_factor'")
+        scaling = LongRopeConfig(
+            short_factor=[float(x) for x in short],
+            long_factor=[float(x) for x in long_],
+            original_max_position_embeddings=original,
+            max_position_embeddings=max_pos,
+        )
+        factor = rope.get("factor")
+        if factor is not None and not math.isclose(float(factor), max_pos / original):
+            if rope.get("attention_factor") is None:
+                raise ConversionError(
+                    f"rope_scaling 'factor' {factor} differs from max/original "
+                    f"({max_pos}/{original}); that attention factor is not supported"
+                )
+        af = rope.get("attention_factor")
+        if af is not None and not math.isclose(float(af), scaling.attention_factor, rel_tol=1e-9):
+            raise ConversionError(
+                f"rope_scaling 'attention_factor' {af} differs from the LongRoPE default "
+                f"{scaling.attention_factor} (sqrt(1 + ln(max/original)/ln(original)))"
+            )
+    elif rope_type not in ("default", None):
+        raise ConversionError(
+            f"rope type {rope_type!r} is not supported (expected 'longrope' or none)"
+        )
+    sw = cfg.get("sliding_window")
+    if sw is not None and int(sw) < max_pos:
+        raise ConversionError(
+            f"config field 'sliding_window' is {sw} (< max_position_embeddings {max_pos}): "
+            "sliding-window attention is not supported"
+        )
+    if name is None:
+        src = cfg.get("_name_or_path") or ""
+        name = Path(src).name if src else "hf_phi3"
+    try:
+        return ModelConfig(
+            name=name or "hf_phi3",
+            vocab_size=int(_req(cfg, "vocab_size")),
+            hidden_size=hidden,
+            ffn_hidden_size=int(_req(cfg, "intermediate_size")),
+            num_layers=int(_req(cfg, "num_hidden_layers")),
+            num_attention_heads=heads,
+            num_query_groups=kv_heads,
+            kv_channels=head_dim,
+            rotary_percent=partial,
+            rotary_base=theta,
+            rope_scaling=scaling,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=_first_id(cfg.get("bos_token_id"), 1),
+            eos_token_id=_first_id(cfg.get("eos_token_id"), 32000),
+            pad_token_id=_first_id(cfg.get("pad_token_id"), 32000),
+        )
+    except ValueError as exc:  # pydantic validation (e.g. factor list lengths)
+        raise ConversionError(f"HF config does not make a valid ModelConfig: {exc}") from exc
+
+
+def hf_config_from_model_config(mc: ModelConfig, dtype: torch.dtype | str = "float32") -> dict:
+    """A ``config.json`` dict in the released Phi-4-mini layout: top-level rope_theta,
+    partial_rotary_factor, original_max_position_embeddings, and a three-key
+    ``rope_scaling: {type: longrope, short_factor, long_factor}`` (what 4.x validates; 5.x
+    reads the same into ``rope_parameters``)."""
+    if mc.vision is not None or mc.audio is not None:
+        raise ConversionError(
+            f"model {mc.name!r} has multimodal towers: export the decoder with a text-only config"
+        )
+    dtype_name = dtype if isinstance(dtype, str) else _DTYPE_NAMES[dtype]
+    dtype_name = _DTYPE_NAMES.get(_NAME_DTYPES.get(dtype_name, None), dtype_name)
+    rs = mc.rope_scaling
+    max_pos = rs.max_position_embeddings if rs else 4096
+    cfg: dict[str, Any] = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": mc.vocab_size,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.ffn_hidden_size,
+        "num_hidden_layers": mc.num_layers,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_query_groups,
+        "hidden_act": "silu",
+        "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rotary_base,
+        "partial_rotary_factor": mc.rotary_percent,
+        "max_position_embeddings": max_pos,
+        "original_max_position_embeddings": rs.original_max_position_embeddings if rs else max_pos,
+        "rope_scaling": (
+            {"type": "longrope", "short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor)}
+            if rs
+            else None
+        ),
+        "tie_word_embeddings": mc.tie_embeddings,
+        "bos_token_id": mc.bos_token_id,
+        "eos_token_id": mc.eos_token_id,
+        "pad_token_id": mc.pad_token_id,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "sliding_window": None,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+    }
+    if mc.kv_channels * mc.num_attention_heads != mc.hidden_size:
+        cfg["head_dim"] = mc.kv_channels
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors reading
+# ---------------------------------------------------------------------------------------------
+
+
+class HFCheckpoint:
+    """Lazy access to the tensors of an HF folder (single file or sharded with an index)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / SAFE_INDEX
+        single = self.path / SAFE_SINGLE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            if not weight_map:
+                raise ConversionError(f"{index}: empty weight_map")
+        elif single.is_file():
+            weight_map = None
+        else:
+            raise ConversionError(
+                f"no {SAFE_SINGLE} or {SAFE_INDEX} in {self.path} (only safetensors are read)"
+            )
+        self._handles: dict[str, Any] = {}
+        self._safe_open = safe_open
+        if weight_map is None:
+            h = self._open(SAFE_SINGLE)
+            weight_map = {k: SAFE_SINGLE for k in h.keys()}
+        self.weight_map: dict[str, str] = weight_map
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            f = self.path / fname
+            if not f.is_file():
+                raise ConversionError(f"shard {fname} listed in the index is missing from {self.path}")
+            self._handles[fname] = self._safe_open(str(f), framework="pt", device="cpu")
+        return self._handles[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ConversionError(f"tensor {name!r} is missing from the HF checkpoint {self.path}")
+        return self._open(self.weight_map[name]).get_tensor(name)
+
+    def dtype(self) -> torch.dtype:
+        first = next(iter(self.weight_map))
+        return self.get(first).dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Name and layout mapping
+# ---------------------------------------------------------------------------------------------
+
+
+def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ConversionError(
+            f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} for this config"
+        )
+    return t
+
+
+def _hf_layer(L: int) -> str:
+    return f"model.layers.{L}"
+
+
+def hf_qkv(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
+    """HF fused qkv [q(H d); k(G d); v(G d)] of layer L (or q/k/v_proj concatenated)."""
+    d, H, G, hid = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups, mc.hidden_size
+    base = f"{_hf_layer(L)}.self_attn"
+    if f"{base}.qkv_proj.weight" in ck:
+        return _expect(f"{base}.qkv_proj.weight", ck.get(f"{base}.qkv_proj.weight"), ((H + 2 * G) * d, hid))
+    q = _expect(f"{base}.q_proj.weight", ck.get(f"{base}.q_proj.weight"), (H * d, hid))
+    k = _expect(f"{base}.k_proj.weight", ck.get(f"{base}.k_proj.weight"), (G * d, hid))
+    v = _expect(f"{base}.v_proj.weight", ck.get(f"{base}.v_proj.weight"), (G * d, hid))
+    return torch.cat([q, k, v], 0)
+
+
+def hf_gate_up(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
+    base = f"{_hf_layer(L)}.mlp"
+    F, hid = mc.ffn_hidden_size, mc.hidden_size
+    if f"{base}.gate_up_proj.weight" in ck:
+        return _expect(f"{base}.gate_up_proj.weight", ck.get(f"{base}.gate_up_proj.weight"), (2 * F, hid))
+    g = _expect(f"{base}.gate_proj.weight", ck.get(f"{base}.gate_proj.weight"), (F, hid))
+    u = _expect(f"{base}.up_proj.weight", ck.get(f"{base}.up_proj.weight"), (F, hid))
+    return torch.cat([g, u], 0)
+
+
+def qkv_hf_to_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+    """[q(all heads); k; v] -> megatron's per-query-group [q_g; k_g; v_g] blocks."""
+    d, H, G = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups
+    rep = H // G
+    hid = w.shape[1]
+    q = w[: H * d].view(G, rep * d, hid)
+    k = w[H * d : (H + G) * d].view(G, d, hid)
+    v = w[(H + G) * d :].view(G, d, hid)
+    return torch.cat([q, k, v], dim=1).reshape((H + 2 * G) * d, hid)
+
+
+def qkv_megatron_to_hf(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+    d, H, G = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups
+    rep = H // G
+    hid = w.shape[1]
+    blocks = w.view(G, (rep + 2) * d, hid)
+    q = blocks[:, : rep * d].reshape(H * d, hid)
+    k = blocks[:, rep * d : (rep + 1) * d].reshape(G * d, hid)
+    v = blocks[:, (rep + 1) * d :].reshape(G * d, hid)
+    return torch.cat([q, k, v], 0)
+
+
+# Megatron parameter suffix (inside decoder.layers.N.) -> kind. Local and TE spellings.
+_LAYER_KINDS = {
+    "input_layernorm.weight": "input_norm",
+    "self_attention.linear_qkv.layer_norm_weight": "input_norm",
+    "pre_mlp_layernorm.weight": "post_attn_norm",
+    "mlp.linear_fc1.layer_norm_weight": "post_attn_norm",
+    "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.linear_proj.weight": "o_proj",
+    "mlp.linear_fc1.weight": "gate_up",
+    "mlp.linear_fc2.weight": "down",
+}
+
+_HF_LAYER_NAMES = {
+    "input_norm": "input_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "qkv": "self_attn.qkv_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "gate_up": "mlp.gate_up_proj.weight",
+    "down": "mlp.down_proj.weight",
+}
+
+
+def _layer_numbers(model) -> dict[int, int]:
+    """Local layer index -> global (0-based) layer number for this PP stage / vp chunk."""
+    return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    if size == 1:
+        return full
+    return torch.chunk(full, size, dim=dim)[rank]
+
+
+def _shard_gate_up(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    if size == 1:
+        return full
+    gate, up = torch.chunk(full, 2, dim=0)
+    return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], 0)
+
+
+def _param_kind(name: str) -> tuple[str, int | None]:
+    """(kind, local layer index or None) of a megatron parameter name."""
+    if name.startswith("decoder.layers."):
+        rest = name[len("decoder.layers.") :]
+        idx, _, suffix = rest.partition(".")
+        kind = _LAYER_KINDS.get(suffix)
+        if kind is None:
+            raise ConversionError(f"no HF counterpart for the model parameter {name!r}")
+        return kind, int(idx)
+    if name in ("embedding.word_embeddings.weight",):
+        return "embed", None
+    if name in ("output_layer.weight",):
+        return "lm_head", None
+    if name in ("decoder.final_layernorm.weight",):
+        return "final_norm", None
+    raise ConversionError(f"no HF counterpart for the model parameter {name!r}")
+
+
+def _full_from_hf(kind: str, layer: int | None, ck: HFCheckpoint, mc: ModelConfig) -> torch.Tensor:
+    hid, F, d = mc.hidden_size, mc.ffn_hidden_size, mc.kv_channels
+    H = mc.num_attention_heads
+    if kind == "embed":
+        return _expect("model.embed_tokens.weight", ck.get("model.embed_tokens.weight"), (mc.vocab_size, hid))
+    if kind == "lm_head":
+        name = "lm_head.weight"
+        if mc.tie_embeddings or name not in ck:
+            if not mc.tie_embeddings:
+                raise ConversionError(
+                    "tensor 'lm_head.weight' is missing and tie_word_embeddings is false"
+                )
+            name = "model.embed_tokens.weight"
+        return _expect(name, ck.get(name), (mc.vocab_size, hid))
+    if kind == "final_norm":
+        return _expect("model.norm.weight", ck.get("model.norm.weight"), (hid,))
+    assert layer is not None
+    if layer >= mc.num_layers:
+        raise ConversionError(f"layer {layer} is beyond num_hidden_layers {mc.num_layers}")
+    pre = _hf_layer(layer)
+    if kind in ("input_norm", "post_attn_norm"):
+        n = f"{pre}.{_HF_LAYER_NAMES[kind]}"
+        return _expect(n, ck.get(n), (hid,))
+    if kind == "qkv":
+        return qkv_hf_to_megatron(hf_qkv(ck, layer, mc), mc)
+    if kind == "o_proj":
+        n = f"{pre}.self_attn.o_proj.weight"
+        return _expect(n, ck.get(n), (hid, H * d))
+    if kind == "gate_up":
+        return hf_gate_up(ck, layer, mc)
+    if kind == "down":
+        n = f"{pre}.mlp.down_proj.weight"
+        return _expect(n, ck.get(n), (hid, F))
+    raise AssertionError(kind)
+
+
+def _tp_slice(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    if kind in ("embed", "lm_head", "qkv"):
+        return _shard(full, 0, rank, size)
+    if kind in ("o_proj", "down"):
+        return _shard(full, 1, rank, size)
+    if kind == "gate_up":
+        return _shard_gate_up(full, rank, size)
+    return full  # norms are replicated
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike, model_cfg: ModelConfig | None = None) -> None:
+    """Copy an HF checkpoint into this rank's model chunk(s), each taking its TP shard of the
+    layers it holds. Shapes are checked against both the config and the model."""
+    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    ck = HFCheckpoint(hf_dir)
+    if model_cfg is None:
+        model_cfg = model_config_from_hf(read_hf_config(hf_dir))
+    rank, size = _tp()
+    for chunk in chunks:
+        m = _unwrap(chunk)
+        layer_no = _layer_numbers(m)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                kind, local = _param_kind(name)
+                full = _full_from_hf(kind, layer_no[local] if local is not None else None, ck, model_cfg)
+                shard = _tp_slice(kind, full, rank, size)
+                if tuple(shard.shape) != tuple(p.shape):
+                    raise ConversionError(
+                        f"tensor for {name!r} has shard shape {tuple(shard.shape)} but the model "
+                        f"parameter is {tuple(p.shape)}"
+                    )
+                p.copy_(shard.to(p.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def _gather_tp(kind: str, t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_tensor_model_parallel_world_size()
+    if size == 1 or kind in ("input_norm", "post_attn_norm", "final_norm"):
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if kind in ("embed", "lm_head", "qkv"):
+        return torch.cat(parts, 0)
+    if kind in ("o_proj", "down"):
+        return torch.cat(parts, 1)
+    if kind == "gate_up":
+        gates = [torch.chunk(x, 2, 0)[0] for x in parts]
+        ups = [torch.chunk(x, 2, 0)[1] for x in parts]
+        return torch.cat(gates + ups, 0)
+    raise AssertionError(kind)
+
+
+def hf_state_dict(model_or_chunks, model_cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """This rank's layers as full (TP-gathered) HF tensors. Collective over the TP group."""
+    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    out: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        m = _unwrap(chunk)
+        layer_no = _layer_numbers(m)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                kind, local = _param_kind(name)
+                full = _gather_tp(kind, p.detach())
+                if dtype is not None:
+                    full = full.to(dtype)
+                if kind == "embed":
+                    out["model.embed_tokens.weight"] = full
+                elif kind == "lm_head":
+                    if not model_cfg.tie_embeddings:
+                        out["lm_head.weight"] = full
+                elif kind == "final_norm":
+                    out["model.norm.weight"] = full
+                else:
+                    L = layer_no[local]
+                    if kind == "qkv":
+                        full = qkv_megatron_to_hf(full, model_cfg)
+                    out[f"{_hf_layer(L)}.{_HF_LAYER_NAMES[kind]}"] = full
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def _gather_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Union of every PP stage's tensors on global rank 0 (TP rank 0, DP rank 0 send)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    send = local if (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+                     and ps.get_context_parallel_rank() == 0) else {}
+    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore
+    dist.gather_object(send, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged: dict[str, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part or {})
+    return merged
+
+
+def write_hf_folder(
+    tensors: dict[str, torch.Tensor],
+    hf_config: dict,
+    out_dir: str | os.PathLike,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes) into a
+    temporary sibling folder and rename it into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        names = sorted(tensors, key=_hf_sort_key)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for n in names:
+            nb = tensors[n].numel() * tensors[n].element_size()
+            if shards[-1] and size + nb > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(n)
+            size += nb
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file({n: tensors[n] for n in shards[0]}, str(tmp / SAFE_SINGLE), metadata=meta)
+        else:
+            weight_map = {}
+            total = len(shards)
+            for i, group in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{total:05d}.safetensors"
+                save_file({n: tensors[n] for n in group}, str(tmp / fname), metadata=meta)
+                weight_map.update({n: fname for n in group})
+            total_size = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / SAFE_INDEX).write_text(
+                json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
+            )
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename tmp to out atomically; an existing out is moved aside first, then removed."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _hf_sort_key(name: str):
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers":
+        return (1, int(parts[2]), name)
+    return (0 if "embed" in name else 2, 0, name)
+
+
+def save_hf(
+    model_or_chunks,
+    out_dir: str | os.PathLike,
+    model_cfg: ModelConfig | None = None,
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path | None:
+    """Write the model as a Phi3ForCausalLM folder. Collective: every rank calls it; global
+    rank 0 writes. ``dtype`` defaults to the parameters' dtype."""
+    import torch.distributed as dist
+
+    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    if model_cfg is None:
+        model_cfg = _unwrap(chunks[0]).model_cfg
+    if isinstance(dtype, str):
+        dtype = _NAME_DTYPES[dtype]
+    if dtype is None:
+        dtype = next(_unwrap(chunks[0]).parameters()).dtype
+    hf_cfg = hf_config_from_model_config(model_cfg, dtype)
+    local = hf_state_dict(chunks, model_cfg, dtype)
+    merged = _gather_to_rank0(local)
+    result = None
+    if merged is not None:
+        _check_complete(merged, model_cfg)
+        result = write_hf_folder(merged, hf_cfg, out_dir, max_shard_bytes)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return result if result is not None else Path(out_dir)
+
+
+def expected_hf_names(mc: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not mc.tie_embeddings:
+        names.append("lm_head.weight")
+    for L in range(mc.num_layers):
+        names += [f"{_hf_layer(L)}.{v}" for v in _HF_LAYER_NAMES.values()]
+    return names
+
+
+def _check_complete(tensors: dict, mc: ModelConfig) -> None:
+    missing = [n for n in expected_hf_names(mc) if n not in tensors]
+    if missing:
+        raise ConversionError(f"export is missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# A ready-to-call model from an HF folder
+# ---------------------------------------------------------------------------------------------
+
+
+class HFLoadedModel(torch.nn.Module):
+    """``forward(input_ids [b, s]) -> float32 logits [b, s, vocab]`` (gathered over TP)."""
+
+    def __init__(self, model, model_cfg: ModelConfig):
+        super().__init__()
+        self.model = model
+        self.model_cfg = model_cfg
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids.to(device), None, None)
+        return logits.float()
+
+
+def load_hf_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    parallel=None,
+) -> HFLoadedModel:
+    """Build the decoder from an HF Phi-3 folder and load its weights.
+
+    Initialises single-process distributed + parallel state when none exists (with
+    ``parallel`` given, that layout instead; PP must be 1 to produce logits in one forward).
+    """
+    from phi4core.models.decoder import PrecisionSettings, build_model
+    from phi4core.parallel import ParallelSettings, current_settings, init_parallel, init_single_process
+
+    mc = model_config_from_hf(read_hf_config(path))
+    par = init_parallel(parallel) if parallel is not None else init_single_process()
+    par = current_settings() or par
+    if par.pp != 1:
+        raise ValueError("load_hf_model gives logits in one forward: it needs pp=1")
+    if isinstance(dtype, str):
+        dtype = _NAME_DTYPES[dtype]
+    prec = PrecisionSettings(params=_DTYPE_NAMES[dtype])
+    model = build_model(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
+                        parallel_output=False, perform_initialization=False)
+    load_hf_weights(model, path, mc)
+    model.eval()
+    return HFLoadedModel(model, mc)
+
+
+def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    ck = HFCheckpoint(path)
+    for k in ck.keys():
+        yield k, ck.get(k)

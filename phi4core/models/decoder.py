@@ -1,0 +1,495 @@
+"""Phi-4-Mini as a megatron-core ``GPTModel``.
+
+    model = build_model(preset("phi4_mini_tiny"), ParallelSettings(tp=2), PrecisionSettings())
+
+GQA, SwiGLU (gated linear unit + SiLU), RMSNorm (eps from the config), no biases, tied
+embeddings, partial rotary (``rotary_percent``) with LongRoPE. The layer spec is Transformer
+Engine's when TE imports *and* a GPU is present, megatron's local (pure torch) spec otherwise.
+FP8 needs both; asking for it without them raises ``FP8UnavailableError``.
+
+Parallel state must be initialised first (``phi4core.parallel.init_parallel``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from phi4core.config import ModelConfig
+from phi4core.parallel import ParallelSettings
+
+log = logging.getLogger(__name__)
+
+import warnings as _warnings
+
+with _warnings.catch_warnings():  # megatron warns a dozen times that TE/apex are missing
+    _warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    _warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+from phi4core.models import cpu_shims
+from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
+
+cpu_shims.apply()  # no-op with a GPU
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and FP8
+# ---------------------------------------------------------------------------------------------
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
+
+
+class FP8UnavailableError(RuntimeError):
+    """FP8 was asked for where it cannot run (no GPU, or Transformer Engine not importable)."""
+
+
+@dataclass
+class PrecisionSettings:
+    """Numeric precision. ``params``: fp32 | bf16 | fp16. ``fp8``: None | 'hybrid' | 'e4m3'
+    (TE's Format.HYBRID: e4m3 forward, e5m2 gradients; or E4M3 everywhere). ``fp8_recipe``:
+    'delayed' (amax history), 'tensorwise' (current scaling) or 'mxfp8' (block scaling)."""
+
+    params: str = "fp32"
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.params not in _DTYPES:
+            raise ValueError(f"precision.params must be one of {sorted(_DTYPES)}, got {self.params!r}")
+        if self.fp8 in ("none", "None", "", False):
+            self.fp8 = None
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ValueError(f"precision.fp8 must be one of {FP8_FORMATS} or None, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(
+                f"precision.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}"
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.params]
+
+    @classmethod
+    def from_any(cls, obj: Any) -> "PrecisionSettings":
+        """A PrecisionSettings, a mapping, or any object with these attribute names."""
+        if obj is None:
+            return cls()
+        if isinstance(obj, cls):
+            return obj
+        names = [f.name for f in fields(cls)]
+        if isinstance(obj, dict):
+            data = {k: obj[k] for k in names if k in obj}
+        else:
+            data = {k: getattr(obj, k) for k in names if hasattr(obj, k)}
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=1)
+def te_importable() -> bool:
+    """Transformer Engine's torch bindings import. Only tried with a GPU: on CPU machines a
+    half-installed TE crashes at import (see dependencies.md), so it is treated as absent."""
+    if not gpu_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # TE raises more than ImportError when CUDA libraries are missing
+        log.warning("Transformer Engine present but not importable: %s", exc)
+        return False
+    return True
+
+
+def use_transformer_engine() -> bool:
+    return gpu_available() and te_importable()
+
+
+def check_fp8(precision: PrecisionSettings | Any) -> None:
+    """Raise FP8UnavailableError when FP8 is requested but cannot run here."""
+    p = PrecisionSettings.from_any(precision)
+    if p.fp8 is None:
+        return
+    missing = []
+    if not gpu_available():
+        missing.append("no CUDA GPU is available")
+    elif not te_importable():
+        missing.append("Transformer Engine (the 'gpu' extra) is not importable")
+    if missing:
+        raise FP8UnavailableError(
+            f"FP8 training (fp8={p.fp8!r}, recipe={p.fp8_recipe!r}) needs a CUDA GPU and "
+            f"Transformer Engine, but {' and '.join(missing)}. Set precision.fp8 to null to "
+            f"train in {p.params}."
+        )
+
+
+def fp8_recipe(precision: PrecisionSettings | Any):
+    """The Transformer Engine recipe for these settings (raises FP8UnavailableError without
+    TE/GPU, ValueError when fp8 is off)."""
+    p = PrecisionSettings.from_any(precision)
+    if p.fp8 is None:
+        raise ValueError("fp8_recipe() called with precision.fp8 unset")
+    check_fp8(p)
+    from transformer_engine.common import recipe as te_recipe
+
+    fmt = te_recipe.Format.HYBRID if p.fp8 == "hybrid" else te_recipe.Format.E4M3
+    if p.fp8_recipe == "delayed":
+        return te_recipe.DelayedScaling(
+            fp8_format=fmt,
+            amax_history_len=p.fp8_amax_history_len,
+            amax_compute_algo=p.fp8_amax_compute_algo,
+        )
+    if p.fp8_recipe == "tensorwise":
+        return te_recipe.Float8CurrentScaling(fp8_format=fmt)
+    return te_recipe.MXFP8BlockScaling(fp8_format=fmt)
+
+
+def fp8_autocast(precision: PrecisionSettings | Any, group=None):
+    """A context manager running TE modules in FP8 (a null context when fp8 is off).
+
+    megatron's TransformerBlock already enters FP8 per layer when the TransformerConfig has
+    fp8 set (``transformer_config`` does that); this is for code outside the block.
+    """
+    p = PrecisionSettings.from_any(precision)
+    if p.fp8 is None:
+        return contextlib.nullcontext()
+    recipe = fp8_recipe(p)
+    import transformer_engine.pytorch as te
+
+    if hasattr(te, "autocast"):  # TE >= 2.8
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and spec
+# ---------------------------------------------------------------------------------------------
+
+
+def transformer_config(
+    model_cfg: ModelConfig,
+    parallel: ParallelSettings | Any = None,
+    precision: PrecisionSettings | Any = None,
+    *,
+    use_cpu_initialization: bool | None = None,
+    perform_initialization: bool = True,
+    init_method_std: float = 0.02,
+    **overrides: Any,
+) -> TransformerConfig:
+    """megatron TransformerConfig for the Phi-3-family decoder (``overrides`` win: e.g.
+    recompute_granularity='full', gradient_accumulation_fusion=True on GPU)."""
+    par = ParallelSettings.from_any(parallel)
+    prec = PrecisionSettings.from_any(precision)
+    check_fp8(prec)
+    te = use_transformer_engine()
+    if not te:
+        if par.sequence_parallel and par.tp > 1:
+            raise ValueError(
+                "sequence_parallel needs the Transformer Engine layer spec (GPU + TE): megatron's "
+                "local spec uses torch norms, which do not support it"
+            )
+        if par.cp > 1:
+            raise ValueError("context parallelism (cp > 1) needs Transformer Engine attention (GPU + TE)")
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not gpu_available()
+    dtype = prec.dtype
+    kwargs: dict[str, Any] = dict(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        ffn_hidden_size=model_cfg.ffn_hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_method_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        context_parallel_size=par.cp,
+        sequence_parallel=bool(par.sequence_parallel and par.tp > 1),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        bias_activation_fusion=gpu_available(),
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=gpu_available(),
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # CPU/gloo: the batched isend/irecv path needs CUDA streams.
+        batch_p2p_comm=gpu_available(),
+    )
+    if prec.fp8 is not None:
+        kwargs.update(
+            fp8=prec.fp8,
+            fp8_recipe=prec.fp8_recipe,
+            fp8_amax_history_len=prec.fp8_amax_history_len,
+            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+        )
+    kwargs.update(overrides)
+    cfg = TransformerConfig(**kwargs)
+    if model_cfg.rope_scaling is not None:
+        attach_attention_factor(cfg, model_cfg.rope_scaling.attention_factor)
+    return cfg
+
+
+def layer_spec(use_te: bool | None = None):
+    """TE layer spec with a GPU and TE, megatron's local spec (RMSNorm) otherwise."""
+    if use_te is None:
+        use_te = use_transformer_engine()
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class Phi4Decoder(GPTModel):
+    """megatron GPTModel with LongRoPE in place of plain RoPE; keeps its ModelConfig."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_cfg: ModelConfig,
+        transformer_layer_spec,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        vp_stage: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        rs = model_cfg.rope_scaling
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=model_cfg.vocab_size,
+            max_sequence_length=rs.max_position_embeddings if rs else 4096,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_percent=model_cfg.rotary_percent,
+            rotary_base=model_cfg.rotary_base,
+            vp_stage=vp_stage,
+            **kwargs,
+        )
+        self.model_cfg = model_cfg
+        if rs is not None:
+            self.rotary_pos_emb = LongRopeRotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=model_cfg.rotary_percent,
+                longrope=rs,
+                rotary_base=model_cfg.rotary_base,
+                rotary_interleaved=config.rotary_interleaved,
+                cp_group=self.pg_collection.cp,
+            )
+
+
+def build_model(
+    model_cfg: ModelConfig,
+    parallel: ParallelSettings | Any = None,
+    precision: PrecisionSettings | Any = None,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    parallel_output: bool = True,
+    use_te: bool | None = None,
+    config_overrides: dict | None = None,
+    **config_kwargs: Any,
+) -> Phi4Decoder:
+    """Build this rank's piece of the decoder.
+
+    ``pre_process``/``post_process`` default to "first/last pipeline stage" (taking
+    ``vp_stage`` into account with virtual pipelining). The parallel state must already be
+    initialised with the same tp/pp/cp/vpp (``phi4core.parallel.init_parallel``). On a CPU the
+    weights are initialised in full and split (``use_cpu_initialization``), so every TP/PP
+    layout starts from the same weights for the same seed.
+    """
+    par = ParallelSettings.from_any(parallel)
+    prec = PrecisionSettings.from_any(precision)
+    _check_parallel_state(par)
+    if par.vpp is not None and vp_stage is None:
+        raise ValueError("virtual pipelining: pass vp_stage, or use build_model_chunks()")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if use_te is None:
+        use_te = use_transformer_engine()
+    elif use_te and not use_transformer_engine():
+        raise RuntimeError("use_te=True but Transformer Engine or a GPU is missing")
+    cfg = transformer_config(model_cfg, par, prec, **{**(config_overrides or {}), **config_kwargs})
+    model = Phi4Decoder(
+        config=cfg,
+        model_cfg=model_cfg,
+        transformer_layer_spec=layer_spec(use_te),
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        vp_stage=vp_stage,
+    )
+    if not cfg.use_cpu_initialization and gpu_available() and _default_device_is_cpu():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_model_chunks(
+    model_cfg: ModelConfig,
+    parallel: ParallelSettings | Any = None,
+    precision: PrecisionSettings | Any = None,
+    **kwargs: Any,
+) -> list[Phi4Decoder]:
+    """One model chunk per virtual pipeline stage (a list of one without vpp): the shape
+    megatron's schedules and DDP helpers expect."""
+    par = ParallelSettings.from_any(parallel)
+    if par.vpp is None:
+        return [build_model(model_cfg, par, precision, **kwargs)]
+    return [
+        build_model(model_cfg, par, precision, vp_stage=i, **kwargs) for i in range(par.vpp)
+    ]
+
+
+def _default_device_is_cpu() -> bool:
+    return torch.empty(0).device.type == "cpu"
+
+
+def _check_parallel_state(par: ParallelSettings) -> None:
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron parallel state is not initialised: call phi4core.parallel.init_parallel() "
+            "(or init_single_process()) before building the model"
+        )
+    have = (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+    )
+    want = (par.tp, par.pp, par.cp)
+    if have != want:
+        raise RuntimeError(
+            f"parallel settings tp/pp/cp={want} differ from the initialised state {have}"
+        )
+
+
+def build_meta_model(
+    model_cfg: ModelConfig,
+    parallel: ParallelSettings | Any = None,
+    precision: PrecisionSettings | Any = None,
+    **kwargs: Any,
+) -> Phi4Decoder:
+    """The same modules with every parameter on the meta device: no memory, no init time.
+    For counting parameters and inspecting shapes."""
+    with torch.device("meta"):
+        return build_model(
+            model_cfg,
+            parallel,
+            precision,
+            use_te=False,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+            **kwargs,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Module groups (freezing)
+# ---------------------------------------------------------------------------------------------
+
+# Ordered (name prefix or fragment, group) rules; the first match wins. The decoder's own
+# parameters are all "backbone"; the multimodal assembly adds its towers and adapters with
+# these prefixes.
+GROUP_RULES: list[tuple[str, str]] = [
+    ("lora_vision", "lora.vision"),
+    ("lora.vision", "lora.vision"),
+    ("lora_speech", "lora.speech"),
+    ("lora.speech", "lora.speech"),
+    ("vision.encoder.", "vision.encoder"),
+    ("vision.projector.", "vision.projector"),
+    ("audio.encoder.", "audio.encoder"),
+    ("audio.projector.", "audio.projector"),
+]
+
+
+def module_group(param_name: str) -> str:
+    """The module group ('backbone', 'vision.encoder', 'lora.vision', ...) of a parameter name
+    as ``model.named_parameters()`` spells it (DDP's ``module.`` prefixes are ignored)."""
+    name = param_name
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    for fragment, group in GROUP_RULES:
+        if name.startswith(fragment) or f".{fragment}" in name:
+            return group
+    return "backbone"
+
+
+def param_groups(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{group: [parameter names]} for every parameter of ``model``."""
+    out: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        out.setdefault(module_group(name), []).append(name)
+    return out
+
+
+def set_trainable(model: torch.nn.Module, trainable: Iterable[str]) -> dict[str, int]:
+    """requires_grad = (group in trainable) for every parameter; returns trainable counts per
+    group. Unknown group names raise ValueError."""
+    trainable = set(trainable)
+    known = set(model_groups_known(model))
+    unknown = trainable - known - {g for _, g in GROUP_RULES} - {"backbone"}
+    if unknown:
+        raise ValueError(f"unknown module groups {sorted(unknown)}; known: {sorted(known)}")
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        g = module_group(name)
+        p.requires_grad_(g in trainable)
+        if g in trainable:
+            counts[g] = counts.get(g, 0) + p.numel()
+    return counts
+
+
+def model_groups_known(model: torch.nn.Module) -> list[str]:
+    return sorted({module_group(n) for n, _ in model.named_parameters()})
