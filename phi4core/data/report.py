@@ -48,6 +48,8 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     # Lines that hold no record at all (blank lines); counted apart from bad records.
     blank_lines: int = 0
+    # Kept records that were changed on the way (e.g. truncated), per kind of change.
+    adjusted: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +77,7 @@ class DataReport:
         self.records_kept += other.records_kept
         self.skipped.update(other.skipped)
         self.blank_lines += other.blank_lines
+        self.adjusted.update(other.adjusted)
         room = _MAX_EXAMPLES - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
 
@@ -83,8 +86,10 @@ class DataReport:
         if self.skipped:
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items()))
             text += f", skipped {self.records_skipped} ({reasons})"
+        if self.adjusted:
+            text += "; kept but " + ", ".join(f"{r}: {n}" for r, n in sorted(self.adjusted.items()))
         if self.blank_lines:
-            text += f", {self.blank_lines} blank lines"
+            text += f"; {self.blank_lines} blank lines"
         return text
 
     def log_summary(self) -> None:
@@ -97,5 +102,6 @@ class DataReport:
             "records_skipped": self.records_skipped,
             "skipped_by_reason": dict(sorted(self.skipped.items())),
             "blank_lines": self.blank_lines,
+            "adjusted": dict(sorted(self.adjusted.items())),
             "examples": list(self.examples),
         }

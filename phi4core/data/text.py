@@ -186,5 +186,6 @@ def _reuse(prefix: str, paths: list[str], hashes: list[str], tok_sha: str,
         blank_lines=totals["blank_lines"], examples=list(totals["examples"]),
     )
     report.skipped.update(totals["skipped_by_reason"])
+    report.adjusted.update(totals.get("adjusted", {}))
     log.info("reusing %s.bin/.idx (inputs unchanged; %s)", prefix, report.summary())
     return report
