@@ -132,16 +132,16 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(work):
 def test_frozen_checksums_match_and_mismatch_fails(work):
     spec = tiny_spec(work, "frozen", steps=6, save_interval=1000)
     rc, out = _train(write_spec(spec, work / "frozen.json"), work / "cache",
-                     "phi4core.train.testing", "decoder.layers.0.")
+                     "phi4core.train.testing", "embedding.")
     assert rc == 0, out[-3000:]
     sums = json.loads((Path(spec.output_dir) / "model" / "frozen_checksums.json").read_text())
     assert sums["match"] and sums["before"] == sums["after"]
-    assert any(k.startswith("decoder.layers.0.mlp.linear_fc1.weight") for k in sums["before"]["tensors"])
-    assert not any(k.startswith("decoder.layers.1.") for k in sums["before"]["tensors"])
+    assert any(k.startswith("embedding.word_embeddings.weight") for k in sums["before"]["tensors"])
+    assert not any(k.startswith("decoder.") for k in sums["before"]["tensors"])
 
     bad = tiny_spec(work, "corrupted", steps=6, save_interval=1000)
     rc, out = _train(write_spec(bad, work / "corrupted.json"), work / "cache",
-                     "phi4core.train.testing", "decoder.layers.0.", "2")
+                     "phi4core.train.testing", "embedding.", "2")
     assert rc == 1, out[-3000:]
     assert "frozen weights changed during training" in out
     assert not (Path(bad.output_dir) / "model").exists()

@@ -1,7 +1,7 @@
 """Tiny stage specs and test hooks, for tests and the overhead benchmark.
 
 `python -m phi4core.train.testing SPEC.json [freeze_prefix] [corrupt_at_step]` trains like the
-real entry point but freezes parameters whose names start with `freeze_prefix` (the released
+real entry point but freezes parameters whose names start with `freeze_prefix`, a whole module such as `embedding.` (the released
 presets have a single module group) and, with `corrupt_at_step`, changes a frozen tensor after
 that step, which must fail the stage.
 """
