@@ -135,6 +135,7 @@ class ChatSamples:
         self.dataset = ChatDataset(paths, tokenizer, spec.train.seq_length, pack=True,
                                    seed=spec.train.seed, on_bad_record=spec.data.on_bad_record)
         self.seed = spec.train.seed
+        self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -142,8 +143,9 @@ class ChatSamples:
     def __getitem__(self, i: int) -> dict:
         n = len(self.dataset)
         epoch, j = divmod(i, n)
-        order = np.random.default_rng(self.seed + epoch).permutation(n)
-        return self.dataset[int(order[j])]
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(n))
+        return self.dataset[int(self._order[1][j])]
 
 
 def build_samples(spec: StageSpec, tokenizer, num_samples: int):

@@ -15,7 +15,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,6 @@ class Hooks:
 
     extra_frozen: Callable[[str], bool] | None = None
     after_step: Callable[[int, list], None] | None = None
-    after_frozen: list = field(default_factory=list)
 
 
 def load_spec(path: str | os.PathLike) -> StageSpec:
@@ -223,12 +222,12 @@ class Trainer:
         flag = PreemptionFlag().install()
         self.setup()
         stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
-        start, consumed, first_loss = 0, 0, None
+        start, consumed, first_loss, last_loss = 0, 0, None, None
         resume = ckpt.newest_intact(ckpt_root)
         if resume is not None:
             progress = ckpt.load(resume, self.model, self.optimizer)
             start, consumed = progress["step"], progress["consumed_samples"]
-            first_loss = progress.get("first_loss")
+            first_loss, last_loss = progress.get("first_loss"), progress.get("last_loss")
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
         metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
@@ -238,9 +237,9 @@ class Trainer:
 
         def progress(step: int) -> dict:
             return {"step": step, "consumed_samples": consumed, "lr_step": step,
-                    "first_loss": first_loss, "seed": t.seed}
+                    "first_loss": first_loss, "last_loss": last_loss, "seed": t.seed}
 
-        last_loss, tokens_per_step = None, t.global_batch_size * t.seq_length
+        tokens_per_step = t.global_batch_size * t.seq_length
         try:
             for step in range(start, t.total_steps):
                 began = time.perf_counter()

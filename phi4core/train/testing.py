@@ -1,9 +1,11 @@
 """Tiny stage specs and test hooks, for tests and the overhead benchmark.
 
 `python -m phi4core.train.testing SPEC.json [freeze_prefix] [corrupt_at_step]` trains like the
-real entry point but freezes parameters whose names start with `freeze_prefix`, a whole module such as `embedding.` (the released
+real entry point but freezes parameters whose names start with `freeze_prefix` (the released
 presets have a single module group) and, with `corrupt_at_step`, changes a frozen tensor after
-that step, which must fail the stage.
+that step, which must fail the stage. Freeze whole modules (e.g. `embedding.`): one layer of
+megatron's stacked layers alone would leave holes in the stacked optimizer-state tensors,
+which torch_dist checkpoints cannot save.
 """
 
 from __future__ import annotations
