@@ -37,5 +37,9 @@ def test_tp2_and_dp2(tmp_path):
     # CPU initialisation builds full weights and splits them: same start, same data, same loss.
     assert a["first_loss"] == pytest.approx(b["first_loss"], abs=1e-5)
     assert a["last_loss"] == pytest.approx(b["last_loss"], abs=1e-4)
+    # The global grad norm (clipped at 1.0 here) must not count TP-duplicated norms twice.
+    norms = [[json.loads(x)["grad_norm"] for x in (Path(s.stage_dir) / "metrics.jsonl").read_text().splitlines()]
+             for s in (tp, dp)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4) and max(norms[0]) > 1.0
     ckpts = sorted(p.name for p in (Path(tp.stage_dir) / "checkpoints").iterdir())
     assert ckpts == ["step_3", "step_6"]
