@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml
 DEMO_STORE ?= phi4_runs
 PHI4 := $(VENV)/bin/phi4
 
-# The tiny multimodal pipeline: validated, planned and drawn; then the text stages trained.
+# The tiny pipelines on this CPU: Phi-4-Mini's two text stages trained for real (a rerun skips
+# them), then the nine-stage multimodal pipeline validated, planned and drawn against the store.
 demo: $(STAMP)
+	$(PHI4) run pipelines/phi4_mini.yaml --profile tiny --store $(DEMO_STORE)
+	$(PHI4) status --store $(DEMO_STORE)
 	$(PHI4) validate pipelines/phi4_multimodal.yaml --profile tiny
 	$(PHI4) plan pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
 	$(PHI4) graph pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)

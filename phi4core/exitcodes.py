@@ -1,5 +1,11 @@
-"""Exit codes shared by the trainer and the executors (torch-free: the orchestrator reads it)."""
+"""Process exit codes of `python -m phi4core train` (torch-free: the orchestrator reads them).
 
-# EX_TEMPFAIL: the trainer caught SIGUSR1/SIGTERM, wrote a checkpoint and asks to be requeued.
-# Executors record the attempt as `preempted` (resumable), never as `failed`.
+75 is EX_TEMPFAIL from sysexits.h: the executor requeues a preempted stage instead of failing it.
+"""
+
+OK = 0
+FAILURE = 1
+BAD_SPEC = 2
 PREEMPTED = 75
+
+NAMES = {OK: "ok", FAILURE: "failure", BAD_SPEC: "bad spec", PREEMPTED: "preempted"}

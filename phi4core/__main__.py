@@ -1,0 +1,49 @@
+"""`python -m phi4core train SPEC.json` (plain python or under torchrun/srun).
+
+The main guard matters: megatron's checkpoint writer spawns a process that re-imports __main__.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from phi4core import exitcodes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m phi4core")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one stage from its StageSpec JSON")
+    train.add_argument("spec", help="path to the stage spec (JSON)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    from phi4core.train.loop import load_spec
+
+    try:
+        spec = load_spec(args.spec)
+    except (OSError, ValueError, ValidationError) as e:
+        print(f"bad stage spec {args.spec}: {e}", file=sys.stderr)
+        return exitcodes.BAD_SPEC
+    from phi4core.train.loop import run
+
+    try:
+        return run(spec)
+    except Exception:
+        logging.getLogger("phi4core.train").exception("stage %s failed", spec.name)
+        return exitcodes.FAILURE
+    finally:
+        from phi4core.parallel import destroy_parallel
+
+        try:
+            destroy_parallel()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

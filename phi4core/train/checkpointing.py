@@ -1,0 +1,182 @@
+"""Resumable training checkpoints: model + optimizer + progress, with rotation and fallback.
+
+    <stage_dir>/checkpoints/tmp.step_N/   written by every rank (megatron dist checkpoint)
+    <stage_dir>/checkpoints/step_N/       renamed by rank 0 after a barrier
+    <stage_dir>/checkpoints/step_N/meta.json   written last: the completeness mark, with every
+                                          file's size and sha256 so a garbled one is noticed
+Resume takes the newest complete, intact checkpoint; a broken newer one is skipped with a
+warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("phi4core.train")
+
+META = "meta.json"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d and d.get_world_size() > 1:
+        d.barrier()
+
+
+def _broadcast(obj):
+    d = _dist()
+    if not d or d.get_world_size() == 1:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_table(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _sharded_state(chunks: list, optimizer, is_loading: bool) -> dict:
+    from phi4core.checkpoint_io import sharded_model_state_dict
+
+    state = sharded_model_state_dict(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
+    return state
+
+
+def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_last: int) -> Path:
+    """Collective. `progress`: step, consumed_samples, lr... (plain JSON-able values)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    tmp, final = root / f"tmp.step_{step}", root / f"step_{step}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = _sharded_state(chunks, optimizer, is_loading=False)
+    state["progress"] = dict(progress)
+    state["rng"] = rng_state()  # rank 0's, stored once in common.pt (dropout is 0 here)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        meta = {"step": step, "progress": progress, "files": _file_table(final)}
+        part = final / f".{META}.part"
+        part.write_text(json.dumps(meta, indent=1))
+        os.rename(part, final / META)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(root).glob("step_*"):
+        try:
+            out.append((int(p.name.split("_", 1)[1]), p))
+        except ValueError:
+            continue
+    return sorted(out, reverse=True)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = [p for _, p in _steps(root) if (p / META).is_file()]
+    for p in complete[keep_last:]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(root).glob("tmp.step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def problem(folder: Path) -> str | None:
+    """Why this checkpoint cannot be trusted, or None when it is complete and intact."""
+    meta_file = folder / META
+    if not meta_file.is_file():
+        return "no meta.json (incomplete)"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError:
+        return "meta.json unreadable"
+    for name, want in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+            return f"{name} corrupt (size or sha256 differs)"
+    return None
+
+
+def newest_intact(root: Path) -> Path | None:
+    """Rank 0 picks (warning about each broken newer one); every rank gets the same answer."""
+    choice = None
+    if _rank() == 0:
+        for _, folder in _steps(root):
+            why = problem(folder)
+            if why is None:
+                choice = str(folder)
+                break
+            log.warning("checkpoint %s skipped: %s; falling back to an older one", folder, why)
+    choice = _broadcast(choice)
+    return Path(choice) if choice else None
+
+
+def load(folder: Path, chunks: list, optimizer) -> dict:
+    """Collective: restore model, optimizer and RNG; returns the saved progress dict."""
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_state(chunks, optimizer, is_loading=True)
+    state["progress"] = None
+    state["rng"] = None
+    loaded = dist_checkpointing.load(state, str(folder))
+    from phi4core.checkpoint_io import _unwrap
+
+    if len(chunks) == 1:
+        _unwrap(chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            _unwrap(c).load_state_dict(loaded[f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    set_rng_state(loaded["rng"])
+    return loaded["progress"]

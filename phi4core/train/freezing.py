@@ -1,0 +1,68 @@
+"""Freezing by module group, and checksums proving frozen weights never moved."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Iterable
+
+import torch
+
+from phi4core.models.decoder import set_trainable
+
+
+class FrozenWeightsChanged(RuntimeError):
+    """A frozen tensor's bytes differ after training from before."""
+
+
+def apply_freezing(chunks: list, trainable: Iterable[str],
+                   extra_frozen: Callable[[str], bool] | None = None) -> dict[str, int]:
+    """requires_grad per module group; `extra_frozen(name)` freezes single parameters too
+    (tests use it: the released presets have one group only). Must run before the DDP
+    wrapper and the optimizer are built, which then skip frozen parameters entirely."""
+    counts: dict[str, int] = {}
+    for chunk in chunks:
+        for group, n in set_trainable(chunk, trainable).items():
+            counts[group] = counts.get(group, 0) + n
+        if extra_frozen is not None:
+            for name, p in chunk.named_parameters():
+                if p.requires_grad and extra_frozen(name):
+                    p.requires_grad_(False)
+                    counts["backbone"] = counts.get("backbone", 0) - p.numel()
+    return counts
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
+
+
+def frozen_checksums(chunks: list) -> dict:
+    """{"tensors": {name[shard]: sha256}, "combined": sha256} over every frozen tensor of every
+    rank (collective). Shard keys carry the tp/pp rank; DP replicas agree and coincide."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    shard = f"tp{ps.get_tensor_model_parallel_rank()}.pp{ps.get_pipeline_model_parallel_rank()}"
+    local = {}
+    for i, chunk in enumerate(chunks):
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                local[f"{name}[{shard}.vp{i}]" if len(chunks) > 1 else f"{name}[{shard}]"] = _tensor_sha(p)
+    merged = dict(local)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        merged = {k: v for part in parts for k, v in part.items()}
+    tensors = dict(sorted(merged.items()))
+    combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in tensors.items()).encode()).hexdigest()
+    return {"tensors": tensors, "combined": combined}
+
+
+def check_unchanged(before: dict, after: dict) -> None:
+    if before["combined"] == after["combined"]:
+        return
+    changed = sorted(k for k in before["tensors"] if before["tensors"][k] != after["tensors"].get(k))
+    raise FrozenWeightsChanged(
+        f"frozen weights changed during training ({len(changed)} tensor(s), e.g. "
+        f"{', '.join(changed[:3])}): checksum {before['combined'][:12]} before, "
+        f"{after['combined'][:12]} after")

@@ -1,0 +1,310 @@
+"""`python -m phi4core train SPEC.json`: one stage, from a StageSpec, to its artifacts.
+
+run(spec) -> exit code. Steps: distributed + megatron state, model (+ inputs), freezing and
+frozen checksums, megatron DDP + optimizer, data addressed by consumed samples, resume from the
+newest intact checkpoint, the step loop (LR from `lr_at`, grad accumulation through megatron's
+forward-backward schedule, global-norm clipping), periodic and preemption checkpoints, and the
+artifacts (`output_dir/model`: phi4 checkpoint + frozen_checksums.json + train_summary.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from phi4core import exitcodes
+from phi4core.config import StageSpec
+from phi4core.train.schedules import lr_at
+
+log = logging.getLogger("phi4core.train")
+
+
+class SpecError(ValueError):
+    """The spec cannot be trained here (exit code 2)."""
+
+
+@dataclass
+class Hooks:
+    """Test seams: freeze extra parameters by name; act on the model after each step."""
+
+    extra_frozen: Callable[[str], bool] | None = None
+    after_step: Callable[[int, list], None] | None = None
+
+
+def load_spec(path: str | os.PathLike) -> StageSpec:
+    return StageSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def check_spec(spec: StageSpec) -> None:
+    """What this trainer cannot run, said before anything heavy starts."""
+    if spec.model.vision is not None or spec.model.audio is not None:
+        raise SpecError(f"model {spec.model.name}: multimodal training is not available yet")
+    bad = [a for a in spec.outputs if a != "model"]
+    if bad:
+        raise SpecError(f"outputs {bad}: multimodal training is not available yet (only 'model')")
+    t = spec.train
+    dp = spec.world_size // spec.parallel.model_parallel_size
+    if dp < 1 or spec.world_size % spec.parallel.model_parallel_size:
+        raise SpecError(f"world_size {spec.world_size} is not a multiple of tp*pp*cp")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise SpecError(f"global_batch_size {t.global_batch_size} is not a multiple of "
+                        f"micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+
+
+def _precision(spec: StageSpec):
+    from phi4core.models.decoder import PrecisionSettings
+
+    p = spec.precision
+    return PrecisionSettings(params=p.params, fp8=None if p.fp8 == "off" else p.fp8,
+                             fp8_recipe=p.fp8_recipe, fp8_amax_history_len=p.amax_history,
+                             fp8_amax_compute_algo=p.amax_compute)
+
+
+def _peak_mem_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def weights_sha256(chunks: list) -> str:
+    """Hash of this rank's parameters in name order (bit-identity checks)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    def __init__(self, spec: StageSpec, hooks: Hooks | None = None) -> None:
+        self.spec, self.hooks = spec, hooks or Hooks()
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+
+        from phi4core.models.decoder import build_model_chunks
+        from phi4core.parallel import init_parallel
+        from phi4core.train import data as tdata
+        from phi4core.train.freezing import apply_freezing, frozen_checksums
+        from phi4core.train.inputs import load_inputs
+        from phi4core.train.optim import build_optimizer, wrap_ddp
+
+        spec, t = self.spec, self.spec.train
+        self.on_gpu = torch.cuda.is_available()
+        init_parallel(spec.parallel, seed=t.seed)
+        if dist.get_world_size() != spec.world_size:
+            raise SpecError(f"spec.world_size is {spec.world_size} but {dist.get_world_size()} "
+                            "processes were started")
+        self.rank = dist.get_rank()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp)
+        torch.manual_seed(t.seed)
+
+        self.kind = tdata.data_kind(spec)
+        self.tokenizer = tdata.tokenizer_for(spec)
+        self.samples = tdata.build_samples(spec, self.tokenizer, t.total_steps * t.global_batch_size)
+
+        chunks = build_model_chunks(spec.model, spec.parallel, _precision(spec),
+                                    calculate_per_token_loss=True)
+        self.loaded_inputs = load_inputs(spec, chunks)
+        counts = apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
+        if not any(p.requires_grad for c in chunks for p in c.parameters()):
+            raise SpecError(f"nothing to train: trainable groups {spec.trainable} are empty")
+        self.trainable_counts = counts
+        self.raw_chunks = chunks
+        self.checksums_before = frozen_checksums(chunks)
+        self.model = wrap_ddp(chunks, self.on_gpu)
+        self.optimizer = build_optimizer(spec, self.model, self.on_gpu)
+        config = chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = [m.no_sync for m in self.model]
+        if len(self.model) == 1:
+            config.no_sync_func = config.no_sync_func[0]
+        if self.rank == 0:
+            log.info("stage %s: %d steps, peak lr %.4g, dp %d, %d micro-batches/step, %s data",
+                     spec.name, t.total_steps, t.peak_lr, self.dp, self.num_micro, self.kind)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        attention_mask = batch.get("attention_mask")
+        packed = None
+        if "cu_seqlens" in batch and self.on_gpu:
+            # THD attention with cu_seqlens replaces the S x S mask on GPU.
+            from phi4core.data.packing import packed_seq_params
+
+            packed = packed_seq_params(batch)
+            batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            attention_mask = None
+        dev = torch.cuda.current_device() if self.on_gpu else "cpu"
+        tokens = batch["tokens"].to(dev)
+        out = model(tokens, batch["position_ids"].to(dev),
+                    attention_mask.to(dev) if attention_mask is not None else None,
+                    labels=batch["labels"].to(dev), packed_seq_params=packed)
+        loss_mask = batch["loss_mask"].to(dev).float()
+
+        def loss_func(losses):
+            total = (losses.float() * loss_mask).sum()
+            n = loss_mask.sum().to(torch.int)
+            return total, n, {"lm loss": torch.stack([total.detach(), n.float()])}
+
+        return out, loss_func
+
+    def train_step(self, step: int) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from phi4core.train import data as tdata
+        from phi4core.train.optim import clip_and_step, set_lr
+
+        spec, t = self.spec, self.spec.train
+        batches = tdata.micro_batches(self.samples, step, t.global_batch_size, t.micro_batch_size,
+                                      self.dp_rank, self.dp, block_mask=not self.on_gpu)
+        lr = lr_at(step, t)
+        set_lr(self.optimizer, lr)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iters = [iter(batches) for _ in self.model]
+        reduced = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_micro,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        if self.on_gpu:
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            grad_norm = clip_and_step(self.optimizer, t.grad_clip)
+        return {"loss": self._global_loss(reduced), "lr": lr, "grad_norm": grad_norm}
+
+    def _global_loss(self, reduced: list) -> float:
+        """Token-weighted mean loss over all micro-batches and DP ranks (last stage, tp 0)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        acc = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+            for r in reduced:
+                acc += r["lm loss"].detach().double().cpu()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(acc)
+        return float(acc[0] / acc[1].clamp(min=1))
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from phi4core.train import checkpointing as ckpt
+        from phi4core.train.freezing import check_unchanged, frozen_checksums
+        from phi4core.train.metrics import MetricsWriter
+        from phi4core.train.signals import PreemptionFlag
+
+        spec, t = self.spec, self.spec.train
+        flag = PreemptionFlag().install()
+        self.setup()
+        stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
+        start, consumed, first_loss, last_loss = 0, 0, None, None
+        resume = ckpt.newest_intact(ckpt_root)
+        if resume is not None:
+            progress = ckpt.load(resume, self.model, self.optimizer)
+            start, consumed = progress["step"], progress["consumed_samples"]
+            first_loss, last_loss = progress.get("first_loss"), progress.get("last_loss")
+            if self.rank == 0:
+                log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
+        metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
+        if self.rank == 0:
+            print(f"stage {spec.name}: peak lr {t.peak_lr:.6g} ({t.schedule}), "
+                  f"{t.total_steps} steps from step {start}", flush=True)
+
+        def progress(step: int) -> dict:
+            return {"step": step, "consumed_samples": consumed, "lr_step": step,
+                    "first_loss": first_loss, "last_loss": last_loss, "seed": t.seed}
+
+        tokens_per_step = t.global_batch_size * t.seq_length
+        try:
+            for step in range(start, t.total_steps):
+                began = time.perf_counter()
+                out = self.train_step(step)
+                consumed += t.global_batch_size
+                elapsed = time.perf_counter() - began
+                first_loss = out["loss"] if first_loss is None else first_loss
+                last_loss = out["loss"]
+                metrics.log(step, {**out, "tokens_per_s": tokens_per_step / elapsed,
+                                   "step_time_s": elapsed, "peak_mem_mb": _peak_mem_mb(),
+                                   "consumed_samples": consumed})
+                if self.rank == 0 and (step % spec.logging.interval == 0 or step + 1 == t.total_steps):
+                    metrics.progress(step, out["loss"], out["lr"])
+                if self.hooks.after_step is not None:
+                    self.hooks.after_step(step, self.raw_chunks)
+                done = step + 1
+                if flag.agreed():
+                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done), t.keep_last)
+                    if self.rank == 0:
+                        print(f"preempted (signal {flag.signum}): checkpoint at step {done}", flush=True)
+                    return exitcodes.PREEMPTED
+                if done % t.save_interval == 0 and done < t.total_steps:
+                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done), t.keep_last)
+            if start < t.total_steps or resume is None:
+                ckpt.save(ckpt_root, t.total_steps, self.model, self.optimizer,
+                          progress(t.total_steps), t.keep_last)
+        finally:
+            metrics.close()
+        after = frozen_checksums(self.raw_chunks)
+        checksums = {"before": self.checksums_before, "after": after,
+                     "match": after["combined"] == self.checksums_before["combined"]}
+        check_unchanged(self.checksums_before, after)
+        self.write_artifacts(checksums, first_loss, last_loss, start)
+        return exitcodes.OK
+
+    def write_artifacts(self, checksums: dict, first_loss, last_loss, start: int) -> None:
+        from phi4core.checkpoint_io import save_checkpoint
+
+        spec, t = self.spec, self.spec.train
+        out = Path(spec.output_dir) / "model"
+        save_checkpoint(self.raw_chunks, out, spec.model,
+                        extra={"stage": spec.name, "fingerprint": spec.fingerprint})
+        if self.rank == 0:
+            (out / "frozen_checksums.json").write_text(json.dumps(checksums, indent=1))
+            summary = {
+                "stage": spec.name, "fingerprint": spec.fingerprint, "steps": t.total_steps,
+                "resumed_from_step": start, "tokens": t.total_steps * t.tokens_per_step,
+                "first_loss": first_loss, "last_loss": last_loss, "peak_lr": t.peak_lr,
+                "inputs": self.loaded_inputs, "weights_sha256": weights_sha256(self.raw_chunks),
+            }
+            (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
+    """Train one stage; returns the process exit code (see phi4core.exitcodes)."""
+    from phi4core.train.data import DataSpecError
+    from phi4core.train.freezing import FrozenWeightsChanged
+    from phi4core.train.inputs import InputError
+
+    try:
+        check_spec(spec)
+        return Trainer(spec, hooks).run()
+    except (SpecError, DataSpecError, InputError) as e:
+        log.error("cannot train stage %s: %s", spec.name, e)
+        return exitcodes.BAD_SPEC
+    except FrozenWeightsChanged as e:
+        log.error("stage %s failed: %s", spec.name, e)
+        return exitcodes.FAILURE

@@ -1,0 +1,71 @@
+"""Tiny stage specs and test hooks, for tests and the overhead benchmark.
+
+`python -m phi4core.train.testing SPEC.json [freeze_prefix] [corrupt_at_step]` trains like the
+real entry point but freezes parameters whose names start with `freeze_prefix` (the released
+presets have a single module group) and, with `corrupt_at_step`, changes a frozen tensor after
+that step, which must fail the stage. Freeze whole modules (e.g. `embedding.`): one layer of
+megatron's stacked layers alone would leave holes in the stacked optimizer-state tensors,
+which torch_dist checkpoints cannot save.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from phi4core.config import PRESETS, StageSpec
+
+
+def tiny_spec(workdir: str | Path, name: str = "pretrain", *, chat: bool = False,
+              steps: int = 30, inputs: dict | None = None, **train) -> StageSpec:
+    """A phi4_mini_tiny stage over synthetic data, everything under `workdir`."""
+    workdir = Path(workdir)
+    t = dict(steps=steps, global_batch_size=4, micro_batch_size=2, seq_length=128, lr=3e-3,
+             warmup_steps=2, schedule="cosine", save_interval=10, keep_last=2, seed=1234,
+             weight_decay=0.01)
+    t.update(train)
+    source = {"kind": "synthetic", "modality": "chat" if chat else "text",
+              "samples": 400 if chat else 1000}
+    return StageSpec.model_validate({
+        "name": name, "fingerprint": f"test-{name}", "model": PRESETS["phi4_mini_tiny"].model_dump(),
+        "tokenizer": "demo", "inputs": inputs or {}, "outputs": ["model"],
+        "trainable": ["backbone"], "frozen": [], "data": {"sources": [source]}, "train": t,
+        "parallel": {}, "precision": {"params": "fp32"},
+        "logging": {"interval": 5, "tensorboard": False},
+        "stage_dir": str(workdir / name / "stage"), "output_dir": str(workdir / name / "out"),
+    })
+
+
+def write_spec(spec: StageSpec, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(spec.model_dump_json(indent=1))
+    return path
+
+
+def _main(argv: list[str]) -> int:
+    import logging
+
+    from phi4core.train.loop import Hooks, load_spec, run
+
+    logging.basicConfig(level=logging.INFO)
+    spec = load_spec(argv[0])
+    prefix = argv[1] if len(argv) > 1 else None
+    corrupt_at = int(argv[2]) if len(argv) > 2 else None
+
+    def frozen(name: str) -> bool:
+        return prefix is not None and name.startswith(prefix)
+
+    def after_step(step: int, chunks: list) -> None:
+        if corrupt_at is not None and step == corrupt_at:
+            import torch
+
+            with torch.no_grad():
+                next(p for n, p in chunks[0].named_parameters() if frozen(n)).add_(1e-3)
+
+    return run(spec, Hooks(extra_frozen=frozen if prefix else None, after_step=after_step))
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
