@@ -37,6 +37,13 @@ def begin(stage_dir: str | Path) -> int:
               f"job {job} ends here", flush=True)
         return SKIP
     status = attempt.status() or {}
+    missing = _missing_input(attempt, status.get("inputs") or {})
+    if missing is not None:  # an upstream that ended without publishing (afterany, NeMo-Run)
+        attempt.update_status(state="blocked", blocked_by=missing, ended=time.time(),
+                              error=f"upstream {missing} has no published artifact", job_id=job)
+        print(f"=== phi4: {name} cannot start: upstream {missing} has no published artifact",
+              flush=True)
+        return 1
     record = attempt.begin(attempt.fields() or {}, executor="slurm", job_id=job,
                            restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
                            nodes=os.environ.get("SLURM_JOB_NODELIST"),
@@ -46,6 +53,16 @@ def begin(stage_dir: str | Path) -> int:
           f"job {job} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
           f"{shlex.join(command)}", flush=True)
     return 0
+
+
+def _missing_input(attempt: Attempt, inputs: dict[str, dict]) -> str | None:
+    for record in inputs.values():
+        if record.get("source") != "stage":
+            continue
+        upstream = attempt.store.attempt(record["stage"], record["fingerprint"])
+        if upstream.artifact_problem([record["artifact"]]) is not None:
+            return record["stage"]
+    return None
 
 
 def end(stage_dir: str | Path, code: int) -> int:

@@ -22,7 +22,7 @@ from phi4core.exitcodes import PREEMPTED
 
 from .. import launch
 from ..config import ConfigError
-from ..config.cluster import LoadedCluster, stage_problems, stage_time
+from ..config.cluster import Cluster, LoadedCluster, stage_problems, stage_time
 from ..plan import Plan, StagePlan
 from ..store import write_json
 from . import slurm_cli
@@ -31,6 +31,32 @@ from .sbatch import BatchScript, Raw, directive_value, render
 from .slurm_status import reconcile
 
 SCRIPT_NAME = "job.sbatch"
+
+
+def rendezvous_exports(port: int) -> list[str]:
+    """The head node and a port; ports differ between jobs so that two sharing a node do not
+    collide."""
+    return [Raw('MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'),
+            Raw(f'MASTER_PORT="$(( {port} + SLURM_JOB_ID % 1000 ))"')]
+
+
+def stage_command(sp: StagePlan, cluster: Cluster) -> list[str]:
+    """What one task of the stage runs on a cluster node: a command stage's `cmd`; the trainer
+    (one process, or one per rank under the srun launcher); or torchrun, one per node, with a
+    c10d rendezvous on the head node when there are several nodes."""
+    recipe = sp.loaded.recipe
+    if recipe.kind == "command":
+        return list(recipe.cmd or [])
+    res = recipe.resources
+    train = [cluster.stage_python(), "-m", "phi4core", "train", str(sp.attempt.spec)]
+    if res.world_size == 1 or cluster.launcher == "srun":
+        return train
+    per_node = res.gpus_per_node or res.procs_per_node or 1
+    rdzv = ["--standalone"] if res.nodes == 1 else [
+        Raw('--nnodes="$SLURM_JOB_NUM_NODES"'), "--rdzv-backend=c10d",
+        Raw('--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"'), Raw('--rdzv-id="$SLURM_JOB_ID"')]
+    return [train[0], "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={per_node}",
+            *train[1:]]
 
 
 class StoreNotUsable(ValueError):
@@ -105,40 +131,26 @@ class SlurmExecutor:
             setup=list(c.setup), env=env, exports=exports, release_now=c.requeue_release_now)
 
     def _step(self, sp: StagePlan) -> tuple[list[str], int, int, int, list[str]]:
-        """The srun line, and the allocation it needs: nodes, tasks per node, CPUs per task."""
+        """The srun line, and the allocation it needs: nodes, tasks per node, CPUs per task;
+        and the rendezvous variables to export."""
         c = self.cluster
-        recipe = sp.loaded.recipe
         container = []
         if c.container_image:
             container.append(f"--container-image={c.container_image}")
         if c.container_mounts:
             container.append(f"--container-mounts={','.join(c.container_mounts)}")
-        if recipe.kind == "command":
-            return (["srun", "--nodes=1", "--ntasks=1", *container, "--", *(recipe.cmd or [])],
+        argv = stage_command(sp, c)
+        res = sp.loaded.recipe.resources
+        if sp.loaded.recipe.kind == "command" or res.world_size == 1:
+            return (["srun", "--nodes=1", "--ntasks=1", *container, "--", *argv],
                     1, 1, c.cpus_per_task, [])
-        res = recipe.resources
         per_node = res.gpus_per_node or res.procs_per_node or 1
-        train = ["-m", "phi4core", "train", str(sp.attempt.spec)]
-        python = c.stage_python()
-        if res.world_size == 1:
-            return (["srun", "--nodes=1", "--ntasks=1", *container, "--", python, *train],
-                    1, 1, c.cpus_per_task, [])
-        # Ports differ between jobs, so that two jobs sharing a node do not collide.
-        rendezvous = [Raw('MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" '
-                          '| head -n 1)"'),
-                      Raw(f'MASTER_PORT="$(( {c.rdzv_port} + SLURM_JOB_ID % 1000 ))"')]
+        exports = rendezvous_exports(c.rdzv_port) if res.nodes > 1 or c.launcher == "srun" else []
         if c.launcher == "srun":
-            # One task per rank; the trainer reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID.
             return (["srun", f"--nodes={res.nodes}", f"--ntasks-per-node={per_node}",
-                     *container, "--", python, *train],
-                    res.nodes, per_node, c.cpus_per_task, rendezvous)
-        rdzv = ["--standalone"] if res.nodes == 1 else [
-            Raw('--nnodes="$SLURM_JOB_NUM_NODES"'), "--rdzv-backend=c10d",
-            Raw('--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"'), Raw('--rdzv-id="$SLURM_JOB_ID"')]
-        return (["srun", f"--nodes={res.nodes}", "--ntasks-per-node=1", *container, "--",
-                 python, "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={per_node}",
-                 *train],
-                res.nodes, 1, c.cpus_per_task * per_node, rendezvous if res.nodes > 1 else [])
+                     *container, "--", *argv], res.nodes, per_node, c.cpus_per_task, exports)
+        return (["srun", f"--nodes={res.nodes}", "--ntasks-per-node=1", *container, "--", *argv],
+                res.nodes, 1, c.cpus_per_task * per_node, exports)
 
     def dependency(self, name: str, job_of: dict[str, str]) -> str | None:
         """`afterok:1:2,afterany:3` on the upstream stages queued in this run (finished ones
