@@ -44,7 +44,8 @@ def begin(stage_dir: str | Path) -> int:
         print(f"=== phi4: {name} cannot start: upstream {missing} has no published artifact",
               flush=True)
         return 1
-    record = attempt.begin(attempt.fields() or {}, executor="slurm", job_id=job,
+    record = attempt.begin(attempt.fields() or {}, executor=status.get("executor") or "slurm",
+                           job_id=job,
                            restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
                            nodes=os.environ.get("SLURM_JOB_NODELIST"),
                            inputs=fill_digests(attempt.store, status.get("inputs") or {}))
