@@ -1,4 +1,4 @@
-"""`phi4`: validate, show, plan, run, graph, status and the tools around them.
+"""`phi4`: validate, show, plan, run, graph, status, cancel and the tools around them.
 
 Start-up stays torch-free: commands that need torch (model-info, convert, data) import it
 inside their bodies.

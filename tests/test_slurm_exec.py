@@ -124,6 +124,16 @@ def test_cancel_stops_a_stage_and_its_queued_descendants(slurm, tmp_path: Path) 
     out = phi4("cancel", str(pipeline), "--store", str(store), check=0)
     assert out.stdout.startswith("nothing to cancel")
 
+    # A job cancelled behind phi4's back, before it started: status learns it from Slurm.
+    _run(pipeline, store)
+    d_job = recorded(store, "d")["job_id"]
+    subprocess.run(["scancel", d_job], check=True, timeout=30)
+    rows = wait_status(store, lambda r: r["d"]["state"] == "cancelled", "d cancelled")
+    assert rows["d"]["note"] == f"Slurm job {d_job} was cancelled"
+    assert rows["c"]["state"] == "pending" and rows["c"]["note"].startswith(
+        f"job {recorded(store, 'c')['job_id']} pending (Dependency")
+    phi4("cancel", str(pipeline), "--store", str(store), check=0)
+
 
 PREEMPTIBLE = r'''
 import os, signal, sys, time
