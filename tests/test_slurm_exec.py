@@ -109,6 +109,9 @@ def test_cancel_stops_a_stage_and_its_queued_descendants(slurm, tmp_path: Path) 
     wait_status(store, lambda r: "b" in r and r["b"]["state"] == "running"
                 and counts(tmp_path) == {"a": 1, "b": 1}, "b running")
     jobs = {n: recorded(store, n)["job_id"] for n in ("b", "c", "d")}
+    again = _run(pipeline, store)  # queued or running jobs are never submitted twice
+    assert [ln.split()[0] for ln in again.stdout.splitlines()] == ["kept"] * 3, again.stdout
+    assert {n: recorded(store, n)["job_id"] for n in ("b", "c", "d")} == jobs
     out = phi4("cancel", "b", "--store", str(store), check=0)
     assert out.stdout.splitlines() == [f"cancelled  {n}: job {jobs[n]}" for n in "bcd"]
     rows = status(store)

@@ -60,7 +60,8 @@ class Cluster(Strict):
     requeue_release_now: bool = Field(
         default=False, description="start a requeued job at once instead of after ~2 minutes")
     launcher: Literal["torchrun", "srun"] = Field(
-        default="torchrun", description="train stages: torchrun per node, or one srun task per rank")
+        default="torchrun",
+        description="train stages: torchrun per node, or one srun task per rank")
     rdzv_port: int = Field(default=29500, ge=1024, le=65535)
     python: str | None = Field(
         default=None, description="runs the stage on the nodes (inside the container if any); "

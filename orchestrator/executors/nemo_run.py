@@ -139,7 +139,8 @@ def _executor(run, task: dict[str, Any], cluster: Cluster | None, home: str, tit
         return run.LocalExecutor(env_vars=task["env"])
     c = cluster
     return run.SlurmExecutor(
-        account=c.account, job_name_prefix=f"{title}.", partition=c.partition, qos=c.qos, time=task["time"],
+        account=c.account, job_name_prefix=f"{title}.", partition=c.partition, qos=c.qos,
+        time=task["time"],
         nodes=task["nodes"], ntasks_per_node=task["ntasks_per_node"],
         gpus_per_node=task["gpus_per_node"], cpus_per_task=task["cpus_per_task"],
         mem_per_cpu=c.mem_per_cpu, container_image=c.container_image,

@@ -105,7 +105,8 @@ def query(job_ids: list[str]) -> dict[str, Job]:
 
 
 def _sacct(ids: list[str]) -> dict[str, Job]:
-    r = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode,Reason"])
+    r = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids),
+              "-o", "JobIDRaw,State,ExitCode,Reason"])
     out = {}
     for line in r.stdout.splitlines():
         parts = line.split("|")
