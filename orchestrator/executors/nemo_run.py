@@ -144,9 +144,9 @@ def _executor(run, task: dict[str, Any], cluster: Cluster | None, home: str, tit
         nodes=task["nodes"], ntasks_per_node=task["ntasks_per_node"],
         gpus_per_node=task["gpus_per_node"], cpus_per_task=task["cpus_per_task"],
         mem_per_cpu=c.mem_per_cpu, container_image=c.container_image,
-        # NeMo-Run writes `export KEY=value` into its sbatch script unquoted: quote here.
         container_mounts=list(c.container_mounts),
+        # NeMo-Run writes `export KEY=value` into its sbatch script unquoted: quote here.
         env_vars={k: shlex.quote(v) for k, v in task["env"].items()},
         setup_lines="\n".join(c.setup) or None, dependency_type=task["dependency_type"],
         additional_parameters={"reservation": c.reservation} if c.reservation else None,
-        tunnel=run.LocalTunnel(job_dir=f"{home}/slurm"), packager=run.Packager())
+        tunnel=run.LocalTunnel(job_dir=""), packager=run.Packager())
