@@ -33,6 +33,8 @@ def begin(stage_dir: str | Path) -> int:
     attempt = attempt_at(stage_dir)
     name, job = attempt.name, os.environ.get("SLURM_JOB_ID")
     if attempt.artifact_problem(_outputs(attempt)) is None:
+        if (attempt.status() or {}).get("state") != "succeeded":
+            attempt.update_status(state="succeeded", ended=time.time(), error=None)
         print(f"=== phi4: {name} is already published (another run finished it); "
               f"job {job} ends here", flush=True)
         return SKIP
