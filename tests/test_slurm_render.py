@@ -171,3 +171,28 @@ def test_slurm_options_need_the_slurm_executor(tmp_path: Path) -> None:
     assert "--executor slurm needs --cluster FILE" in out.stderr
     assert json.loads(phi4("plan", str(pipeline), "--store", str(tmp_path), "--format", "json",
                            check=0).stdout)["stages"][0]["verdict"] == "run"
+
+
+def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
+    """begin skips a published stage and blocks on a missing input; end records exits."""
+    from orchestrator.executors import hooks
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    pipeline = make_pipeline(tmp_path, {"a": [], "b": ["a"]})
+    store = tmp_path / "store"
+    phi4("run", str(pipeline), "--store", str(store), check=0)
+    a_dir = next((store / "stages" / "a").glob("*/artifacts")).parent
+    b_dir = next((store / "stages" / "b").glob("*/artifacts")).parent
+    assert hooks.begin(b_dir) == hooks.SKIP
+    status = json.loads((b_dir / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["attempt"] == 1
+
+    (a_dir / "artifacts" / "out" / "data.txt").write_text("tampered")
+    (b_dir / "manifest.json").unlink()
+    assert hooks.begin(b_dir) == 1
+    status = json.loads((b_dir / "status.json").read_text())
+    assert (status["state"], status["blocked_by"]) == ("blocked", "a")
+
+    assert hooks.end(a_dir, 3) == 3
+    status = json.loads((a_dir / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("failed", 3)
