@@ -142,7 +142,8 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
               help="Independent stages run side by side, up to this many at once.")
 @click.option("--keep-going", "-k", is_flag=True,
               help="After a failure, finish the stages that do not depend on it.")
-@click.option("--dry-run", "-n", is_flag=True, help="Print the plan and run nothing.")
+@click.option("--dry-run", "-n", is_flag=True,
+              help="Print the plan (slurm, nemo_run: every job script) and run nothing.")
 @click.option("--grace", type=float, default=30.0, show_default=True, metavar="SECONDS",
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
 @click.option("--executor", type=click.Choice(["local", "slurm", "nemo_run"]), default="local",
