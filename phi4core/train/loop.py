@@ -179,7 +179,7 @@ class Trainer:
         from phi4core.train import data as tdata
         from phi4core.train.optim import clip_and_step, set_lr
 
-        spec, t = self.spec, self.spec.train
+        t = self.spec.train
         batches = tdata.micro_batches(self.samples, step, t.global_batch_size, t.micro_batch_size,
                                       self.dp_rank, self.dp, block_mask=not self.on_gpu)
         lr = lr_at(step, t)
