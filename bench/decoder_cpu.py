@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import Phi3ForCausalLM
 
     from phi4core.config import preset
-    from phi4core.interop.hf import load_hf_weights, save_hf
+    from phi4core.interop.hf import save_hf
     from phi4core.models.decoder import build_model
     from phi4core.parallel import init_single_process
 

@@ -113,7 +113,7 @@ def dot(plan: Plan, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_W, _H, _GAP_X, _GAP_Y, _PAD = 240, 64, 30, 70, 20
+_W, _H, _GAP_X, _GAP_Y, _PAD = 300, 80, 30, 70, 20
 
 
 def svg(plan: Plan, title: str) -> str:
@@ -151,16 +151,22 @@ def svg(plan: Plan, title: str) -> str:
         out.append(f'<g><title>{escape(node.name)}: {escape(node.state)}</title>'
                    f'<rect x="{x:.0f}" y="{y:.0f}" width="{_W}" height="{_H}" rx="8" '
                    f'fill="{fill}" stroke="#555"/>')
-        for i, (line, weight) in enumerate(((node.name, "bold"), (node.state, "normal"),
-                                            (_clip(node.groups_text()), "normal"))):
-            out.append(f'<text x="{x + _W / 2:.0f}" y="{y + 18 + i * 17:.0f}" '
+        lines = [(node.name, "bold"), (node.state, "normal")]
+        if node.trainable:
+            lines.append((_clip("trains " + ", ".join(node.trainable)), "normal"))
+        if node.frozen:
+            lines.append((_clip("frozen " + ", ".join(node.frozen)), "normal"))
+        if len(lines) == 2 and node.kind == "command":
+            lines.append(("command", "normal"))
+        for i, (line, weight) in enumerate(lines):
+            out.append(f'<text x="{x + _W / 2:.0f}" y="{y + 17 + i * 16:.0f}" '
                        f'text-anchor="middle" font-weight="{weight}">{escape(line)}</text>')
         out.append("</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def _clip(text: str, limit: int = 38) -> str:
+def _clip(text: str, limit: int = 48) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

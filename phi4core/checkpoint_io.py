@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from phi4core.config import ModelConfig
+from phi4core.data.files import replace_dir
 
 META_FILE = "phi4_model.json"
 FORMAT = "phi4core.decoder/1"
@@ -111,7 +112,7 @@ def save_checkpoint(
                 **(extra or {}),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            _replace_dir(tmp, out)
+            replace_dir(tmp, out)
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,16 +133,6 @@ def _layout() -> dict:
         }
     except Exception:
         return {}
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict:

@@ -21,6 +21,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+def fields_from_any(cls: type, obj: Any) -> dict:
+    """The values of dataclass `cls`'s fields found in a mapping or as attributes of `obj`."""
+    names = [f.name for f in fields(cls)]
+    if isinstance(obj, dict):
+        return {k: obj[k] for k in names if k in obj}
+    return {k: getattr(obj, k) for k in names if hasattr(obj, k)}
+
+
 @dataclass
 class ParallelSettings:
     """Model-parallel layout. Data parallel is what is left: world / (tp * pp * cp)."""
@@ -35,15 +43,9 @@ class ParallelSettings:
     def from_any(cls, obj: Any) -> "ParallelSettings":
         """Accept a ParallelSettings, a mapping or any object with these attribute names
         (e.g. the recipe's Pydantic `parallel` block). Missing names take the defaults."""
-        if obj is None:
-            return cls()
-        if isinstance(obj, cls):
-            return obj
-        names = [f.name for f in fields(cls)]
-        if isinstance(obj, dict):
-            data = {k: obj[k] for k in names if k in obj}
-        else:
-            data = {k: getattr(obj, k) for k in names if hasattr(obj, k)}
+        if obj is None or isinstance(obj, cls):
+            return obj or cls()
+        data = fields_from_any(cls, obj)
         if data.get("vpp") in (0, 1):
             data["vpp"] = None
         return cls(**data)

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from functools import partial
 
 import torch
 

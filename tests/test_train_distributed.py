@@ -43,3 +43,41 @@ def test_tp2_and_dp2(tmp_path):
     assert norms[0] == pytest.approx(norms[1], rel=1e-4) and max(norms[0]) > 1.0
     ckpts = sorted(p.name for p in (Path(tp.stage_dir) / "checkpoints").iterdir())
     assert ckpts == ["step_3", "step_6"]
+
+
+@pytest.mark.slow
+def test_pp2_trains_and_resumes_bit_identical_after_sigkill(tmp_path):
+    """Pipeline parallel (1F1B over gloo): a run killed after its first checkpoint and rerun
+    ends with the same weights as an uninterrupted one."""
+    import signal
+    import time
+
+    def pp2(name: str):
+        spec = tiny_spec(tmp_path, name, steps=8, save_interval=4)
+        spec.parallel.pp, spec.world_size = 2, 2
+        return spec
+
+    whole = pp2("whole")
+    a = _torchrun(whole, write_spec(whole, tmp_path / "whole.json"), tmp_path / "cache")
+    assert a["last_loss"] < a["first_loss"] - 1.0
+
+    killed = pp2("killed")
+    path = write_spec(killed, tmp_path / "killed.json")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PHI4_CACHE": str(tmp_path / "cache")}
+    with open(tmp_path / "killed.first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node", "2", "-m", "phi4core", "train", str(path)],
+                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    meta = Path(killed.stage_dir) / "checkpoints" / "step_4" / "meta.json"
+    deadline = time.monotonic() + 240
+    while not meta.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert meta.is_file(), (tmp_path / "killed.first.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (Path(killed.output_dir) / "model").exists()
+    b = _torchrun(killed, path, tmp_path / "cache")
+    assert b["resumed_from_step"] >= 4
+    assert b["weights_sha256"] == a["weights_sha256"]

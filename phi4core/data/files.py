@@ -49,6 +49,22 @@ def atomic_output(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder `tmp` to `out`; an existing `out` is moved aside first and
+    removed after, so `out` is always either the old or the new folder, never a mix."""
+    import shutil
+    import uuid
+
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_output(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)

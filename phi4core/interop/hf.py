@@ -19,13 +19,13 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from phi4core.config import LongRopeConfig, ModelConfig
+from phi4core.data.files import replace_dir
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -591,22 +591,11 @@ def write_hf_folder(
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out atomically; an existing out is moved aside first, then removed."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _hf_sort_key(name: str):

@@ -10,7 +10,6 @@ Same inputs ([s, b, heads, head_dim]) and output ([s, b, heads * head_dim]) as m
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention

@@ -16,14 +16,14 @@ import contextlib
 import functools
 import importlib.util
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from phi4core.config import ModelConfig
-from phi4core.parallel import ParallelSettings
+from phi4core.parallel import ParallelSettings, fields_from_any
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,9 @@ class PrecisionSettings:
     @classmethod
     def from_any(cls, obj: Any) -> "PrecisionSettings":
         """A PrecisionSettings, a mapping, or any object with these attribute names."""
-        if obj is None:
-            return cls()
-        if isinstance(obj, cls):
-            return obj
-        names = [f.name for f in fields(cls)]
-        if isinstance(obj, dict):
-            data = {k: obj[k] for k in names if k in obj}
-        else:
-            data = {k: getattr(obj, k) for k in names if hasattr(obj, k)}
-        return cls(**data)
+        if obj is None or isinstance(obj, cls):
+            return obj or cls()
+        return cls(**fields_from_any(cls, obj))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -70,6 +70,21 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state()}
 
 
+def _rng_entry(state: dict | None):
+    """RNG state as one object per (pp, tp) rank, written once per data-parallel replica.
+
+    A plain dict would go into common.pt, which megatron expects to be equal on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state", state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -96,7 +111,7 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     _barrier()
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["progress"] = dict(progress)
-    state["rng"] = rng_state()  # rank 0's, stored once in common.pt (dropout is 0 here)
+    state["rng"] = _rng_entry(rng_state())
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -168,7 +183,7 @@ def load(folder: Path, chunks: list, optimizer) -> dict:
 
     state = _sharded_state(chunks, optimizer, is_loading=True)
     state["progress"] = None
-    state["rng"] = None
+    state["rng"] = _rng_entry(None)
     loaded = dist_checkpointing.load(state, str(folder))
     from phi4core.checkpoint_io import _unwrap
 

@@ -116,29 +116,12 @@ class TextSamples:
         return {k: item[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-class ChatSamples:
-    """Packed chat sequences; cycles through epochs, each in its own seeded order."""
+class _Epochs:
+    """A dataset cycled through epochs, each in its own seeded order (index -> sample)."""
 
-    def __init__(self, spec: StageSpec, tokenizer) -> None:
-        from phi4core.data.chat import ChatDataset
-
-        def files():
-            out = []
-            for i, s in enumerate(spec.data.sources):
-                n = s.samples or SYNTHETIC_SAMPLES["chat"]
-                out.append(_synthetic_file(spec, i, "chat", n) if s.kind == "synthetic" else Path(s.path))
-            return out
-
-        paths = _rank0_first(files)
-        if len({s.weight for s in spec.data.sources}) > 1:
-            log.warning("chat sources are concatenated: their weights are not applied")
-        self.dataset = ChatDataset(paths, tokenizer, spec.train.seq_length, pack=True,
-                                   seed=spec.train.seed, on_bad_record=spec.data.on_bad_record)
-        self.seed = spec.train.seed
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
         self._order: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         n = len(self.dataset)
@@ -148,10 +131,51 @@ class ChatSamples:
         return self.dataset[int(self._order[1][j])]
 
 
+class ChatSamples:
+    """Packed chat sequences, sources sampled in proportion to their weights.
+
+    Which source serves global sample i comes from megatron's blending helper (the same
+    error-minimising interleave as the text blend), so it depends on i alone and a resumed
+    run continues exactly where it stopped."""
+
+    def __init__(self, spec: StageSpec, tokenizer, num_samples: int) -> None:
+        from phi4core.data.chat import ChatDataset
+        from phi4core.data.megatron_helpers import ensure_dataset_helpers
+
+        def files():
+            out = []
+            for i, s in enumerate(spec.data.sources):
+                n = s.samples or SYNTHETIC_SAMPLES["chat"]
+                out.append(_synthetic_file(spec, i, "chat", n) if s.kind == "synthetic" else Path(s.path))
+            return out
+
+        paths = _rank0_first(files)
+        seed = spec.train.seed
+        self.sources = [
+            _Epochs(ChatDataset(path, tokenizer, spec.train.seq_length, pack=True, seed=seed + k,
+                                on_bad_record=spec.data.on_bad_record), seed + 1000 * k)
+            for k, path in enumerate(paths)]
+        self.size = max(1, num_samples)
+        weights = np.array([s.weight for s in spec.data.sources], dtype=np.float64)
+        self.source_of = np.zeros(self.size, dtype=np.int16)
+        self.index_in = np.zeros(self.size, dtype=np.int64)
+        ensure_dataset_helpers()
+        from megatron.core.datasets import helpers
+
+        helpers.build_blending_indices(self.source_of, self.index_in, weights / weights.sum(),
+                                       len(self.sources), self.size, False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> dict:
+        return self.sources[int(self.source_of[i])][int(self.index_in[i])]
+
+
 def build_samples(spec: StageSpec, tokenizer, num_samples: int):
     if data_kind(spec) == "text":
         return TextSamples(spec, tokenizer, num_samples)
-    return ChatSamples(spec, tokenizer)
+    return ChatSamples(spec, tokenizer, num_samples)
 
 
 def micro_batches(samples, step: int, global_batch: int, micro: int, dp_rank: int, dp: int,

@@ -76,13 +76,20 @@ def _peak_mem_mb() -> float:
 
 
 def weights_sha256(chunks: list) -> str:
-    """Hash of this rank's parameters in name order (bit-identity checks)."""
+    """Hash of every rank's parameters (bit-identity checks); collective under torchrun."""
+    import torch.distributed as dist
+
     h = hashlib.sha256()
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    local = h.hexdigest()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, local)
+    return hashlib.sha256("".join(per_rank).encode()).hexdigest()
 
 
 class Trainer:
@@ -172,7 +179,7 @@ class Trainer:
         from phi4core.train import data as tdata
         from phi4core.train.optim import clip_and_step, set_lr
 
-        spec, t = self.spec, self.spec.train
+        t = self.spec.train
         batches = tdata.micro_batches(self.samples, step, t.global_batch_size, t.micro_batch_size,
                                       self.dp_rank, self.dp, block_mask=not self.on_gpu)
         lr = lr_at(step, t)
@@ -282,13 +289,14 @@ class Trainer:
         out = Path(spec.output_dir) / "model"
         save_checkpoint(self.raw_chunks, out, spec.model,
                         extra={"stage": spec.name, "fingerprint": spec.fingerprint})
+        weights = weights_sha256(self.raw_chunks)
         if self.rank == 0:
             (out / "frozen_checksums.json").write_text(json.dumps(checksums, indent=1))
             summary = {
                 "stage": spec.name, "fingerprint": spec.fingerprint, "steps": t.total_steps,
                 "resumed_from_step": start, "tokens": t.total_steps * t.tokens_per_step,
                 "first_loss": first_loss, "last_loss": last_loss, "peak_lr": t.peak_lr,
-                "inputs": self.loaded_inputs, "weights_sha256": weights_sha256(self.raw_chunks),
+                "inputs": self.loaded_inputs, "weights_sha256": weights,
             }
             (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -10,7 +10,6 @@ which torch_dist checkpoints cannot save.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
