@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# The test suite also exercises the optional NeMo-Run executor (about 250 MB with ray), so
+# `make test` adds that extra; `make demo` does not need it.
+NEMO_STAMP := $(VENV)/.installed-nemo-run
+
+$(NEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,nemo-run]'
+	@touch $(NEMO_STAMP)
+
 DEMO_STORE ?= phi4_runs
 PHI4 := $(VENV)/bin/phi4
 
@@ -29,7 +37,7 @@ demo: $(STAMP)
 	$(PHI4) plan pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
 	$(PHI4) graph pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
 
-test: $(STAMP)
+test: $(NEMO_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
