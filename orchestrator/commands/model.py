@@ -34,6 +34,9 @@ def model_info_cmd(preset: str, fmt: str) -> None:
         for name, count in (info.get(section) or {}).items():
             if count:
                 click.echo(f"  {section[:-1]:>5} {name:<18} {count:>15,}")
+    if info.get("not_built"):
+        click.echo(f"  not counted: {', '.join(info['not_built'])} (no modules for these "
+                   "groups yet: the multimodal towers and LoRAs are not built by phi4core)")
 
 
 @cli.group()
