@@ -188,6 +188,23 @@ CASES = [
          {"p.yaml": "name: p\nstages:\n  - stage_a.yaml\n  - stage_a.yaml  # <-\n",
           "stage_a.yaml": recipe()},
          "two stages are named 'stage_a'", target="p.yaml"),
+    Case("unterminated_interpolation",
+         {"stage_a.yaml": recipe(tokenizer='tokenizer: "${oc.env:HOME"  # <-')},
+         "malformed interpolation"),
+    Case("profile_stage_overlay_not_mapping",
+         {"stage_a.yaml": recipe(), "prof.yaml": "stages:\n  stage_a: [1]  # <-\n"},
+         "expected a mapping", args=["--profile", "prof.yaml"], where="prof.yaml:2"),
+    Case("profile_unknown_stage",
+         {"stage_a.yaml": recipe(), "prof.yaml": "stages:\n  stage_aa: {train: {steps: 3}}  # <-\n"},
+         "did you mean 'stage_a'?", args=["--profile", "prof.yaml"], where="prof.yaml:2"),
+    Case("set_through_a_list", {"stage_a.yaml": recipe()}, "is not an index of the list",
+         args=["--set", "data.sources.7.weight=2"], where="--set data.sources.7.weight=2"),
+    Case("set_into_a_scalar", {"stage_a.yaml": recipe()}, "is not a mapping",
+         args=["--set", "train.steps.x=2"], where="--set train.steps.x=2"),
+    Case("pipeline_entry_typo",
+         {"p.yaml": "name: p\nstages:\n  - {recipe: stage_a.yaml, overides: {}}  # <-\n",
+          "stage_a.yaml": recipe()},
+         "stages[0].overides: unknown key; did you mean 'overrides'?", target="p.yaml"),
     Case("pipeline_missing_recipe",
          {"p.yaml": "name: p\nstages:\n  - stage_z.yaml  # <-\n"}, "recipe file not found",
          target="p.yaml"),
@@ -234,3 +251,10 @@ def test_errors_through_the_real_command(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"{bad}:" in proc.stderr and "parallel.tp" in proc.stderr
+
+
+def test_one_line_per_bad_pipeline_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "p.yaml").write_text("name: p\nstages:\n  - {recipe: a.yaml, overides: {}}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["validate", "p.yaml"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

@@ -116,3 +116,23 @@ def test_extends_chain_and_interpolation(tmp_path: Path, monkeypatch: pytest.Mon
     assert recipe.train.seq_length == 128 and recipe.train.steps == 10
     assert recipe.tokenizer == "/tok/128"
     assert recipe.data.sources[0].path == "/data/a.jsonl"
+
+
+def test_null_removes_keys_wherever_it_is_written(tmp_path: Path) -> None:
+    """`null` removes a key from a profile overlay even where the base has no such mapping,
+    and `--set KEY=null` removes it too."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"extends: {REPO / 'recipes/profiles/tiny.yaml'}\n"
+                       "inputs: {backbone: null}\n")
+    pre = load_recipe(REPO / "recipes/text_pretrain.yaml", str(profile)).recipe
+    assert pre.inputs == {}
+    post = load_recipe(REPO / "recipes/text_post_train.yaml", "tiny",
+                       ["inputs.backbone=null", "trainable=[backbone]"]).recipe
+    assert "backbone" not in post.inputs
+
+
+def test_set_indexes_lists() -> None:
+    loaded = load_recipe(REPO / "recipes/text_pretrain.yaml", None,
+                         ["data.sources.1.weight=0.5"])
+    assert loaded.recipe.data.sources[1].weight == 0.5
+    assert loaded.recipe.data.sources[0].weight == 0.55

@@ -29,12 +29,20 @@ def _strings(value: Any, loc: Loc = ()):
 
 def resolve(doc: dict, positions: Positions, default: Origin) -> dict:
     """`doc` with every interpolation resolved; all problems reported together."""
+    from omegaconf import grammar_parser
+
     problems: list[Problem] = []
     has_interpolation = False
     for loc, text in _strings(doc):
         if "${" not in text:
             continue
         has_interpolation = True
+        try:
+            grammar_parser.parse(text)
+        except Exception as exc:  # GrammarParseError: say where, not a traceback
+            problems.append(Problem(origin_of(positions, loc, default), loc,
+                                    f"malformed interpolation: {str(exc).splitlines()[0]}", text))
+            continue
         for name in _RESOLVER_CALL.findall(text):
             if name not in ALLOWED_RESOLVERS:
                 problems.append(Problem(

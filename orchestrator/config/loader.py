@@ -17,7 +17,7 @@ import yaml
 from .checks import check_recipe
 from .errors import ConfigError, Loc, Origin, Positions, Problem, did_you_mean, origin_of
 from .interpolate import resolve
-from .merge import merge, set_path
+from .merge import drop_nulls, merge, set_path
 from .schema import Pipeline, Recipe, StageEntry
 from .validate import validate
 from .yamlio import read_yaml
@@ -126,9 +126,9 @@ def apply_overrides(doc: dict, positions: Positions, overrides: list[Override]) 
             del positions[key]
         try:
             set_path(doc, ov.loc, ov.value)
-        except TypeError:
+        except KeyError as err:
             raise ConfigError.single(Origin("<command line>", override=f"--set {ov.text}"), ov.loc,
-                                     "cannot set inside a list this way") from None
+                                     f"cannot set this path: {err.args[0]}") from None
         positions[ov.loc] = Origin("<command line>", override=f"--set {ov.text}")
 
 
@@ -152,6 +152,21 @@ class Profile:
     common: dict
     common_pos: Positions
     per_stage: dict[str, tuple[dict, Positions]]
+    stage_origins: dict[str, Origin]
+
+    def unknown_stages(self, stage_names: set[str]) -> list[Problem]:
+        """Per-stage overlays naming no stage: neither one being loaded nor a recipe beside the
+        profiles folder that wrote it (a profile may cover more stages than one pipeline has)."""
+        problems = []
+        for name in self.per_stage:
+            origin = self.stage_origins[name]
+            recipes = Path(origin.file).resolve().parent.parent
+            known = stage_names | {p.stem for p in recipes.glob("*.yaml")}
+            if name not in known:
+                problems.append(Problem(origin, ("stages", name),
+                                        f"no stage named {name!r}: this overlay would never apply",
+                                        hint=did_you_mean(name, known)))
+        return problems
 
     def overlay_for(self, stage: str, kind: str) -> list[tuple[dict, Positions]]:
         common = self.common
@@ -170,10 +185,17 @@ def load_profile(name: str, near: Path) -> Profile:
     if not isinstance(stages, dict):
         raise ConfigError.single(origin_of(positions, ("stages",), Origin(str(path))), ("stages",),
                                  "expected a mapping of stage name to overlay", stages)
-    per_stage = {stage: (overlay or {}, _sub_positions(positions, ("stages", stage)))
-                 for stage, overlay in stages.items()}
+    per_stage = {}
+    for stage, overlay in stages.items():
+        if overlay is not None and not isinstance(overlay, dict):
+            raise ConfigError.single(origin_of(positions, ("stages", stage), Origin(str(path))),
+                                     ("stages", stage), "expected a mapping (an overlay of that "
+                                     "stage's recipe)", overlay)
+        per_stage[stage] = (overlay or {}, _sub_positions(positions, ("stages", stage)))
+    origins = {stage: origin_of(positions, ("stages", stage), Origin(str(path)))
+               for stage in per_stage}
     positions = {k: v for k, v in positions.items() if k[:1] != ("stages",)}
-    return Profile(path, doc, positions, per_stage)
+    return Profile(path, doc, positions, per_stage, origins)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +205,7 @@ def load_profile(name: str, near: Path) -> Profile:
 
 def _finish_recipe(path: Path, doc: dict, positions: Positions) -> LoadedRecipe:
     default = Origin(str(path))
-    doc = resolve(doc, positions, default)
+    doc = resolve(drop_nulls(doc), positions, default)
     recipe = validate(Recipe, doc, positions, default)
     problems = check_recipe(recipe, positions, default)
     if problems:
@@ -211,7 +233,7 @@ def load_recipe(path: str | Path, profile: str | None = None,
     path = Path(path)
     prof = load_profile(profile, path) if profile else None
     loaded = build_recipe(path, profile=prof, overrides=parse_overrides(list(overrides)))
-    problems = []
+    problems = prof.unknown_stages({loaded.recipe.name}) if prof else []
     for name, inp in loaded.recipe.inputs.items():
         if inp.stage is None:
             continue
@@ -250,15 +272,12 @@ def load_pipeline(path: str | Path, profile: str | None = None,
     pipeline = validate(Pipeline, doc, positions, default)
     prof = load_profile(profile, path) if profile else None
 
-    entries: list[tuple[int, StageEntry]] = [
-        (i, StageEntry(recipe=e) if isinstance(e, str) else e)
-        for i, e in enumerate(pipeline.stages)
-    ]
+    entries = list(enumerate(pipeline.stages))
     # Stage names are needed to route `stage.key=value`; read them cheaply first.
     problems: list[Problem] = []
     recipe_paths: list[tuple[int, Path, StageEntry]] = []
     for i, entry in entries:
-        loc: Loc = ("stages", i) if isinstance(pipeline.stages[i], str) else ("stages", i, "recipe")
+        loc: Loc = ("stages", i, "recipe")
         recipe_path = path.parent / entry.recipe
         if not recipe_path.is_file():
             problems.append(Problem(origin_of(positions, loc, default), loc,
@@ -294,6 +313,8 @@ def load_pipeline(path: str | Path, profile: str | None = None,
                                     f"two stages are named {name!r}"))
             continue
         stages[name] = loaded
+    if prof is not None:
+        problems += prof.unknown_stages(set(stages))
     if problems:
         raise ConfigError(problems)
     problems += check_pipeline_inputs(stages)

@@ -61,13 +61,47 @@ def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions
         _copy_positions(positions, over_pos, loc)
 
 
+def drop_nulls(value: Any) -> Any:
+    """The finished document with its remaining `null` keys removed: a null that found nothing
+    to remove (the base had no such key) still means "no such key", never a None value.
+    Layers keep their nulls until then, so a profile extending a profile still removes."""
+    if isinstance(value, dict):
+        return {k: drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [drop_nulls(v) for v in value]
+    return value
+
+
 def set_path(doc: dict, loc: Loc, value: Any) -> None:
-    """Set doc[a][b]... = value, creating mappings on the way (for --set)."""
-    node = doc
-    for key in loc[:-1]:
-        nxt = node.get(key)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[key] = nxt
-        node = nxt
-    node[loc[-1]] = value
+    """doc[a][b]... = value for --set, creating mappings on the way; integer parts index lists.
+    `None` removes the key, as `null` does in an overlay. Raises KeyError naming the part of
+    the path that cannot be followed."""
+    node: Any = doc
+    for depth, key in enumerate(loc[:-1]):
+        if isinstance(node, list):
+            if not isinstance(key, int) or not -len(node) <= key < len(node):
+                raise KeyError(f"{key!r} is not an index of the list at {_path(loc[:depth])}")
+            node = node[key]
+            continue
+        if not isinstance(node, dict):
+            raise KeyError(f"{_path(loc[:depth])} is not a mapping")
+        if node.get(key) is None:
+            node[key] = {}
+        elif not isinstance(node[key], (dict, list)):
+            raise KeyError(f"{_path(loc[:depth + 1])} is not a mapping")
+        node = node[key]
+    last = loc[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or not -len(node) <= last < len(node):
+            raise KeyError(f"{last!r} is not an index of the list at {_path(loc[:-1])}")
+        node[last] = value
+    elif not isinstance(node, dict):
+        raise KeyError(f"{_path(loc[:-1])} is not a mapping")
+    elif value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+def _path(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc) or "the top level"

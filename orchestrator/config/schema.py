@@ -154,7 +154,15 @@ class Pipeline(Strict):
     name: str
     description: str = ""
     overrides: dict = Field(default_factory=dict, description="merged over every stage")
-    stages: list[str | StageEntry] = Field(min_length=1)
+    stages: list[StageEntry] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _paths_are_entries(cls, value: object) -> object:
+        """`- path.yaml` is short for `- {recipe: path.yaml}` (one error per bad entry)."""
+        if isinstance(value, list):
+            return [{"recipe": v} if isinstance(v, str) else v for v in value]
+        return value
 
     @field_validator("name")
     @classmethod
