@@ -27,10 +27,18 @@ def last_record(path: Path) -> dict | None:
     return None
 
 
+def steps_done(record: dict | None) -> int | None:
+    """Optimizer steps completed: the trainer logs the 0-based index of the step it finished."""
+    if not record or not isinstance(record.get("step"), int):
+        return None
+    return record["step"] + 1
+
+
 def progress_text(record: dict | None, total_steps: int | None = None) -> str:
     """`step 20/40 loss 3.12` from a metrics record ("" when there is none)."""
-    if not record or "step" not in record:
+    done = steps_done(record)
+    if done is None:
         return ""
-    step = f"step {record['step']}" + (f"/{total_steps}" if total_steps else "")
+    step = f"step {done}" + (f"/{total_steps}" if total_steps else "")
     loss = record.get("loss")
     return step + (f"  loss {loss:.4g}" if isinstance(loss, (int, float)) else "")

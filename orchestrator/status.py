@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .metrics import last_record
+from .metrics import last_record, steps_done
 from .store import Attempt, Store
 
 
@@ -52,7 +52,7 @@ def row_for(attempt: Attempt) -> StatusRow | None:
         stage=attempt.name, fingerprint=attempt.fingerprint, state=state,
         attempt=int(status.get("attempt") or 0), started=started, ended=ended,
         duration=(end - started) if started and end else None,
-        exit_code=status.get("exit_code"), step=record.get("step"),
+        exit_code=status.get("exit_code"), step=steps_done(record),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
         note=note, path=str(attempt.dir), executor=status.get("executor"),
         job=None if status.get("job_id") is None else str(status.get("job_id")))

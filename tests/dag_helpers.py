@@ -35,7 +35,7 @@ resumed = os.path.exists(os.path.join(stage_dir, "checkpoints", "ckpt"))
 open(os.path.join(stage_dir, "checkpoints", "ckpt"), "w").close()
 open(os.path.join(stage_dir, "started"), "w").close()
 with open(os.path.join(stage_dir, "metrics.jsonl"), "a") as f:  # as the trainer does
-    f.write('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 1.25}\n')
+    f.write('{"step": 0, "loss": 2.5}\n{"step": 1, "loss": 1.25}\n')
 while os.path.exists(os.path.join(control, "hold_" + name)):
     time.sleep(0.05)
 time.sleep(float(os.environ.get("SLEEP", "0")))
