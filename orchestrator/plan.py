@@ -16,7 +16,7 @@ from .config import ConfigError, LoadedRecipe, Problem
 from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
 from .graph import Graph
 from .launch import ResolvedInput, command, environment
-from .store import Attempt, Store
+from .store import Attempt, Store, starts_over
 
 RUN, UP_TO_DATE, BLOCKED, SKIP = "run", "up to date", "blocked", "not selected"
 
@@ -203,8 +203,13 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
                    "if its inputs come out identical)"]
     if not reasons:
         sp.verdict, sp.reasons = UP_TO_DATE, []
-    else:
-        sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
+        return
+    if starts_over(sp.attempt.status() or {}):
+        reasons.append(START_OVER)
+    sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
+
+
+START_OVER = "will start over (not from the finished attempt's checkpoints/)"
 
 
 def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
@@ -245,7 +250,8 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
         return [f"cancelled (attempt {n}); {resume}"]
     if state == "failed":
         why = status.get("error") or f"exit code {status.get('exit_code')}"
-        return [f"last attempt failed ({why})"]
+        return [f"last attempt failed ({why})"
+                + ("; will resume from checkpoints/" if _has_files(attempt.checkpoints) else "")]
     if state == "blocked":
         return [f"was blocked: {status.get('error') or 'upstream failed'}"]
     return [problem]

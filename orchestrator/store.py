@@ -8,7 +8,8 @@
 
 An attempt writes into `staging/`; on success the manifest is written, then `staging/` is
 renamed to `artifacts/`. So `artifacts/` plus `manifest.json` means "complete", and anything
-else is an unfinished attempt. `checkpoints/` survives reruns: the trainer resumes from it.
+else is an unfinished attempt. `checkpoints/` survives the reruns of an unfinished attempt
+(the trainer resumes from it); the rerun of a finished one starts over.
 """
 
 from __future__ import annotations
@@ -156,25 +157,37 @@ class Attempt:
         return None if files is None else mf.digest(files)
 
     def begin(self, fields: dict, **status: Any) -> dict:
-        """Start an attempt: forget any earlier output (never the checkpoints) and record it."""
+        """Start an attempt: forget any earlier staging output and record it. The checkpoints
+        of an unfinished attempt (interrupted, preempted, cancelled, failed) are kept so that
+        the stage resumes; after a finished one (the rerun is forced, or an input was
+        republished) they are discarded, so that the stage starts over."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        previous = self.status() or {}
         # Manifest first: without it a leftover `artifacts/` is never trusted.
         self.manifest_file.unlink(missing_ok=True)
-        for stale in (self.artifacts, self.staging):
-            if stale.exists():
-                trash = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
-                os.rename(stale, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+        stale = [self.artifacts, self.staging]
+        if starts_over(previous):
+            stale.append(self.checkpoints)
+            if self.metrics.exists():  # kept as history; the new attempt logs from step 0
+                os.replace(self.metrics,
+                           self.dir / f"metrics.attempt{int(previous.get('attempt', 0))}.jsonl")
+        for folder in stale:
+            if folder.exists():
+                self._discard(folder)
         for folder in (self.staging, self.logs, self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
         write_json(self.fields_file, fields)
-        previous = self.status() or {}
         record = self.update_status(
             state="running", attempt=int(previous.get("attempt", 0)) + 1, started=time.time(),
             ended=None, exit_code=None, error=None, blocked_by=None, pid=os.getpid(),
-            host=socket.gethostname(), **status)
+            host=socket.gethostname(), start_over=False, **status)
         self.store.set_latest(self.name, self.fingerprint)
         return record
+
+    def _discard(self, folder: Path) -> None:
+        trash = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def publish(self, outputs: list[str]) -> str | None:
         """Manifest, then rename staging -> artifacts. Returns a problem instead of publishing
@@ -187,6 +200,13 @@ class Attempt:
         write_json(self.manifest_file, {"artifacts": built, "created": time.time()})
         os.rename(self.staging, self.artifacts)
         return None
+
+
+def starts_over(previous: dict) -> bool:
+    """Whether the next attempt after one with this status must not resume from its
+    checkpoints: the attempt finished (its checkpoints hold the final step, trained on the
+    inputs of then), or a submission recorded that it did (`start_over`)."""
+    return previous.get("state") == "succeeded" or bool(previous.get("start_over"))
 
 
 class Store:

@@ -85,6 +85,11 @@ def test_publish_is_manifest_then_rename_and_begin_keeps_checkpoints(tmp_path: P
     assert attempt.status()["attempt"] == 2
     assert not attempt.artifacts.exists() and not attempt.manifest_file.exists()
     assert (attempt.checkpoints / "step_10").read_text() == "ckpt"
+    # After a finished attempt, a rerun (forced, or an input republished) starts over.
+    attempt.update_status(state="succeeded")
+    attempt.begin({"x": 1}, executor="test")
+    assert attempt.checkpoints.is_dir() and not any(attempt.checkpoints.iterdir())
+    assert attempt.status()["start_over"] is False
 
 
 def test_lock_is_exclusive_and_released_by_close(tmp_path: Path) -> None:
