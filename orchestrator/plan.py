@@ -213,16 +213,11 @@ START_OVER = "will start over (not from the finished attempt's checkpoints/)"
 
 
 def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
-    consumed = ((sp.attempt.status() or {}).get("inputs") or {})
-    out = []
-    for name, inp in sp.inputs.items():
-        if inp.source != "stage":
-            continue
-        now = plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
-        then = (consumed.get(name) or {}).get("digest")
-        if now is not None and then is not None and now != then:
-            out.append(f"input {name} was republished with different files since this ran")
-    return out
+    """The same test as a Slurm job's `stage-hook begin` (executors/hooks.py)."""
+    now = {name: plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
+           for name, inp in sp.inputs.items() if inp.source == "stage"}
+    return [f"input {name} was republished with different files since this ran"
+            for name in sp.attempt.changed_inputs(now)]
 
 
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:

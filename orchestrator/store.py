@@ -156,6 +156,20 @@ class Attempt:
         files = (self.manifest() or {}).get("artifacts", {}).get(artifact)
         return None if files is None else mf.digest(files)
 
+    def published_inputs(self) -> dict[str, str | None]:
+        """The digest of each input the published artifact was made from (recorded in its
+        manifest; the last attempt's record for a manifest older than that)."""
+        recorded = (self.manifest() or {}).get("inputs")
+        if recorded is not None:
+            return recorded
+        return {n: r.get("digest") for n, r in ((self.status() or {}).get("inputs") or {}).items()}
+
+    def changed_inputs(self, now: dict[str, str | None]) -> list[str]:
+        """The inputs whose digest now differs from the one the published artifact read."""
+        then = self.published_inputs()
+        return [n for n, digest in now.items()
+                if digest is not None and then.get(n) is not None and digest != then[n]]
+
     def begin(self, fields: dict, **status: Any) -> dict:
         """Start an attempt: forget any earlier staging output and record it. The checkpoints
         of an unfinished attempt (interrupted, preempted, cancelled, failed) are kept so that
@@ -197,7 +211,11 @@ class Attempt:
             return (f"the stage exited 0 but did not write "
                     f"{', '.join(f'$PHI4_OUTPUT_DIR/{o}/' for o in missing)}")
         built = {o: mf.build(self.staging / o, self.store.hashes) for o in outputs}
-        write_json(self.manifest_file, {"artifacts": built, "created": time.time()})
+        # What the artifact was made from: a rerun whose inputs still have these digests
+        # (and is not forced) has nothing to do.
+        read = {n: r.get("digest") for n, r in ((self.status() or {}).get("inputs") or {}).items()}
+        write_json(self.manifest_file, {"artifacts": built, "created": time.time(),
+                                        "inputs": read})
         os.rename(self.staging, self.artifacts)
         return None
 

@@ -52,6 +52,7 @@ def run_on_nemo(planned, prefix: str, title: str, cluster_file: str | None,
         write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
         write_json(attempt.fields_file, sp.fields)
         attempt.update_status(start_over=starts_over(attempt.status() or {}),
+                              force=planned.selection.forces(name) and sp.selected,
                               state="pending", executor="nemo_run", job_id=None,
                               submitted=time.time(), started=None, ended=None, exit_code=None,
                               error=None, blocked_by=None, command=sp.command,

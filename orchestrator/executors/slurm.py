@@ -236,6 +236,8 @@ class SlurmExecutor:
         attempt.update_status(
             # the job's `stage-hook begin` discards the checkpoints of a finished attempt
             start_over=starts_over(attempt.status() or {}),
+            # ... and runs a published stage again only when forced or an input changed
+            force=self.plan.selection.forces(name) and sp.selected,
             state="pending", executor="slurm", cluster=self.cluster.name, job_id=None,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=str(path), dependency=dependency,
