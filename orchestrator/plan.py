@@ -194,15 +194,28 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
     problem = sp.attempt.artifact_problem(sp.loaded.recipe.outputs)
     if upstream_pending:
         sp.published = problem is None
+    notes: list[str] = []
     if problem is None:
-        reasons += _republished_inputs(plan, sp)
+        # A rerun leaves the published artifact in place until it succeeds itself.
+        status = sp.attempt.status() or {}
+        state = sp.attempt.state(status)
+        if state == "running" or (state == "pending" and status.get("executor") == "slurm"):
+            reasons += _why_not_done(plan, sp, "")  # a rerun in flight: wait for it
+        else:
+            reasons += _republished_inputs(plan, sp)
+            if state in ("failed", "cancelled", "preempted", "interrupted", "blocked"):
+                why = status.get("error") or (f"exit code {status['exit_code']}"
+                                              if status.get("exit_code") is not None else "")
+                notes = [f"attempt {status.get('attempt', 0)} {state}"
+                         + (f" ({why})" if why else "")
+                         + "; the artifact published before it still verifies and is used"]
     else:
         reasons += _why_not_done(plan, sp, problem)
     if not reasons and upstream_runs:
         reasons = [f"upstream {', '.join(upstream_runs)} will run (this stage is skipped then "
                    "if its inputs come out identical)"]
     if not reasons:
-        sp.verdict, sp.reasons = UP_TO_DATE, []
+        sp.verdict, sp.reasons = UP_TO_DATE, notes
         return
     if starts_over(sp.attempt.status() or {}):
         reasons.append(START_OVER)

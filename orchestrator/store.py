@@ -6,9 +6,9 @@
     <store>/stages/<name>/latest      fingerprint of the stage's most recent attempt
     <store>/cache/sha256/             content hashes by (inode, size, mtime, ctime)
 
-An attempt writes into `staging/`; on success the manifest is written, then `staging/` is
-renamed to `artifacts/`. So `artifacts/` plus `manifest.json` means "complete", and anything
-else is an unfinished attempt. `checkpoints/` survives the reruns of an unfinished attempt
+An attempt writes into `staging/`; on success `staging/` replaces `artifacts/` by rename and
+then the manifest is put in place. So `artifacts/` plus `manifest.json` means "complete"; a
+rerun leaves the previous artifact in place until its own replaces it. `checkpoints/` survives the reruns of an unfinished attempt
 (the trainer resumes from it); the rerun of a finished one starts over.
 """
 
@@ -177,9 +177,9 @@ class Attempt:
         republished) they are discarded, so that the stage starts over."""
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self.status() or {}
-        # Manifest first: without it a leftover `artifacts/` is never trusted.
-        self.manifest_file.unlink(missing_ok=True)
-        stale = [self.artifacts, self.staging]
+        # A published artifact stays until the new one replaces it (publish): a failed rerun
+        # leaves it usable, and a consumer reading it meanwhile keeps its files.
+        stale = [self.staging]
         if starts_over(previous):
             stale.append(self.checkpoints)
             if self.metrics.exists():  # kept as history; the new attempt logs from step 0
@@ -204,8 +204,10 @@ class Attempt:
         shutil.rmtree(trash, ignore_errors=True)
 
     def publish(self, outputs: list[str]) -> str | None:
-        """Manifest, then rename staging -> artifacts. Returns a problem instead of publishing
-        when a declared output was not written."""
+        """Manifest aside; then, with no manifest in place, swap staging -> artifacts by
+        rename; then the manifest; then drop the previous artifact. At no moment does a
+        manifest sit beside files it does not describe. Returns a problem instead of
+        publishing when a declared output was not written."""
         missing = [o for o in outputs if not (self.staging / o).is_dir()]
         if missing:
             return (f"the stage exited 0 but did not write "
@@ -214,9 +216,17 @@ class Attempt:
         # What the artifact was made from: a rerun whose inputs still have these digests
         # (and is not forced) has nothing to do.
         read = {n: r.get("digest") for n, r in ((self.status() or {}).get("inputs") or {}).items()}
-        write_json(self.manifest_file, {"artifacts": built, "created": time.time(),
-                                        "inputs": read})
+        aside = self.dir / f".manifest.next.{os.getpid()}.json"
+        write_json(aside, {"artifacts": built, "created": time.time(), "inputs": read})
+        self.manifest_file.unlink(missing_ok=True)
+        old = None
+        if self.artifacts.exists():
+            old = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
+            os.rename(self.artifacts, old)
         os.rename(self.staging, self.artifacts)
+        os.replace(aside, self.manifest_file)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return None
 
 
@@ -267,9 +277,10 @@ class Store:
         single-recipe run consumes."""
         ranked = []
         for attempt in self.attempts(name):
-            status = attempt.status() or {}
-            if status.get("state") == "succeeded":
-                ranked.append((status.get("ended") or 0, attempt))
+            # Published is what counts: the artifact of a later failed rerun stays valid.
+            created = (attempt.manifest() or {}).get("created")
+            if created is not None:
+                ranked.append((created, attempt))
         for _, attempt in sorted(ranked, key=lambda r: r[0], reverse=True):
             if attempt.artifact_problem([artifact]) is None:
                 return attempt

@@ -66,7 +66,7 @@ def test_manifest_check_names_the_first_difference(tmp_path: Path) -> None:
     assert mf.check(root, built, cache) == "extra not in the manifest"
 
 
-def test_publish_is_manifest_then_rename_and_begin_keeps_checkpoints(tmp_path: Path) -> None:
+def test_publish_swaps_artifacts_and_begin_keeps_checkpoints(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     attempt = store.attempt("s", "f" * 16)
     attempt.begin({"x": 1}, executor="test")
@@ -80,11 +80,18 @@ def test_publish_is_manifest_then_rename_and_begin_keeps_checkpoints(tmp_path: P
     assert attempt.publish(["model"]) is None
     assert not attempt.staging.exists() and attempt.artifact_problem(["model"]) is None
     assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 1
-    # A new attempt forgets the published output, never the checkpoints.
+    # A new attempt keeps the published output until it publishes its own, and keeps the
+    # checkpoints of an attempt that did not finish.
     attempt.begin({"x": 1}, executor="test")
     assert attempt.status()["attempt"] == 2
-    assert not attempt.artifacts.exists() and not attempt.manifest_file.exists()
+    assert attempt.artifact_problem(["model"]) is None
     assert (attempt.checkpoints / "step_10").read_text() == "ckpt"
+    (attempt.staging / "model").mkdir()
+    (attempt.staging / "model" / "w.bin").write_bytes(b"w2")
+    assert attempt.publish(["model"]) is None
+    assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 2
+    assert (attempt.artifacts / "model" / "w.bin").read_bytes() == b"w2"
+    assert not any(p.name.startswith((".trash", ".manifest")) for p in attempt.dir.iterdir())
     # After a finished attempt, a rerun (forced, or an input republished) starts over.
     attempt.update_status(state="succeeded")
     attempt.begin({"x": 1}, executor="test")
