@@ -139,6 +139,22 @@ def test_data_patterns_expand_like_shards_globs_and_prefixes(tmp_path: Path) -> 
         f"{tmp_path}/{{00..02}}.tar", cache)
 
 
+def test_glob_over_folders_keeps_same_named_files_apart(tmp_path: Path) -> None:
+    for shard in ("a", "b"):
+        (tmp_path / shard).mkdir()
+        (tmp_path / shard / "s.txt").write_text("one")
+    cache = mf.HashCache(None)
+    pattern = f"{tmp_path}/*/s.txt"
+    before = content_digest(pattern, cache)
+    (tmp_path / "a" / "s.txt").write_text("two")  # same size, other bytes
+    assert content_digest(pattern, cache) != before
+    # Shards in one folder are keyed by their bare names, as before.
+    for name in ("00.tar", "01.tar"):
+        (tmp_path / name).write_text(name)
+    assert content_digest(f"{tmp_path}/*.tar", cache) == mf.digest(
+        {n: mf.build(tmp_path / n, cache)[n] for n in ("00.tar", "01.tar")})
+
+
 def test_fields_and_their_changes() -> None:
     old = flatten({"train": {"steps": 40, "lr": 1e-3}, "data": {"sources": [{"kind": "x"}]},
                    "env": {}, "inputs": {"b": {"stage": "b", "fingerprint": "1234567890"}}})
