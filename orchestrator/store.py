@@ -238,9 +238,11 @@ def starts_over(previous: dict) -> bool:
 
 
 class Store:
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, read_only: bool = False):
+        """`read_only`: for looking only (plan, graph, dry runs): the hash cache is read,
+        never written, so the store is not created or changed."""
         self.root = resolve_root(root)
-        self.hashes = mf.HashCache(self.root / "cache" / "sha256")
+        self.hashes = mf.HashCache(self.root / "cache" / "sha256", read_only=read_only)
 
     def attempt(self, name: str, fingerprint: str) -> Attempt:
         return Attempt(self, name, fingerprint)
