@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -71,11 +72,16 @@ def content_digest(pattern: str, hashes: mf.HashCache) -> str | None:
         return None
     if len(files) == 1 and files[0].is_file():  # one file: its name is not its content
         return mf.digest({"": mf.build(files[0], hashes)[files[0].name]})
+    if len(files) == 1:  # one folder: paths inside it
+        return mf.digest(mf.build(files[0], hashes))
+    # Several: each by its path relative to their common parent, so that `d/*/s.txt` keeps
+    # `a/s.txt` and `b/s.txt` apart (shards in one folder keep their bare names).
+    base = os.path.commonpath([os.path.abspath(f.parent) for f in files])
     manifest: mf.Manifest = {}
     for root in files:
-        prefix = f"{root.name}/" if len(files) > 1 and root.is_dir() else ""
+        where = Path(os.path.relpath(os.path.abspath(root), base)).as_posix()
         for rel, entry in mf.build(root, hashes).items():
-            manifest[prefix + rel] = entry
+            manifest[f"{where}/{rel}" if root.is_dir() else where] = entry
     return mf.digest(manifest)
 
 

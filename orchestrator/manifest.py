@@ -24,8 +24,9 @@ class HashCache:
     """sha256 per file in `<folder>/<key[:2]>/<key>`: one small file per entry, written by
     rename, so concurrent runs and network filesystems need no shared database."""
 
-    def __init__(self, folder: Path | None):
+    def __init__(self, folder: Path | None, read_only: bool = False):
         self.folder = folder
+        self.read_only = read_only  # read entries, never write any (`phi4 plan`)
 
     def sha256(self, path: Path, st: os.stat_result | None = None) -> str:
         st = st or path.stat()
@@ -40,7 +41,7 @@ class HashCache:
                 pass
         digest = _hash_file(path)
         newest = max(st.st_mtime_ns, st.st_ctime_ns) / 1e9
-        if entry is not None and time.time() - newest > RACY_SECONDS:
+        if entry is not None and not self.read_only and time.time() - newest > RACY_SECONDS:
             entry.parent.mkdir(parents=True, exist_ok=True)
             tmp = entry.with_name(f".{key}.{os.getpid()}")
             tmp.write_text(digest)

@@ -16,7 +16,7 @@ from .config import ConfigError, LoadedRecipe, Problem
 from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
 from .graph import Graph
 from .launch import ResolvedInput, command, environment
-from .store import Attempt, Store
+from .store import Attempt, Store, starts_over
 
 RUN, UP_TO_DATE, BLOCKED, SKIP = "run", "up to date", "blocked", "not selected"
 
@@ -194,30 +194,43 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
     problem = sp.attempt.artifact_problem(sp.loaded.recipe.outputs)
     if upstream_pending:
         sp.published = problem is None
+    notes: list[str] = []
     if problem is None:
-        reasons += _republished_inputs(plan, sp)
+        # A rerun leaves the published artifact in place until it succeeds itself.
+        status = sp.attempt.status() or {}
+        state = sp.attempt.state(status)
+        if state == "running" or (state == "pending" and status.get("executor") == "slurm"):
+            reasons += _why_not_done(plan, sp, "")  # a rerun in flight: wait for it
+        else:
+            reasons += _republished_inputs(plan, sp)
+            if state in ("failed", "cancelled", "preempted", "interrupted", "blocked"):
+                why = status.get("error") or (f"exit code {status['exit_code']}"
+                                              if status.get("exit_code") is not None else "")
+                notes = [f"attempt {status.get('attempt', 0)} {state}"
+                         + (f" ({why})" if why else "")
+                         + "; the artifact published before it still verifies and is used"]
     else:
         reasons += _why_not_done(plan, sp, problem)
     if not reasons and upstream_runs:
         reasons = [f"upstream {', '.join(upstream_runs)} will run (this stage is skipped then "
                    "if its inputs come out identical)"]
     if not reasons:
-        sp.verdict, sp.reasons = UP_TO_DATE, []
-    else:
-        sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
+        sp.verdict, sp.reasons = UP_TO_DATE, notes
+        return
+    if starts_over(sp.attempt.status() or {}):
+        reasons.append(START_OVER)
+    sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
+
+
+START_OVER = "will start over (not from the finished attempt's checkpoints/)"
 
 
 def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
-    consumed = ((sp.attempt.status() or {}).get("inputs") or {})
-    out = []
-    for name, inp in sp.inputs.items():
-        if inp.source != "stage":
-            continue
-        now = plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
-        then = (consumed.get(name) or {}).get("digest")
-        if now is not None and then is not None and now != then:
-            out.append(f"input {name} was republished with different files since this ran")
-    return out
+    """The same test as a Slurm job's `stage-hook begin` (executors/hooks.py)."""
+    now = {name: plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
+           for name, inp in sp.inputs.items() if inp.source == "stage"}
+    return [f"input {name} was republished with different files since this ran"
+            for name in sp.attempt.changed_inputs(now)]
 
 
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
@@ -245,7 +258,8 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
         return [f"cancelled (attempt {n}); {resume}"]
     if state == "failed":
         why = status.get("error") or f"exit code {status.get('exit_code')}"
-        return [f"last attempt failed ({why})"]
+        return [f"last attempt failed ({why})"
+                + ("; will resume from checkpoints/" if _has_files(attempt.checkpoints) else "")]
     if state == "blocked":
         return [f"was blocked: {status.get('error') or 'upstream failed'}"]
     return [problem]

@@ -6,9 +6,10 @@
     <store>/stages/<name>/latest      fingerprint of the stage's most recent attempt
     <store>/cache/sha256/             content hashes by (inode, size, mtime, ctime)
 
-An attempt writes into `staging/`; on success the manifest is written, then `staging/` is
-renamed to `artifacts/`. So `artifacts/` plus `manifest.json` means "complete", and anything
-else is an unfinished attempt. `checkpoints/` survives reruns: the trainer resumes from it.
+An attempt writes into `staging/`; on success `staging/` replaces `artifacts/` by rename and
+then the manifest is put in place. So `artifacts/` plus `manifest.json` means "complete"; a
+rerun leaves the previous artifact in place until its own replaces it. `checkpoints/` survives the reruns of an unfinished attempt
+(the trainer resumes from it); the rerun of a finished one starts over.
 """
 
 from __future__ import annotations
@@ -155,44 +156,93 @@ class Attempt:
         files = (self.manifest() or {}).get("artifacts", {}).get(artifact)
         return None if files is None else mf.digest(files)
 
+    def published_inputs(self) -> dict[str, str | None]:
+        """The digest of each input the published artifact was made from (recorded in its
+        manifest; the last attempt's record for a manifest older than that)."""
+        recorded = (self.manifest() or {}).get("inputs")
+        if recorded is not None:
+            return recorded
+        return {n: r.get("digest") for n, r in ((self.status() or {}).get("inputs") or {}).items()}
+
+    def changed_inputs(self, now: dict[str, str | None]) -> list[str]:
+        """The inputs whose digest now differs from the one the published artifact read."""
+        then = self.published_inputs()
+        return [n for n, digest in now.items()
+                if digest is not None and then.get(n) is not None and digest != then[n]]
+
     def begin(self, fields: dict, **status: Any) -> dict:
-        """Start an attempt: forget any earlier output (never the checkpoints) and record it."""
+        """Start an attempt: forget any earlier staging output and record it. The checkpoints
+        of an unfinished attempt (interrupted, preempted, cancelled, failed) are kept so that
+        the stage resumes; after a finished one (the rerun is forced, or an input was
+        republished) they are discarded, so that the stage starts over."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        # Manifest first: without it a leftover `artifacts/` is never trusted.
-        self.manifest_file.unlink(missing_ok=True)
-        for stale in (self.artifacts, self.staging):
-            if stale.exists():
-                trash = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
-                os.rename(stale, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+        previous = self.status() or {}
+        # A published artifact stays until the new one replaces it (publish): a failed rerun
+        # leaves it usable, and a consumer reading it meanwhile keeps its files.
+        stale = [self.staging]
+        if starts_over(previous):
+            stale.append(self.checkpoints)
+            if self.metrics.exists():  # kept as history; the new attempt logs from step 0
+                os.replace(self.metrics,
+                           self.dir / f"metrics.attempt{int(previous.get('attempt', 0))}.jsonl")
+        for folder in stale:
+            if folder.exists():
+                self._discard(folder)
         for folder in (self.staging, self.logs, self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
         write_json(self.fields_file, fields)
-        previous = self.status() or {}
         record = self.update_status(
             state="running", attempt=int(previous.get("attempt", 0)) + 1, started=time.time(),
             ended=None, exit_code=None, error=None, blocked_by=None, pid=os.getpid(),
-            host=socket.gethostname(), **status)
+            host=socket.gethostname(), start_over=False, **status)
         self.store.set_latest(self.name, self.fingerprint)
         return record
 
+    def _discard(self, folder: Path) -> None:
+        trash = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
     def publish(self, outputs: list[str]) -> str | None:
-        """Manifest, then rename staging -> artifacts. Returns a problem instead of publishing
-        when a declared output was not written."""
+        """Manifest aside; then, with no manifest in place, swap staging -> artifacts by
+        rename; then the manifest; then drop the previous artifact. At no moment does a
+        manifest sit beside files it does not describe. Returns a problem instead of
+        publishing when a declared output was not written."""
         missing = [o for o in outputs if not (self.staging / o).is_dir()]
         if missing:
             return (f"the stage exited 0 but did not write "
                     f"{', '.join(f'$PHI4_OUTPUT_DIR/{o}/' for o in missing)}")
         built = {o: mf.build(self.staging / o, self.store.hashes) for o in outputs}
-        write_json(self.manifest_file, {"artifacts": built, "created": time.time()})
+        # What the artifact was made from: a rerun whose inputs still have these digests
+        # (and is not forced) has nothing to do.
+        read = {n: r.get("digest") for n, r in ((self.status() or {}).get("inputs") or {}).items()}
+        aside = self.dir / f".manifest.next.{os.getpid()}.json"
+        write_json(aside, {"artifacts": built, "created": time.time(), "inputs": read})
+        self.manifest_file.unlink(missing_ok=True)
+        old = None
+        if self.artifacts.exists():
+            old = self.dir / f".trash.{os.getpid()}.{time.monotonic_ns()}"
+            os.rename(self.artifacts, old)
         os.rename(self.staging, self.artifacts)
+        os.replace(aside, self.manifest_file)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return None
 
 
+def starts_over(previous: dict) -> bool:
+    """Whether the next attempt after one with this status must not resume from its
+    checkpoints: the attempt finished (its checkpoints hold the final step, trained on the
+    inputs of then), or a submission recorded that it did (`start_over`)."""
+    return previous.get("state") == "succeeded" or bool(previous.get("start_over"))
+
+
 class Store:
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, read_only: bool = False):
+        """`read_only`: for looking only (plan, graph, dry runs): the hash cache is read,
+        never written, so the store is not created or changed."""
         self.root = resolve_root(root)
-        self.hashes = mf.HashCache(self.root / "cache" / "sha256")
+        self.hashes = mf.HashCache(self.root / "cache" / "sha256", read_only=read_only)
 
     def attempt(self, name: str, fingerprint: str) -> Attempt:
         return Attempt(self, name, fingerprint)
@@ -229,9 +279,10 @@ class Store:
         single-recipe run consumes."""
         ranked = []
         for attempt in self.attempts(name):
-            status = attempt.status() or {}
-            if status.get("state") == "succeeded":
-                ranked.append((status.get("ended") or 0, attempt))
+            # Published is what counts: the artifact of a later failed rerun stays valid.
+            created = (attempt.manifest() or {}).get("created")
+            if created is not None:
+                ranked.append((created, attempt))
         for _, attempt in sorted(ranked, key=lambda r: r[0], reverse=True):
             if attempt.artifact_problem([artifact]) is None:
                 return attempt

@@ -2,7 +2,8 @@
 
 Every stage runs `stage.py`, which appends its name to counter.txt (how often each stage
 really ran) and writes its one output from its inputs' contents. Files in the root steer it
-without touching fingerprints: `hold_<name>` keeps it waiting, `fail_<name>` makes it exit 3;
+without touching fingerprints: `hold_<name>` keeps it waiting, `fail_<name>` makes it exit 3,
+`extra_<name>`'s text goes into its output;
 on SIGTERM it exits 75 like the trainer; it leaves `resumed_<name>` when it found its own
 checkpoint from an earlier attempt.
 """
@@ -42,7 +43,9 @@ time.sleep(float(os.environ.get("SLEEP", "0")))
 if os.path.exists(os.path.join(control, "fail_" + name)):
     sys.exit(3)
 inputs = sorted((k, v) for k, v in os.environ.items() if k.startswith("PHI4_INPUT_"))
-text = name + ":" + os.environ.get("SALT", "") + "".join(
+extra = os.path.join(control, "extra_" + name)
+text = name + ":" + os.environ.get("SALT", "") + (open(extra).read() if os.path.exists(extra)
+                                                  else "") + "".join(
     "[" + open(os.path.join(v, "data.txt")).read() + "]" for _, v in inputs)
 out = os.path.join(os.environ["PHI4_OUTPUT_DIR"], "out")
 os.makedirs(out, exist_ok=True)

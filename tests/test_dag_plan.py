@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dag_helpers import REPO, make_pipeline, phi4, plan_json
@@ -134,3 +135,21 @@ def test_train_stage_spec_is_the_trainer_contract(tmp_path: Path) -> None:
     env = environment(sp.loaded, sp.attempt, sp.inputs)
     assert env["PHI4_INPUT_SPEECH"] == resolved.inputs["speech"].path
     assert env["PHI4_SPEC"] == str(sp.attempt.spec)
+
+
+def test_plan_writes_nothing_into_the_store(tmp_path: Path) -> None:
+    """The hash cache is read by plan, never written (run writes it)."""
+    pipeline = make_pipeline(tmp_path, {"a": []})
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "data.txt").write_text("x")
+    recipe = tmp_path / "recipes" / "a.yaml"
+    recipe.write_text(recipe.read_text() + f"inputs:\n  d: {{path: {data}}}\n")
+    time.sleep(2.2)  # older than manifest.RACY_SECONDS: its hash would be cached
+    store = tmp_path / "store"
+    phi4("plan", str(pipeline), store=store, check=0)
+    phi4("graph", str(pipeline), store=store, check=0)
+    phi4("run", str(pipeline), "--dry-run", store=store, check=0)
+    assert not store.exists()
+    phi4("run", str(pipeline), store=store, check=0)
+    assert any((store / "cache" / "sha256").rglob("*"))

@@ -78,7 +78,9 @@ def test_corrupt_artifact_is_detected_and_rerun(diamond) -> None:
     target.write_text(target.read_text().upper())  # same size, different bytes
     plan = plan_json(pipeline, store)
     assert plan["b"]["verdict"] == "run"
-    assert plan["b"]["reasons"] == ["artifact corrupt: out/data.txt sha256 mismatch"]
+    assert plan["b"]["reasons"] == ["artifact corrupt: out/data.txt sha256 mismatch",
+                                    "will start over (not from the finished attempt's "
+                                    "checkpoints/)"]
     assert plan["d"]["verdict"] == "run" and "upstream b will run" in plan["d"]["reasons"][0]
     out = phi4("run", str(pipeline), store=store, check=0)
     # b comes out identical, so d (which read the same files) stays up to date.
@@ -91,7 +93,9 @@ def test_missing_artifact_reruns(diamond) -> None:
     pipeline, store = diamond
     phi4("run", str(pipeline), store=store, check=0)
     next((store / "stages" / "a").glob("*/artifacts/out/data.txt")).unlink()
-    assert plan_json(pipeline, store)["a"]["reasons"] == ["artifact corrupt: out/data.txt missing"]
+    assert plan_json(pipeline, store)["a"]["reasons"] == [
+        "artifact corrupt: out/data.txt missing",
+        "will start over (not from the finished attempt's checkpoints/)"]
 
 
 def test_failure_blocks_descendants_and_status_names_it(diamond) -> None:
@@ -109,7 +113,7 @@ def test_failure_blocks_descendants_and_status_names_it(diamond) -> None:
     assert any(line.startswith("d ") and "blocked" in line and "upstream b failed" in line
                for line in text.splitlines())
     plan = plan_json(pipeline, store)
-    assert plan["b"]["reasons"] == ["last attempt failed (exit code 3)"]
+    assert plan["b"]["reasons"] == ["last attempt failed (exit code 3); will resume from checkpoints/"]
     assert plan["d"]["reasons"] == ["was blocked: upstream b failed"]
 
 

@@ -66,7 +66,7 @@ def test_manifest_check_names_the_first_difference(tmp_path: Path) -> None:
     assert mf.check(root, built, cache) == "extra not in the manifest"
 
 
-def test_publish_is_manifest_then_rename_and_begin_keeps_checkpoints(tmp_path: Path) -> None:
+def test_publish_swaps_artifacts_and_begin_keeps_checkpoints(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
     attempt = store.attempt("s", "f" * 16)
     attempt.begin({"x": 1}, executor="test")
@@ -80,11 +80,23 @@ def test_publish_is_manifest_then_rename_and_begin_keeps_checkpoints(tmp_path: P
     assert attempt.publish(["model"]) is None
     assert not attempt.staging.exists() and attempt.artifact_problem(["model"]) is None
     assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 1
-    # A new attempt forgets the published output, never the checkpoints.
+    # A new attempt keeps the published output until it publishes its own, and keeps the
+    # checkpoints of an attempt that did not finish.
     attempt.begin({"x": 1}, executor="test")
     assert attempt.status()["attempt"] == 2
-    assert not attempt.artifacts.exists() and not attempt.manifest_file.exists()
+    assert attempt.artifact_problem(["model"]) is None
     assert (attempt.checkpoints / "step_10").read_text() == "ckpt"
+    (attempt.staging / "model").mkdir()
+    (attempt.staging / "model" / "w.bin").write_bytes(b"w2")
+    assert attempt.publish(["model"]) is None
+    assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 2
+    assert (attempt.artifacts / "model" / "w.bin").read_bytes() == b"w2"
+    assert not any(p.name.startswith((".trash", ".manifest")) for p in attempt.dir.iterdir())
+    # After a finished attempt, a rerun (forced, or an input republished) starts over.
+    attempt.update_status(state="succeeded")
+    attempt.begin({"x": 1}, executor="test")
+    assert attempt.checkpoints.is_dir() and not any(attempt.checkpoints.iterdir())
+    assert attempt.status()["start_over"] is False
 
 
 def test_lock_is_exclusive_and_released_by_close(tmp_path: Path) -> None:
@@ -125,6 +137,22 @@ def test_data_patterns_expand_like_shards_globs_and_prefixes(tmp_path: Path) -> 
     cache = mf.HashCache(None)
     assert content_digest(f"{tmp_path}/{{00..01}}.tar", cache) != content_digest(
         f"{tmp_path}/{{00..02}}.tar", cache)
+
+
+def test_glob_over_folders_keeps_same_named_files_apart(tmp_path: Path) -> None:
+    for shard in ("a", "b"):
+        (tmp_path / shard).mkdir()
+        (tmp_path / shard / "s.txt").write_text("one")
+    cache = mf.HashCache(None)
+    pattern = f"{tmp_path}/*/s.txt"
+    before = content_digest(pattern, cache)
+    (tmp_path / "a" / "s.txt").write_text("two")  # same size, other bytes
+    assert content_digest(pattern, cache) != before
+    # Shards in one folder are keyed by their bare names, as before.
+    for name in ("00.tar", "01.tar"):
+        (tmp_path / name).write_text(name)
+    assert content_digest(f"{tmp_path}/*.tar", cache) == mf.digest(
+        {n: mf.build(tmp_path / n, cache)[n] for n in ("00.tar", "01.tar")})
 
 
 def test_fields_and_their_changes() -> None:

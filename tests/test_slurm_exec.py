@@ -239,3 +239,24 @@ def test_hostile_values_are_quoted_or_refused(slurm, tmp_path: Path) -> None:
     out = phi4("run", str(recipe), "--store", str(quoted_store), *SLURM, check=2)
     assert "cannot be used with Slurm" in out.stderr
     assert not marker.exists()
+
+
+def test_forced_and_republished_reruns_really_run(slurm, tmp_path: Path) -> None:
+    """The job's begin hook skipped any stage whose artifact verified, so `--force` and a
+    rerun for an input republished with other files ended at once, and the next plan said
+    `run` again."""
+    pipeline = make_pipeline(tmp_path, {"a": [], "b": ["a"]})
+    store = tmp_path / "store"
+    slurm.append(tmp_path)
+    _run(pipeline, store, "--wait", "--poll", "0.2")
+    _run(pipeline, store, "--force", "b", "--wait", "--poll", "0.2")
+    assert counts(tmp_path) == {"a": 1, "b": 2}
+    assert not (tmp_path / "resumed_b").exists()  # started over
+    (tmp_path / "extra_a").write_text("v2")  # a's files change, its fingerprint does not
+    _run(pipeline, store, "--force", "a", "--wait", "--poll", "0.2")
+    assert counts(tmp_path) == {"a": 2, "b": 3}
+    data = next((store / "stages" / "b").glob("*/artifacts/out/data.txt")).read_text()
+    assert data == "b:[a:v2]"
+    plan = json.loads(phi4("plan", str(pipeline), "--store", str(store), "--format", "json",
+                           check=0).stdout)
+    assert {s["verdict"] for s in plan["stages"]} == {"up to date"}

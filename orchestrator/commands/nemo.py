@@ -23,7 +23,7 @@ def run_on_nemo(planned, prefix: str, title: str, cluster_file: str | None,
     from ..executors.local import exit_status
     from ..executors.nemo_run import INSTALL_HINT, available, tasks_document
     from .. import launch
-    from ..store import write_json
+    from ..store import starts_over, write_json
 
     if not available():
         click.echo(INSTALL_HINT, err=True)
@@ -51,7 +51,9 @@ def run_on_nemo(planned, prefix: str, title: str, cluster_file: str | None,
             folder.mkdir(parents=True, exist_ok=True)
         write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
         write_json(attempt.fields_file, sp.fields)
-        attempt.update_status(state="pending", executor="nemo_run", job_id=None,
+        attempt.update_status(start_over=starts_over(attempt.status() or {}),
+                              force=planned.selection.forces(name) and sp.selected,
+                              state="pending", executor="nemo_run", job_id=None,
                               submitted=time.time(), started=None, ended=None, exit_code=None,
                               error=None, blocked_by=None, command=sp.command,
                               reasons=sp.reasons, inputs=consumed(planned.store, sp.inputs))

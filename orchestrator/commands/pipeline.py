@@ -41,7 +41,7 @@ def selection_options(fn: Callable) -> Callable:
 
 def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
                with_deps: bool = False, only: tuple[str, ...] = (), from_: str | None = None,
-               until: str | None = None, force: str | None = None):
+               until: str | None = None, force: str | None = None, read_only: bool = False):
     from ..graph import build_graph, with_upstream
     from ..plan import Selection, make_plan
     from ..store import Store
@@ -62,7 +62,7 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
     rerun_args = [*(["--profile", profile] if profile else []),
                   *(["--store", store_dir] if store_dir else [])]
     prefix = loaded.pipeline.name if isinstance(loaded, LoadedPipeline) else "phi4"
-    return make_plan(graph, Store(store_dir), selection, rerun_args), title, prefix
+    return make_plan(graph, Store(store_dir, read_only), selection, rerun_args), title, prefix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +121,8 @@ def plan_text(plan, title: str) -> str:
 def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
          fmt: str, **selection: Any) -> None:
     """What `phi4 run` would do and why; runs nothing."""
-    planned, title, _ = _load_plan(path, profile, overrides, store_dir, **selection)
+    planned, title, _ = _load_plan(path, profile, overrides, store_dir, read_only=True,
+                                   **selection)
     if fmt == "json":
         click.echo(json.dumps(plan_json(planned, path), indent=1))
     else:
@@ -170,7 +171,8 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
         from ..store import Store
 
         reconcile_store(Store(store_dir))  # jobs that ended unrecorded: the plan must know
-    planned, title, prefix = _load_plan(path, profile, overrides, store_dir, **selection)
+    planned, title, prefix = _load_plan(path, profile, overrides, store_dir,
+                                        read_only=dry_run, **selection)
     if executor == "slurm":
         from .slurm import run_on_slurm
 
@@ -253,7 +255,8 @@ def graph(path: str, profile: str | None, overrides: tuple[str, ...], store_dir:
     """The lineage: stages coloured by status, trained/frozen groups, artifacts on edges."""
     from ..render import render
 
-    planned, title, _ = _load_plan(path, profile, overrides, store_dir, with_deps=True)
+    planned, title, _ = _load_plan(path, profile, overrides, store_dir, with_deps=True,
+                                   read_only=True)
     drawing = render(planned, fmt, title)
     if output is None:
         click.echo(drawing, nl=False)

@@ -32,13 +32,18 @@ def _outputs(attempt: Attempt) -> list[str]:
 def begin(stage_dir: str | Path) -> int:
     attempt = attempt_at(stage_dir)
     name, job = attempt.name, os.environ.get("SLURM_JOB_ID")
-    if attempt.artifact_problem(_outputs(attempt)) is None:
-        if (attempt.status() or {}).get("state") != "succeeded":
+    status = attempt.status() or {}
+    inputs = fill_digests(attempt.store, status.get("inputs") or {})
+    # Skip only what the submission would have found up to date: not forced, published, and
+    # made from the input files there are now (plan._republished_inputs asks the same).
+    if not status.get("force") and attempt.artifact_problem(_outputs(attempt)) is None \
+            and not attempt.changed_inputs({n: r.get("digest") for n, r in inputs.items()
+                                            if r.get("source") == "stage"}):
+        if status.get("state") != "succeeded":
             attempt.update_status(state="succeeded", ended=time.time(), error=None)
         print(f"=== phi4: {name} is already published (another run finished it); "
               f"job {job} ends here", flush=True)
         return SKIP
-    status = attempt.status() or {}
     missing = _missing_input(attempt, status.get("inputs") or {})
     if missing is not None:  # an upstream that ended without publishing (afterany, NeMo-Run)
         attempt.update_status(state="blocked", blocked_by=missing, ended=time.time(),
@@ -50,7 +55,7 @@ def begin(stage_dir: str | Path) -> int:
                            job_id=job,
                            restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
                            nodes=os.environ.get("SLURM_JOB_NODELIST"),
-                           inputs=fill_digests(attempt.store, status.get("inputs") or {}))
+                           inputs=inputs)
     command = record.get("command") or []
     print(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) as Slurm "
           f"job {job} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "

@@ -24,7 +24,7 @@ from .. import launch
 from ..config import ConfigError
 from ..config.cluster import Cluster, LoadedCluster, stage_problems, stage_time
 from ..plan import Plan, StagePlan
-from ..store import write_json
+from ..store import starts_over, write_json
 from . import slurm_cli
 from .attempts import Outcome, consumed
 from .sbatch import BatchScript, Raw, directive_value, render
@@ -234,6 +234,10 @@ class SlurmExecutor:
         write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
         write_json(attempt.fields_file, sp.fields)
         attempt.update_status(
+            # the job's `stage-hook begin` discards the checkpoints of a finished attempt
+            start_over=starts_over(attempt.status() or {}),
+            # ... and runs a published stage again only when forced or an input changed
+            force=self.plan.selection.forces(name) and sp.selected,
             state="pending", executor="slurm", cluster=self.cluster.name, job_id=None,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=str(path), dependency=dependency,
