@@ -8,7 +8,6 @@ and the pre-timeout signal reach a job). Skipped when Slurm is not installed or 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,29 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slurm_helpers import why_not_up
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
-START_HINT = "start it with `make slurm-up` or `scripts/slurm_local.sh up`"
-
-
-def _why_not_up() -> str | None:
-    if shutil.which("sbatch") is None:
-        return f"sbatch is not on PATH: Slurm is not installed; {START_HINT}"
-    try:
-        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`scontrol ping` failed ({e}); {START_HINT}"
-    if r.returncode != 0 or "is UP" not in r.stdout:
-        said = (r.stdout + r.stderr).strip().splitlines()
-        return f"the Slurm controller is not up ({said[0] if said else 'no answer'}); {START_HINT}"
-    return None
 
 
 @pytest.fixture(scope="module")
 def slurm():
     """Skips when the controller is down; cancels whatever the tests left queued."""
-    reason = _why_not_up()
+    reason = why_not_up()
     if reason:
         pytest.skip(reason)
     submitted: list[str] = []

@@ -21,7 +21,7 @@ from phi4core.config import Strict
 
 from .errors import Loc, Origin, Positions, Problem, origin_of
 from .loader import LoadedRecipe, read_with_extends
-from .schema import IDENTIFIER
+from .schema import IDENTIFIER, check_env_names
 from .validate import validate
 
 # Slurm names: partitions, accounts, QOS and reservations (comma-separated lists allowed).
@@ -116,10 +116,7 @@ class Cluster(Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not IDENTIFIER.match(key):
-                raise ValueError(f"environment variable name {key!r} is not valid")
-        return value
+        return check_env_names(value)
 
     def stage_python(self) -> str:
         if self.python:

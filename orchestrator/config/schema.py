@@ -43,6 +43,14 @@ def _identifier(value: str, what: str) -> str:
     return value
 
 
+def check_env_names(env: dict[str, str]) -> dict[str, str]:
+    """Environment variable names that a shell `export` accepts as they are."""
+    for key in env:
+        if not IDENTIFIER.match(key):
+            raise ValueError(f"environment variable name {key!r} is not valid")
+    return env
+
+
 class Input(Strict):
     """Where a stage's weights come from: an upstream stage, a checkpoint folder, or an HF folder."""
 
@@ -139,10 +147,7 @@ class Recipe(Strict):
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise ValueError(f"environment variable name {key!r} is not valid")
-        return value
+        return check_env_names(value)
 
 
 class StageEntry(Strict):
