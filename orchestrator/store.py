@@ -8,8 +8,9 @@
 
 An attempt writes into `staging/`; on success `staging/` replaces `artifacts/` by rename and
 then the manifest is put in place. So `artifacts/` plus `manifest.json` means "complete"; a
-rerun leaves the previous artifact in place until its own replaces it. `checkpoints/` survives the reruns of an unfinished attempt
-(the trainer resumes from it); the rerun of a finished one starts over.
+rerun leaves the previous artifact in place until its own replaces it. `checkpoints/` survives
+the reruns of an unfinished attempt (the trainer resumes from it); the rerun of a finished one
+starts over.
 """
 
 from __future__ import annotations
