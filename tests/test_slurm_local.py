@@ -7,7 +7,6 @@ and the pre-timeout signal reach a job). Skipped when Slurm is not installed or 
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_helpers import why_not_up
+from slurm_helpers import job_info, why_not_up
 
 pytestmark = pytest.mark.slurm
 
@@ -44,13 +43,6 @@ def sbatch(submitted: list[str], script: str, *args: str, cwd: Path) -> str:
     assert job_id.isdigit(), r.stdout
     submitted.append(job_id)
     return job_id
-
-
-def job_info(job_id: str) -> dict[str, str]:
-    r = subprocess.run(["scontrol", "-o", "show", "job", job_id],
-                       capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, f"scontrol show job {job_id}: {r.stderr}"
-    return dict(re.findall(r"(\S+?)=(\S*)", r.stdout))
 
 
 def wait_for(job_id: str, ok, what: str, timeout: float = 30.0) -> dict[str, str]:

@@ -462,20 +462,26 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike, model_cfg: Model
     if model_cfg is None:
         model_cfg = model_config_from_hf(read_hf_config(hf_dir))
     rank, size = _tp()
+    with torch.no_grad():
+        for name, p, kind, layer in _params_by_kind(chunks):
+            full = _full_from_hf(kind, layer, ck, model_cfg)
+            shard = _tp_slice(kind, full, rank, size)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise ConversionError(
+                    f"tensor for {name!r} has shard shape {tuple(shard.shape)} but the model "
+                    f"parameter is {tuple(p.shape)}"
+                )
+            p.copy_(shard.to(p.dtype))
+
+
+def _params_by_kind(chunks):
+    """(name, parameter, kind, global layer number or None) for every parameter of the chunks."""
     for chunk in chunks:
         m = _unwrap(chunk)
         layer_no = _layer_numbers(m)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                kind, local = _param_kind(name)
-                full = _full_from_hf(kind, layer_no[local] if local is not None else None, ck, model_cfg)
-                shard = _tp_slice(kind, full, rank, size)
-                if tuple(shard.shape) != tuple(p.shape):
-                    raise ConversionError(
-                        f"tensor for {name!r} has shard shape {tuple(shard.shape)} but the model "
-                        f"parameter is {tuple(p.shape)}"
-                    )
-                p.copy_(shard.to(p.dtype))
+        for name, p in m.named_parameters():
+            kind, local = _param_kind(name)
+            yield name, p, kind, (layer_no[local] if local is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,27 +513,22 @@ def hf_state_dict(model_or_chunks, model_cfg: ModelConfig, dtype: torch.dtype | 
     """This rank's layers as full (TP-gathered) HF tensors. Collective over the TP group."""
     chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
     out: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        m = _unwrap(chunk)
-        layer_no = _layer_numbers(m)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                kind, local = _param_kind(name)
-                full = _gather_tp(kind, p.detach())
-                if dtype is not None:
-                    full = full.to(dtype)
-                if kind == "embed":
-                    out["model.embed_tokens.weight"] = full
-                elif kind == "lm_head":
-                    if not model_cfg.tie_embeddings:
-                        out["lm_head.weight"] = full
-                elif kind == "final_norm":
-                    out["model.norm.weight"] = full
-                else:
-                    L = layer_no[local]
-                    if kind == "qkv":
-                        full = qkv_megatron_to_hf(full, model_cfg)
-                    out[f"{_hf_layer(L)}.{_HF_LAYER_NAMES[kind]}"] = full
+    with torch.no_grad():
+        for _, p, kind, layer in _params_by_kind(chunks):
+            full = _gather_tp(kind, p.detach())
+            if dtype is not None:
+                full = full.to(dtype)
+            if kind == "embed":
+                out["model.embed_tokens.weight"] = full
+            elif kind == "lm_head":
+                if not model_cfg.tie_embeddings:
+                    out["lm_head.weight"] = full
+            elif kind == "final_norm":
+                out["model.norm.weight"] = full
+            else:
+                if kind == "qkv":
+                    full = qkv_megatron_to_hf(full, model_cfg)
+                out[f"{_hf_layer(layer)}.{_HF_LAYER_NAMES[kind]}"] = full
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
