@@ -43,6 +43,9 @@ test: $(NEMO_STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 slurm-up:
 	bash scripts/slurm_local.sh up
 

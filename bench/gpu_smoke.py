@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from phi4core.parallel import init_single_process
 
     init_single_process()
-    mc = preset("phi4_mini").model_copy(update={"num_layers": args.layers, "name": f"phi4_mini_{args.layers}l"})
+    mc = preset("phi4_mini").model_copy(update={"num_layers": args.layers,
+                                                "name": f"phi4_mini_{args.layers}l"})
     result.update(
         status="ok",
         device=torch.cuda.get_device_name(),
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result["bf16"] = _run(mc, PrecisionSettings(params="bf16"), args)
     except Exception as exc:  # report, do not hide
-        result["bf16"] = {"status": "error", "error": repr(exc), "trace": traceback.format_exc()[-2000:]}
+        result["bf16"] = {"status": "error", "error": repr(exc),
+                          "trace": traceback.format_exc()[-2000:]}
     torch.cuda.empty_cache()
     fp8: dict = {}
     if not te_importable():
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                         fp8[recipe]["tokens_per_s"] / result["bf16"]["tokens_per_s"], 3
                     )
             except Exception as exc:
-                fp8[recipe] = {"status": "error", "error": repr(exc), "trace": traceback.format_exc()[-2000:]}
+                fp8[recipe] = {"status": "error", "error": repr(exc),
+                               "trace": traceback.format_exc()[-2000:]}
     result["fp8"] = fp8
     print(json.dumps(result))
     return 0

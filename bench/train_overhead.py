@@ -31,7 +31,8 @@ def entry_point_tokens_per_s(work: Path) -> float:
     with open(work / "bench.log", "w") as log:
         subprocess.run([sys.executable, "-m", "phi4core", "train", str(path)], cwd=REPO, env=env,
                        stdout=log, stderr=subprocess.STDOUT, check=True, timeout=600)
-    rows = [json.loads(x) for x in (Path(spec.stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x)
+            for x in (Path(spec.stage_dir) / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in rows[WARMUP:])
 
 

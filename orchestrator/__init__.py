@@ -1,0 +1,1 @@
+"""Orchestrator: recipes, pipelines, the artifact store and the executors; never imports torch."""

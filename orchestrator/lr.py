@@ -42,7 +42,8 @@ def read_sweep(path: Path) -> list[tuple[float, float]]:
     lr = next((header.index(c) for c in LR_COLUMNS if c in header), None)
     if tok is None or lr is None:
         raise ConfigError.single(Origin(file, 1), ("header",),
-                                 "needs a 'tokens' column and an 'lr' (or 'best_lr') column", header)
+                                 "needs a 'tokens' column and an 'lr' (or 'best_lr') column",
+                                 header)
     points = []
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):

@@ -88,7 +88,7 @@ class StageLock:
 class Attempt:
     """The folder of one stage fingerprint: all its attempts share it (and its checkpoints)."""
 
-    store: "Store"
+    store: Store
     name: str
     fingerprint: str
 

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("spec", help="path to the stage spec (JSON)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
     from phi4core.train.loop import load_spec

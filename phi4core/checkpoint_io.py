@@ -61,7 +61,9 @@ def _broadcast_str(s: str | None) -> str:
 
 
 def _chunks(model_or_chunks) -> list:
-    return list(model_or_chunks) if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    if isinstance(model_or_chunks, (list, tuple)):
+        return list(model_or_chunks)
+    return [model_or_chunks]
 
 
 def _unwrap(m):
@@ -104,10 +106,11 @@ def save_checkpoint(
     try:
         dist_checkpointing.save(sharded_model_state_dict(chunks), str(tmp))
         if _rank() == 0:
+            params_dtype = next(_unwrap(chunks[0]).parameters()).dtype
             meta = {
                 "format": FORMAT,
                 "model_config": model_cfg.model_dump(mode="json"),
-                "params_dtype": str(next(_unwrap(chunks[0]).parameters()).dtype).replace("torch.", ""),
+                "params_dtype": str(params_dtype).replace("torch.", ""),
                 "saved_layout": _layout(),
                 **(extra or {}),
             }
@@ -177,18 +180,24 @@ def hf_to_phi4(
 
     Runs in one process (creating a TP=PP=1 state when none exists) or collectively under
     torchrun with ``parallel``; each rank loads only its shard either way."""
-    from phi4core.interop.hf import HFCheckpoint, model_config_from_hf, read_hf_config
+    from phi4core.interop.hf import (
+        HFCheckpoint,
+        load_hf_weights,
+        model_config_from_hf,
+        read_hf_config,
+    )
     from phi4core.models.decoder import PrecisionSettings, build_model_chunks
     from phi4core.parallel import current_settings, init_parallel, init_single_process
-    from phi4core.interop.hf import load_hf_weights
 
     mc = model_config_from_hf(read_hf_config(hf_dir))
     par = init_parallel(parallel) if parallel is not None else init_single_process()
     par = current_settings() or par
-    chunks = build_model_chunks(mc, par, PrecisionSettings(params=params_dtype), perform_initialization=False)
+    chunks = build_model_chunks(mc, par, PrecisionSettings(params=params_dtype),
+                                perform_initialization=False)
     load_hf_weights(chunks, hf_dir, mc)
     hf_dtype = str(HFCheckpoint(hf_dir).dtype()).replace("torch.", "")
-    return save_checkpoint(chunks, out_dir, mc, extra={"source": {"hf_dir": str(hf_dir), "hf_dtype": hf_dtype}})
+    return save_checkpoint(chunks, out_dir, mc,
+                           extra={"source": {"hf_dir": str(hf_dir), "hf_dtype": hf_dtype}})
 
 
 def phi4_to_hf(
@@ -208,8 +217,10 @@ def phi4_to_hf(
     mc = ModelConfig.model_validate(meta["model_config"])
     par = init_parallel(parallel) if parallel is not None else init_single_process()
     par = current_settings() or par
-    params = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(meta.get("params_dtype"), "fp32")
-    chunks = build_model_chunks(mc, par, PrecisionSettings(params=params), perform_initialization=False)
+    params = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
+        meta.get("params_dtype"), "fp32")
+    chunks = build_model_chunks(mc, par, PrecisionSettings(params=params),
+                                perform_initialization=False)
     load_checkpoint(chunks, ckpt_dir)
     if dtype is None:
         dtype = (meta.get("source") or {}).get("hf_dtype") or meta.get("params_dtype") or "float32"

@@ -104,7 +104,7 @@ class ModelConfig(Strict):
     audio_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -284,7 +284,9 @@ class Train(Strict):
 
     @property
     def total_tokens(self) -> float:
-        return self.tokens if self.tokens is not None else float(self.total_steps * self.tokens_per_step)
+        if self.tokens is not None:
+            return self.tokens
+        return float(self.total_steps * self.tokens_per_step)
 
     @property
     def peak_lr(self) -> float:
@@ -326,7 +328,7 @@ class DataSource(Strict):
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
 
     @model_validator(mode="after")
-    def _source_named(self) -> "DataSource":
+    def _source_named(self) -> DataSource:
         if self.kind == "synthetic":
             if self.modality is None:
                 raise ValueError("a synthetic source needs `modality:`")

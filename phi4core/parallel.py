@@ -40,7 +40,7 @@ class ParallelSettings:
     sequence_parallel: bool = False
 
     @classmethod
-    def from_any(cls, obj: Any) -> "ParallelSettings":
+    def from_any(cls, obj: Any) -> ParallelSettings:
         """Accept a ParallelSettings, a mapping or any object with these attribute names
         (e.g. the recipe's Pydantic `parallel` block). Missing names take the defaults."""
         if obj is None or isinstance(obj, cls):
@@ -114,7 +114,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> t
 
 
 def seed_model_parallel(seed: int) -> None:
-    """megatron's model-parallel RNG seeding (CPU tracker without a GPU)."""
+    """Megatron's model-parallel RNG seeding (CPU tracker without a GPU)."""
     from megatron.core import tensor_parallel
 
     if gpu_available():

@@ -127,7 +127,8 @@ def main() -> None:
     par = init_parallel(ParallelSettings(tp=2), seed=1234)
     chunks = build_model_chunks(mc, par, perform_initialization=False)
     load_hf_weights(chunks, hf_dir, mc)
-    res["tp2_qkv_shard_shape"] = list(chunks[0].decoder.layers[0].self_attention.linear_qkv.weight.shape)
+    qkv = chunks[0].decoder.layers[0].self_attention.linear_qkv
+    res["tp2_qkv_shard_shape"] = list(qkv.weight.shape)
     res["loss_tp2"] = run_steps(chunks, mc, par)
     save_checkpoint(chunks, ckpt, mc)
     ref = hf_state_dict(chunks, mc)  # full tensors, on both TP ranks

@@ -41,7 +41,8 @@ def test_convert_round_trip_through_the_cli(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     tiny_phi3(seed=3).save_pretrained(tmp_path / "hf")
-    assert phi4("convert", "hf-to-phi4", str(tmp_path / "hf"), str(tmp_path / "ckpt")).returncode == 0
+    assert phi4("convert", "hf-to-phi4", str(tmp_path / "hf"),
+                str(tmp_path / "ckpt")).returncode == 0
     back = phi4("convert", "phi4-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2"))
     assert back.returncode == 0, back.stderr
     source = load_file(tmp_path / "hf" / "model.safetensors")

@@ -68,7 +68,8 @@ CASES = [
          "did you mean 'train'?"),
     Case("unknown_nested_key", {"stage_a.yaml": recipe(parallel="parallel: {tpp: 2}  # <-")},
          "parallel.tpp: unknown key; did you mean 'tp'?"),
-    Case("wrong_type", {"stage_a.yaml": recipe(train="train:\n  steps: many  # <-\n  seq_length: 64\n"
+    Case("wrong_type", {"stage_a.yaml": recipe(train="train:\n  steps: many  # <-\n"
+                                                     "  seq_length: 64\n"
                                                      "  global_batch_size: 4\n  lr: 1.0e-3\n")},
          "train.steps: Input should be a valid integer"),
     Case("missing_field", {"stage_a.yaml": recipe(train="train:  # <-\n  steps: 10\n"
@@ -156,7 +157,8 @@ CASES = [
          "must be an identifier"),
     Case("bad_time", {"stage_a.yaml": recipe(resources="resources:\n  time: 4h  # <-")},
          "time must look like HH:MM:SS"),
-    Case("python_tag", {"stage_a.yaml": recipe(tokenizer="tokenizer: !!python/object:os.system x  # <-")},
+    Case("python_tag",
+         {"stage_a.yaml": recipe(tokenizer="tokenizer: !!python/object:os.system x  # <-")},
          "is not allowed"),
     Case("alias_bomb", {"stage_a.yaml": "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
                                         "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
@@ -171,7 +173,8 @@ CASES = [
          where="stage_a.yaml:1"),
     Case("top_level_list", {"stage_a.yaml": "- name: a  # <-\n"}, "expected a mapping"),
     Case("missing_file", {}, "file not found", target="nope.yaml", where="nope.yaml"),
-    Case("bad_set_value", {"stage_a.yaml": recipe()}, "train.steps: Input should be a valid integer",
+    Case("bad_set_value", {"stage_a.yaml": recipe()},
+         "train.steps: Input should be a valid integer",
          args=["--set", "train.steps=lots"], where="--set train.steps=lots"),
     Case("bad_set_key", {"stage_a.yaml": recipe()}, "did you mean 'train'?",
          args=["--set", "trian.steps=3"], where="--set trian.steps=3"),
@@ -195,7 +198,8 @@ CASES = [
          {"stage_a.yaml": recipe(), "prof.yaml": "stages:\n  stage_a: [1]  # <-\n"},
          "expected a mapping", args=["--profile", "prof.yaml"], where="prof.yaml:2"),
     Case("profile_unknown_stage",
-         {"stage_a.yaml": recipe(), "prof.yaml": "stages:\n  stage_aa: {train: {steps: 3}}  # <-\n"},
+         {"stage_a.yaml": recipe(),
+          "prof.yaml": "stages:\n  stage_aa: {train: {steps: 3}}  # <-\n"},
          "did you mean 'stage_a'?", args=["--profile", "prof.yaml"], where="prof.yaml:2"),
     Case("set_through_a_list", {"stage_a.yaml": recipe()}, "is not an index of the list",
          args=["--set", "data.sources.7.weight=2"], where="--set data.sources.7.weight=2"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from dag_helpers import make_pipeline, phi4
+
 from orchestrator.config import ConfigError, load_pipeline, load_recipe
 from orchestrator.graph import build_graph, with_upstream
 

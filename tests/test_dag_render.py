@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from dag_helpers import REPO, make_pipeline, phi4
+
 from orchestrator.render import COLOURS
 
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from dag_helpers import counts, make_pipeline, phi4, plan_json, write_stage
 
 
@@ -113,7 +112,9 @@ def test_failure_blocks_descendants_and_status_names_it(diamond) -> None:
     assert any(line.startswith("d ") and "blocked" in line and "upstream b failed" in line
                for line in text.splitlines())
     plan = plan_json(pipeline, store)
-    assert plan["b"]["reasons"] == ["last attempt failed (exit code 3); will resume from checkpoints/"]
+    assert plan["b"]["reasons"] == [
+        "last attempt failed (exit code 3); will resume from checkpoints/"
+    ]
     assert plan["d"]["reasons"] == ["was blocked: upstream b failed"]
 
 

@@ -8,7 +8,11 @@ import torch
 
 from phi4core.data.chat import ChatDataset, render_chat_text, tokenize_chat
 from phi4core.data.packing import (
-    PackedCollator, block_causal_mask, build_packed_item, pack_lengths, packed_seq_params,
+    PackedCollator,
+    block_causal_mask,
+    build_packed_item,
+    pack_lengths,
+    packed_seq_params,
 )
 from phi4core.data.report import DataError
 from phi4core.data.synthetic import write_chat_corpus

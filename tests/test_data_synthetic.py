@@ -6,7 +6,11 @@ import pytest
 
 from phi4core.data.chat import render_chat
 from phi4core.data.synthetic import (
-    CHAT_GENERATORS, TEXT_GENERATORS, SampleContext, generate, write_chat_corpus,
+    CHAT_GENERATORS,
+    TEXT_GENERATORS,
+    SampleContext,
+    generate,
+    write_chat_corpus,
     write_text_corpus,
 )
 
@@ -31,9 +35,9 @@ def test_record_i_does_not_depend_on_corpus_size():
 def test_records_are_valid_for_the_readers(tmp_path):
     write_text_corpus(tmp_path / "t.jsonl", n=30)
     write_chat_corpus(tmp_path / "c.jsonl", n=30)
-    texts = [json.loads(l) for l in (tmp_path / "t.jsonl").read_text().splitlines()]
+    texts = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in texts)
-    chats = [json.loads(l) for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     for record in chats:
         assert any(s.trained for s in render_chat(record))
     assert any("tools" in r for r in chats)

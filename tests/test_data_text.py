@@ -25,7 +25,7 @@ def _indexed(prefix):
 
 
 def _write(path, lines):
-    path.write_bytes(b"".join(l if isinstance(l, bytes) else l.encode() + b"\n" for l in lines))
+    path.write_bytes(b"".join(ln if isinstance(ln, bytes) else ln.encode() + b"\n" for ln in lines))
     return path
 
 

@@ -8,7 +8,11 @@ import pytest
 from phi4core.config import preset
 from phi4core.data import tokenizer as tokmod
 from phi4core.data.tokenizer import (
-    DEMO_SPECIAL_TOKENS, ENDOFTEXT, PhiTokenizer, check_tokenizer_matches, get_demo_tokenizer,
+    DEMO_SPECIAL_TOKENS,
+    ENDOFTEXT,
+    PhiTokenizer,
+    check_tokenizer_matches,
+    get_demo_tokenizer,
 )
 
 

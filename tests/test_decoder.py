@@ -1,4 +1,4 @@
-"""Decoder, LongRoPE, FP8 guards, module groups, model_info (single process, one megatron import)."""
+"""Decoder, LongRoPE, FP8 guards, module groups, model_info (one process, one megatron import)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_model_info_multimodal_and_tiny(single):
     tiny = model_info("phi4_mini_tiny")
     mc = PRESETS["phi4_mini_tiny"]
     # Reckoned by hand: embedding + layers (qkv, o, gate_up, down, 2 norms) + final norm.
-    d, H, G, h, f = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups, mc.hidden_size, mc.ffn_hidden_size
+    d, H, G = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups
+    h, f = mc.hidden_size, mc.ffn_hidden_size
     layer = h * (H + 2 * G) * d + H * d * h + 2 * f * h + f * h + 2 * h
     assert tiny["total"] == mc.vocab_size * h + mc.num_layers * layer + h
     with pytest.raises(KeyError):
@@ -76,7 +77,11 @@ def test_longrope_module_choice_and_attention_factor(single):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from phi4core.models.decoder import transformer_config
-    from phi4core.models.rope import LongRopeRotaryEmbedding, concentration_factor, longrope_inv_freq
+    from phi4core.models.rope import (
+        LongRopeRotaryEmbedding,
+        concentration_factor,
+        longrope_inv_freq,
+    )
 
     mc = preset("phi4_mini")
     rs = mc.rope_scaling
@@ -224,8 +229,10 @@ def test_gpu_flavoured_config_validates(single, monkeypatch):
     decoder.te_importable.cache_clear()
     try:
         assert decoder.te_importable() is False  # TE is not installed here
-        cfg = decoder.transformer_config(preset("phi4_mini"), None, decoder.PrecisionSettings(params="bf16"))
-        assert cfg.bf16 and cfg.params_dtype == torch.bfloat16 and cfg.pipeline_dtype == torch.bfloat16
+        cfg = decoder.transformer_config(preset("phi4_mini"), None,
+                                         decoder.PrecisionSettings(params="bf16"))
+        assert cfg.bf16 and cfg.params_dtype == torch.bfloat16
+        assert cfg.pipeline_dtype == torch.bfloat16
         assert cfg.use_cpu_initialization is False and cfg.batch_p2p_comm is True
         assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion
     finally:

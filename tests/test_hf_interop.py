@@ -90,7 +90,8 @@ def test_4x_config_spelling_loads_the_same(hf_folder, tmp_path):
     cfg4.update(
         rope_theta=rp["rope_theta"],
         partial_rotary_factor=rp["partial_rotary_factor"],
-        rope_scaling={"type": "longrope", "short_factor": rp["short_factor"], "long_factor": rp["long_factor"]},
+        rope_scaling={"type": "longrope", "short_factor": rp["short_factor"],
+                      "long_factor": rp["long_factor"]},
     )
     d4 = tmp_path / "hf4"
     d4.mkdir()
@@ -112,12 +113,14 @@ def test_model_config_round_trip_phi4_mini():
     mc = preset("phi4_mini")
     hf = hf_config_from_model_config(mc, "bfloat16")
     assert set(hf["rope_scaling"]) == {"type", "short_factor", "long_factor"}  # what 4.x validates
-    assert hf["original_max_position_embeddings"] == 4096 and hf["max_position_embeddings"] == 131072
+    assert hf["original_max_position_embeddings"] == 4096
+    assert hf["max_position_embeddings"] == 131072
     assert hf["tie_word_embeddings"] is True and hf["partial_rotary_factor"] == 0.75
     back = model_config_from_hf(hf, name="phi4_mini")
     assert back == mc
     # 5.x spelling of the same
-    hf5 = {k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta", "partial_rotary_factor")}
+    hf5 = {k: v for k, v in hf.items()
+           if k not in ("rope_scaling", "rope_theta", "partial_rotary_factor")}
     hf5["rope_parameters"] = {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
         "original_max_position_embeddings": 4096,
@@ -276,7 +279,8 @@ def test_export_loads_in_transformers_4x(single, tmp_path, hf_folder):
         "x = torch.load(sys.argv[2] + '/x.pt'); ref = torch.load(sys.argv[2] + '/ref.pt'); "
         "print((m(x).logits - ref).abs().max().item())"
     )
-    r = subprocess.run([sys.executable, "-c", code, os.environ["PHI4_TRANSFORMERS4_PATH"], str(out)],
+    transformers4 = os.environ["PHI4_TRANSFORMERS4_PATH"]
+    r = subprocess.run([sys.executable, "-c", code, transformers4, str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.strip().splitlines()[-1]) < 1e-5

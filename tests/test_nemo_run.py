@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dag_helpers import counts, make_pipeline
 from slurm_helpers import LOCAL_CLUSTER, REPO, phi4, status
 

@@ -1,4 +1,4 @@
-"""The shipped recipes and pipelines: valid, frozen as the reference says, tiny under the profile."""
+"""Shipped recipes and pipelines: valid, frozen as the reference says, tiny under the profile."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def test_seed_numbers() -> None:
     assert stage["vision_joint_pretrain"].train.tokens == 5e11
     assert stage["vision_sft"].train.tokens == 3e11
     assert stage["vision_multiframe"].train.seq_length == 65536
-    assert (stage["speech_pretrain"].train.steps, stage["speech_pretrain"].train.lr) == (50000, 4e-5)
-    assert (stage["speech_post_train"].train.steps, stage["speech_post_train"].train.lr) == (50000, 1e-4)
+    speech_pt, speech_post = stage["speech_pretrain"].train, stage["speech_post_train"].train
+    assert (speech_pt.steps, speech_pt.lr) == (50000, 4e-5)
+    assert (speech_post.steps, speech_post.lr) == (50000, 1e-4)
     mm = model_of(stage["vision_sft"])
     assert (mm.lora_vision.rank, mm.lora_speech.rank) == (256, 320)
     assert mm.vision.image_size * 3 == 1344 and mm.vision.max_crops == 9

@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dag_helpers import counts, make_pipeline
-from slurm_helpers import (LOCAL_CLUSTER, job_info, phi4, recorded, status, wait_status,
-                           why_not_up)
+from slurm_helpers import LOCAL_CLUSTER, job_info, phi4, recorded, status, wait_status, why_not_up
 
 pytestmark = pytest.mark.slurm
 SLURM = ("--executor", "slurm", "--cluster", str(LOCAL_CLUSTER))

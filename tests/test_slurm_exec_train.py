@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_helpers import LOCAL_CLUSTER, REPO, job_info, phi4, recorded, wait_status, why_not_up
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from slurm_helpers import job_info, why_not_up
 
 pytestmark = pytest.mark.slurm
@@ -103,7 +102,8 @@ def test_two_jobs_run_at_once(slurm, tmp_path):
     if cpus < 2:
         pytest.skip(f"the node has {cpus} CPU")
     # Each job needs the other to be running: they finish only if they overlap.
-    job = "#!/bin/bash\ntouch {me}\nfor i in $(seq 200); do [ -e {other} ] && exit 0; sleep 0.1; done\nexit 1\n"
+    job = ("#!/bin/bash\ntouch {me}\n"
+           "for i in $(seq 200); do [ -e {other} ] && exit 0; sleep 0.1; done\nexit 1\n")
     x = sbatch(slurm, job.format(me="x", other="y"), "--output=/dev/null", cwd=tmp_path)
     y = sbatch(slurm, job.format(me="y", other="x"), "--output=/dev/null", cwd=tmp_path)
     for j in (x, y):

@@ -7,12 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from dag_helpers import make_pipeline, write_stage
+from slurm_helpers import LOCAL_CLUSTER, REPO, phi4
+
 from orchestrator.config import ConfigError
 from orchestrator.config.cluster import load_cluster
 from orchestrator.executors.sbatch import Raw, directive_value, shell_words
-from slurm_helpers import LOCAL_CLUSTER, REPO, phi4
 
 H100 = REPO / "clusters" / "example_h100.yaml"
 # The tiny text pipeline made four 8-GPU nodes large (the recipes' full size needs real data).
@@ -174,7 +174,7 @@ def test_slurm_options_need_the_slurm_executor(tmp_path: Path) -> None:
 
 
 def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
-    """begin skips a published stage and blocks on a missing input; end records exits."""
+    """Begin skips a published stage and blocks on a missing input; end records exits."""
     from orchestrator.executors import hooks
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)

@@ -20,7 +20,8 @@ def _torchrun(spec, path: Path, cache: Path) -> dict:
     with open(path.with_suffix(".log"), "w") as log:  # a file, not a pipe: see test_train_stage
         rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node", "2", "-m", "phi4core", "train", str(path)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300).returncode
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
     assert rc == 0, path.with_suffix(".log").read_text()[-4000:]
     return json.loads((Path(spec.output_dir) / "model" / "train_summary.json").read_text())
 
@@ -38,7 +39,8 @@ def test_tp2_and_dp2(tmp_path):
     assert a["first_loss"] == pytest.approx(b["first_loss"], abs=1e-5)
     assert a["last_loss"] == pytest.approx(b["last_loss"], abs=1e-4)
     # The global grad norm (clipped at 1.0 here) must not count TP-duplicated norms twice.
-    norms = [[json.loads(x)["grad_norm"] for x in (Path(s.stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    norms = [[json.loads(x)["grad_norm"]
+              for x in (Path(s.stage_dir) / "metrics.jsonl").read_text().splitlines()]
              for s in (tp, dp)]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4) and max(norms[0]) > 1.0
     ckpts = sorted(p.name for p in (Path(tp.stage_dir) / "checkpoints").iterdir())

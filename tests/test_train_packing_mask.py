@@ -43,6 +43,7 @@ def test_block_causal_mask_isolates_documents():
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    vals = dict(line.split() for line in out.stdout.splitlines() if line.split()[0] in ("A", "B", "LEAK"))
+    vals = dict(line.split() for line in out.stdout.splitlines()
+                if line.split()[0] in ("A", "B", "LEAK"))
     assert float(vals["A"]) < 1e-4 and float(vals["B"]) < 1e-4, vals
     assert float(vals["LEAK"]) > 1e-2, vals  # without the mask document B does see A

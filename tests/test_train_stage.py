@@ -25,7 +25,8 @@ def _env(cache: Path) -> dict:
 def _start(spec_path: Path, cache: Path, module: str = "phi4core", *extra: str) -> subprocess.Popen:
     """Output goes to a file beside the spec: a pipe would stay open after SIGKILL, held by
     megatron's checkpoint-writer helper process."""
-    args = [sys.executable, "-m", module] + (["train"] if module == "phi4core" else []) + [str(spec_path), *extra]
+    args = ([sys.executable, "-m", module] + (["train"] if module == "phi4core" else [])
+            + [str(spec_path), *extra])
     log = open(spec_path.with_suffix(".log"), "w")
     proc = subprocess.Popen(args, cwd=REPO, env=_env(cache), stdout=log, stderr=subprocess.STDOUT)
     proc.log_path = Path(log.name)
@@ -75,11 +76,13 @@ def test_pretrain_loss_drops_and_artifacts(pretrained):
     model = Path(pretrained.output_dir) / "model"
     for f in ("phi4_model.json", "metadata.json", "frozen_checksums.json", "train_summary.json"):
         assert (model / f).is_file(), f
-    lines = [json.loads(x) for x in (Path(pretrained.stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    stage_dir = Path(pretrained.stage_dir)
+    lines = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(30))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_mb"} <= set(lines[0])
+    assert ({"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_mem_mb"}
+            <= set(lines[0]))
     # keep_last=2: the final checkpoint and the one before
-    assert sorted(p.name for p in (Path(pretrained.stage_dir) / "checkpoints").iterdir()) == ["step_20", "step_30"]
+    assert sorted(p.name for p in (stage_dir / "checkpoints").iterdir()) == ["step_20", "step_30"]
 
 
 def test_chat_sft_from_artifact(pretrained, work):
@@ -119,7 +122,8 @@ def test_sigusr1_checkpoints_exits_75_and_resumes(work):
     proc.send_signal(signal.SIGUSR1)
     out = _finish(proc, 120)
     assert proc.returncode == 75, out[-3000:]
-    ckpts = [p for p in (Path(spec.stage_dir) / "checkpoints").iterdir() if (p / "meta.json").is_file()]
+    ckpts = [p for p in (Path(spec.stage_dir) / "checkpoints").iterdir()
+             if (p / "meta.json").is_file()]
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("_")[1])
     assert 3 <= step < 25
@@ -151,7 +155,8 @@ def test_corrupt_newest_checkpoint_falls_back(pretrained, work):
     import shutil
 
     spec = tiny_spec(work, "fallback", steps=30, save_interval=10)
-    shutil.copytree(Path(pretrained.stage_dir) / "checkpoints", Path(spec.stage_dir) / "checkpoints")
+    shutil.copytree(Path(pretrained.stage_dir) / "checkpoints",
+                    Path(spec.stage_dir) / "checkpoints")
     newest = Path(spec.stage_dir) / "checkpoints" / "step_30" / "common.pt"
     newest.write_bytes(b"garbage")
     rc, out = _train(write_spec(spec, work / "fallback.json"), work / "cache")

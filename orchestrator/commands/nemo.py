@@ -17,12 +17,12 @@ from ..cli import EXIT_BAD_INPUT, UsageProblem
 
 def run_on_nemo(planned, prefix: str, title: str, cluster_file: str | None,
                 dry_run: bool) -> None:
-    from ..config.cluster import load_cluster, stage_problems
+    from .. import launch
     from ..config import ConfigError
+    from ..config.cluster import load_cluster, stage_problems
     from ..executors.attempts import Outcome, consumed
     from ..executors.local import exit_status
     from ..executors.nemo_run import INSTALL_HINT, available, tasks_document
-    from .. import launch
     from ..store import starts_over, write_json
 
     if not available():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 Loc = tuple[str | int, ...]
 
@@ -79,7 +80,7 @@ class ConfigError(Exception):
 
     @classmethod
     def single(cls, origin: Origin, loc: Loc, message: str, got: Any = _NOTHING,
-               hint: str | None = None) -> "ConfigError":
+               hint: str | None = None) -> ConfigError:
         return cls([Problem(origin, loc, message, got, hint)])
 
 

@@ -47,7 +47,8 @@ def resolve(doc: dict, positions: Positions, default: Origin) -> dict:
             if name not in ALLOWED_RESOLVERS:
                 problems.append(Problem(
                     origin_of(positions, loc, default), loc,
-                    f"resolver {name!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_RESOLVERS))})",
+                    f"resolver {name!r} is not allowed "
+                    f"(allowed: {', '.join(sorted(ALLOWED_RESOLVERS))})",
                     text,
                 ))
     if problems:

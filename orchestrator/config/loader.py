@@ -78,7 +78,7 @@ def read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, P
                                  "extends must be a path or a list of paths", parents)
     base: dict = {}
     base_pos: Positions = {}
-    for i, parent in enumerate(parents):
+    for parent in parents:
         parent_path = path.parent / parent
         if not parent_path.is_file():
             raise ConfigError.single(origin, ("extends",), "extended file not found",
@@ -242,7 +242,8 @@ def load_recipe(path: str | Path, profile: str | None = None,
         if not sibling.is_file():
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))
             problems.append(Problem(loaded.origin(loc), loc,
-                                    f"no stage {inp.stage!r} (no {sibling.name} beside this recipe)",
+                                    f"no stage {inp.stage!r} "
+                                    f"(no {sibling.name} beside this recipe)",
                                     hint=did_you_mean(inp.stage, known)))
             continue
         upstream = build_recipe(sibling, profile=prof)

@@ -52,7 +52,8 @@ def check_env_names(env: dict[str, str]) -> dict[str, str]:
 
 
 class Input(Strict):
-    """Where a stage's weights come from: an upstream stage, a checkpoint folder, or an HF folder."""
+    """Where a stage's weights come from: an upstream stage, a checkpoint folder, or an HF
+    folder."""
 
     stage: str | None = None
     artifact: str | None = None
@@ -64,7 +65,7 @@ class Input(Strict):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Input":
+    def _one_source(self) -> Input:
         given = [k for k in ("stage", "path", "hf") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -72,7 +73,9 @@ class Input(Strict):
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.stage is not None and self.artifact is None:
-            raise ValueError("an input from a stage needs `artifact:` (one of that stage's outputs)")
+            raise ValueError(
+                "an input from a stage needs `artifact:` (one of that stage's outputs)"
+            )
         if self.stage is None and self.artifact is not None:
             raise ValueError("`artifact:` only goes with `stage:`")
         return self

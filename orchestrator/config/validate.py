@@ -17,7 +17,8 @@ def validate(model: type[M], doc: dict, positions: Positions, default: Origin) -
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        raise ConfigError([_problem(model, err, positions, default) for err in exc.errors()]) from None
+        raise ConfigError([_problem(model, err, positions, default)
+                           for err in exc.errors()]) from None
 
 
 def _problem(model: type[BaseModel], err: dict, positions: Positions, default: Origin) -> Problem:

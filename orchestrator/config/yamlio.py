@@ -58,11 +58,13 @@ class _Builder:
             for key_node, value_node in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise ConfigError.single(
-                        self.origin(key_node), loc, "'<<' merge keys are not supported; use extends:"
+                        self.origin(key_node), loc,
+                        "'<<' merge keys are not supported; use extends:"
                     )
                 key = self.build(key_node, loc + ("<key>",))
                 if not isinstance(key, (str, int)) or isinstance(key, bool):
-                    raise ConfigError.single(self.origin(key_node), loc, "keys must be strings", key)
+                    raise ConfigError.single(self.origin(key_node), loc, "keys must be strings",
+                                             key)
                 key = str(key)
                 if key in out:
                     raise ConfigError.single(self.origin(key_node), loc + (key,), "duplicate key")
@@ -71,7 +73,8 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [
-                self.build(item, loc + (i,), active + (id(node),)) for i, item in enumerate(node.value)
+                self.build(item, loc + (i,), active + (id(node),))
+                for i, item in enumerate(node.value)
             ]
         return self._scalars.construct_object(node, deep=True)
 

@@ -14,9 +14,9 @@ cancelled and submitted again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from phi4core.exitcodes import PREEMPTED
 

@@ -74,7 +74,7 @@ def cancel(job_ids: list[str]) -> None:
 
 @lru_cache(maxsize=1)
 def has_accounting() -> bool:
-    """sacct answers only where slurmdbd keeps accounting ("accounting storage is disabled")."""
+    """Sacct answers only where slurmdbd keeps accounting ("accounting storage is disabled")."""
     try:
         r = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True,
                            text=True, timeout=_TIMEOUT)

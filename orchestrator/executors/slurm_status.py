@@ -9,7 +9,7 @@ reports. Stages whose job is still queued are described from Slurm: pending (and
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..store import Attempt, Store
 from . import slurm_cli
@@ -108,7 +108,7 @@ def describe(store: Store, attempt: Attempt, jobs: dict[str, slurm_cli.Job]
 
 def cancel(store: Store, names: list[str], descendants: bool = True
            ) -> list[tuple[str, str]]:
-    """scancel the queued or running jobs of `names` (and of the stages submitted to wait on
+    """Scancel the queued or running jobs of `names` (and of the stages submitted to wait on
     them); mark those stages cancelled. Returns (stage, job id) for each job cancelled."""
     targets = set(names)
     if descendants:

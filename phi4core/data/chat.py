@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,18 @@ from phi4core.data.files import iter_jsonl
 from phi4core.data.packing import build_packed_item, pack_lengths
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import (
-    ASSISTANT, DEMO_BOS, DEMO_PAD, END, ENDOFTEXT, SYSTEM, TOOL, TOOL_CALL, TOOL_CALL_END,
-    TOOL_END, USER, PhiTokenizer,
+    ASSISTANT,
+    DEMO_BOS,
+    DEMO_PAD,
+    END,
+    ENDOFTEXT,
+    SYSTEM,
+    TOOL,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    TOOL_END,
+    USER,
+    PhiTokenizer,
 )
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -86,7 +97,8 @@ def _tool_calls(message: dict, turn: int) -> list[dict]:
             try:
                 args = json.loads(args)
             except json.JSONDecodeError as e:
-                raise ChatFormatError("bad tool_calls", f"message {turn}: arguments {e.msg}")
+                raise ChatFormatError("bad tool_calls",
+                                      f"message {turn}: arguments {e.msg}") from None
         if not isinstance(args, dict):
             raise ChatFormatError("bad tool_calls", f"message {turn}: arguments not an object")
         out.append({"name": call["name"], "arguments": args})

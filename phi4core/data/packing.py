@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ collate_packed = PackedCollator()
 
 
 def packed_seq_params(batch: dict[str, torch.Tensor]):
-    """megatron's PackedSeqParams (THD format) for a batch from `PackedCollator`.
+    """Megatron's PackedSeqParams (THD format) for a batch from `PackedCollator`.
 
     THD attention sees the batch as one flattened sequence of B*S tokens, so the model input
     must be flattened the same way (megatron's packed-sequence recipes use micro-batch 1).

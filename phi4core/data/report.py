@@ -72,7 +72,7 @@ class DataReport:
         elif self.records_skipped == _MAX_LOGGED + 1:
             log.warning("%s: more bad records; only counting from now on", self.name)
 
-    def merge(self, other: "DataReport") -> None:
+    def merge(self, other: DataReport) -> None:
         self.records_read += other.records_read
         self.records_kept += other.records_kept
         self.skipped.update(other.skipped)

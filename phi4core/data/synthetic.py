@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 from phi4core.data.files import write_jsonl
 

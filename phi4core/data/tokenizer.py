@@ -11,9 +11,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from phi4core.data.files import atomic_output, sha256_file, write_json
 
@@ -95,7 +96,7 @@ class PhiTokenizer:
         self.pad_id = self.id_of(pad)
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "PhiTokenizer":
+    def from_dir(cls, path: str | os.PathLike) -> PhiTokenizer:
         """Load `tokenizer.json` from a folder; bos/eos/pad from `tokenizer_config.json` if any.
 
         Phi-4-mini's own config names `<|endoftext|>` for all three, which is also the fallback.
@@ -169,7 +170,7 @@ class PhiTokenizer:
         return f"PhiTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def check_tokenizer_matches(tokenizer: PhiTokenizer, model: "ModelConfig") -> None:
+def check_tokenizer_matches(tokenizer: PhiTokenizer, model: ModelConfig) -> None:
     """Raise if the tokenizer's ids disagree with a model preset (a silent mismatch trains junk)."""
     problems = []
     if tokenizer.vocab_size > model.vocab_size:

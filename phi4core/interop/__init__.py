@@ -1,0 +1,1 @@
+"""Conversion between phi4core checkpoints and Hugging Face folders."""

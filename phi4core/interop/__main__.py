@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("phi4-to-hf", help="phi4core checkpoint -> HF Phi3ForCausalLM folder")
     b.add_argument("src")
     b.add_argument("dst")
-    b.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the source's)")
+    b.add_argument("--dtype", default=None,
+                   help="float32 | bfloat16 | float16 (default: the source's)")
     for p in (a, b):
         p.add_argument("--tp", type=int, default=1)
         p.add_argument("--pp", type=int, default=1)

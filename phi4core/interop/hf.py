@@ -19,8 +19,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -86,7 +87,8 @@ def model_config_from_hf(cfg: dict, name: str | None = None) -> ModelConfig:
         raise ConversionError(f"config field 'architectures' is {archs}: expected Phi3ForCausalLM")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ConversionError(f"config field 'hidden_act' is {act!r}: the decoder uses SwiGLU (silu)")
+        raise ConversionError(f"config field 'hidden_act' is {act!r}: "
+                              "the decoder uses SwiGLU (silu)")
     for flag in ("attention_bias", "mlp_bias", "lm_head_bias"):
         if cfg.get(flag):
             raise ConversionError(f"config field {flag!r} is true: the decoder has no biases")
@@ -201,7 +203,8 @@ def hf_config_from_model_config(mc: ModelConfig, dtype: torch.dtype | str = "flo
         "max_position_embeddings": max_pos,
         "original_max_position_embeddings": rs.original_max_position_embeddings if rs else max_pos,
         "rope_scaling": (
-            {"type": "longrope", "short_factor": list(rs.short_factor), "long_factor": list(rs.long_factor)}
+            {"type": "longrope", "short_factor": list(rs.short_factor),
+             "long_factor": list(rs.long_factor)}
             if rs
             else None
         ),
@@ -257,7 +260,8 @@ class HFCheckpoint:
         if fname not in self._handles:
             f = self.path / fname
             if not f.is_file():
-                raise ConversionError(f"shard {fname} listed in the index is missing from {self.path}")
+                raise ConversionError(f"shard {fname} listed in the index is missing "
+                                      f"from {self.path}")
             self._handles[fname] = self._safe_open(str(f), framework="pt", device="cpu")
         return self._handles[fname]
 
@@ -299,7 +303,8 @@ def hf_qkv(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
     d, H, G, hid = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups, mc.hidden_size
     base = f"{_hf_layer(L)}.self_attn"
     if f"{base}.qkv_proj.weight" in ck:
-        return _expect(f"{base}.qkv_proj.weight", ck.get(f"{base}.qkv_proj.weight"), ((H + 2 * G) * d, hid))
+        return _expect(f"{base}.qkv_proj.weight", ck.get(f"{base}.qkv_proj.weight"),
+                       ((H + 2 * G) * d, hid))
     q = _expect(f"{base}.q_proj.weight", ck.get(f"{base}.q_proj.weight"), (H * d, hid))
     k = _expect(f"{base}.k_proj.weight", ck.get(f"{base}.k_proj.weight"), (G * d, hid))
     v = _expect(f"{base}.v_proj.weight", ck.get(f"{base}.v_proj.weight"), (G * d, hid))
@@ -310,7 +315,8 @@ def hf_gate_up(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
     base = f"{_hf_layer(L)}.mlp"
     F, hid = mc.ffn_hidden_size, mc.hidden_size
     if f"{base}.gate_up_proj.weight" in ck:
-        return _expect(f"{base}.gate_up_proj.weight", ck.get(f"{base}.gate_up_proj.weight"), (2 * F, hid))
+        return _expect(f"{base}.gate_up_proj.weight", ck.get(f"{base}.gate_up_proj.weight"),
+                       (2 * F, hid))
     g = _expect(f"{base}.gate_proj.weight", ck.get(f"{base}.gate_proj.weight"), (F, hid))
     u = _expect(f"{base}.up_proj.weight", ck.get(f"{base}.up_proj.weight"), (F, hid))
     return torch.cat([g, u], 0)
@@ -406,7 +412,8 @@ def _full_from_hf(kind: str, layer: int | None, ck: HFCheckpoint, mc: ModelConfi
     hid, F, d = mc.hidden_size, mc.ffn_hidden_size, mc.kv_channels
     H = mc.num_attention_heads
     if kind == "embed":
-        return _expect("model.embed_tokens.weight", ck.get("model.embed_tokens.weight"), (mc.vocab_size, hid))
+        return _expect("model.embed_tokens.weight", ck.get("model.embed_tokens.weight"),
+                       (mc.vocab_size, hid))
     if kind == "lm_head":
         name = "lm_head.weight"
         if mc.tie_embeddings or name not in ck:
@@ -454,7 +461,8 @@ def _unwrap(model):
     return model
 
 
-def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike, model_cfg: ModelConfig | None = None) -> None:
+def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
+                    model_cfg: ModelConfig | None = None) -> None:
     """Copy an HF checkpoint into this rank's model chunk(s), each taking its TP shard of the
     layers it holds. Shapes are checked against both the config and the model."""
     chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
@@ -509,7 +517,8 @@ def _gather_tp(kind: str, t: torch.Tensor) -> torch.Tensor:
     raise AssertionError(kind)
 
 
-def hf_state_dict(model_or_chunks, model_cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def hf_state_dict(model_or_chunks, model_cfg: ModelConfig,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """This rank's layers as full (TP-gathered) HF tensors. Collective over the TP group."""
     chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
     out: dict[str, torch.Tensor] = {}
@@ -587,11 +596,13 @@ def write_hf_folder(
                 weight_map.update({n: fname for n in group})
             total_size = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / SAFE_INDEX).write_text(
-                json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
+                json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
+                           indent=2)
             )
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True},
+                                                               indent=2))
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -648,7 +659,8 @@ def expected_hf_names(mc: ModelConfig) -> list[str]:
 def _check_complete(tensors: dict, mc: ModelConfig) -> None:
     missing = [n for n in expected_hf_names(mc) if n not in tensors]
     if missing:
-        raise ConversionError(f"export is missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ConversionError(f"export is missing tensors: "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +693,12 @@ def load_hf_model(
     ``parallel`` given, that layout instead; PP must be 1 to produce logits in one forward).
     """
     from phi4core.models.decoder import PrecisionSettings, build_model
-    from phi4core.parallel import ParallelSettings, current_settings, init_parallel, init_single_process
+    from phi4core.parallel import (
+        ParallelSettings,
+        current_settings,
+        init_parallel,
+        init_single_process,
+    )
 
     mc = model_config_from_hf(read_hf_config(path))
     par = init_parallel(parallel) if parallel is not None else init_single_process()

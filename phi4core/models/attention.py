@@ -17,7 +17,8 @@ from megatron.core.transformer.enums import AttnMaskType
 
 
 class SDPADotProductAttention(DotProductAttention):
-    def _sdpa_applies(self, query, key, attention_mask, mask_type, attention_bias, packed_seq_params) -> bool:
+    def _sdpa_applies(self, query, key, attention_mask, mask_type, attention_bias,
+                      packed_seq_params) -> bool:
         return (
             packed_seq_params is None
             and attention_bias is None
@@ -39,7 +40,8 @@ class SDPADotProductAttention(DotProductAttention):
         packed_seq_params=None,
     ):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        if not self._sdpa_applies(query, key, attention_mask, mask_type, attention_bias, packed_seq_params):
+        if not self._sdpa_applies(query, key, attention_mask, mask_type, attention_bias,
+                                  packed_seq_params):
             return super().forward(
                 query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
             )

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _APPLIED = False
 _ORIGINALS: dict[str, object] = {}
-_MODE: "CudaToCpuMode | None" = None
+_MODE: CudaToCpuMode | None = None
 
 
 def needed() -> bool:

@@ -16,18 +16,16 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import warnings as _warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from phi4core.config import ModelConfig
 from phi4core.parallel import ParallelSettings, fields_from_any
-
-log = logging.getLogger(__name__)
-
-import warnings as _warnings
 
 with _warnings.catch_warnings():  # megatron warns a dozen times that TE/apex are missing
     _warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
@@ -40,9 +38,11 @@ with _warnings.catch_warnings():  # megatron warns a dozen times that TE/apex ar
     )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-from phi4core.models import cpu_shims
-from phi4core.models.attention import use_sdpa_core_attention
-from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
+from phi4core.models import cpu_shims  # noqa: E402
+from phi4core.models.attention import use_sdpa_core_attention  # noqa: E402
+from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 cpu_shims.apply()  # no-op with a GPU
 
@@ -81,11 +81,15 @@ class PrecisionSettings:
 
     def __post_init__(self) -> None:
         if self.params not in _DTYPES:
-            raise ValueError(f"precision.params must be one of {sorted(_DTYPES)}, got {self.params!r}")
+            raise ValueError(
+                f"precision.params must be one of {sorted(_DTYPES)}, got {self.params!r}"
+            )
         if self.fp8 in ("none", "None", "", False):
             self.fp8 = None
         if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
-            raise ValueError(f"precision.fp8 must be one of {FP8_FORMATS} or None, got {self.fp8!r}")
+            raise ValueError(
+                f"precision.fp8 must be one of {FP8_FORMATS} or None, got {self.fp8!r}"
+            )
         if self.fp8_recipe not in FP8_RECIPES:
             raise ValueError(
                 f"precision.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}"
@@ -96,7 +100,7 @@ class PrecisionSettings:
         return _DTYPES[self.params]
 
     @classmethod
-    def from_any(cls, obj: Any) -> "PrecisionSettings":
+    def from_any(cls, obj: Any) -> PrecisionSettings:
         """A PrecisionSettings, a mapping, or any object with these attribute names."""
         if obj is None or isinstance(obj, cls):
             return obj or cls()
@@ -199,7 +203,7 @@ def transformer_config(
     init_method_std: float = 0.02,
     **overrides: Any,
 ) -> TransformerConfig:
-    """megatron TransformerConfig for the Phi-3-family decoder (``overrides`` win: e.g.
+    """Megatron TransformerConfig for the Phi-3-family decoder (``overrides`` win: e.g.
     recompute_granularity='full', gradient_accumulation_fusion=True on GPU)."""
     par = ParallelSettings.from_any(parallel)
     prec = PrecisionSettings.from_any(precision)
@@ -212,7 +216,9 @@ def transformer_config(
                 "local spec uses torch norms, which do not support it"
             )
         if par.cp > 1:
-            raise ValueError("context parallelism (cp > 1) needs Transformer Engine attention (GPU + TE)")
+            raise ValueError(
+                "context parallelism (cp > 1) needs Transformer Engine attention (GPU + TE)"
+            )
     if use_cpu_initialization is None:
         use_cpu_initialization = not gpu_available()
     dtype = prec.dtype

@@ -146,7 +146,8 @@ class ChatSamples:
             out = []
             for i, s in enumerate(spec.data.sources):
                 n = s.samples or SYNTHETIC_SAMPLES["chat"]
-                out.append(_synthetic_file(spec, i, "chat", n) if s.kind == "synthetic" else Path(s.path))
+                out.append(_synthetic_file(spec, i, "chat", n) if s.kind == "synthetic"
+                           else Path(s.path))
             return out
 
         paths = _rank0_first(files)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -47,21 +47,24 @@ def frozen_checksums(chunks: list) -> dict:
     for i, chunk in enumerate(chunks):
         for name, p in chunk.named_parameters():
             if not p.requires_grad:
-                local[f"{name}[{shard}.vp{i}]" if len(chunks) > 1 else f"{name}[{shard}]"] = _tensor_sha(p)
+                key = f"{name}[{shard}.vp{i}]" if len(chunks) > 1 else f"{name}[{shard}]"
+                local[key] = _tensor_sha(p)
     merged = dict(local)
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, local)
         merged = {k: v for part in parts for k, v in part.items()}
     tensors = dict(sorted(merged.items()))
-    combined = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in tensors.items()).encode()).hexdigest()
+    listing = "".join(f"{k}:{v}\n" for k, v in tensors.items())
+    combined = hashlib.sha256(listing.encode()).hexdigest()
     return {"tensors": tensors, "combined": combined}
 
 
 def check_unchanged(before: dict, after: dict) -> None:
     if before["combined"] == after["combined"]:
         return
-    changed = sorted(k for k in before["tensors"] if before["tensors"][k] != after["tensors"].get(k))
+    changed = sorted(k for k in before["tensors"]
+                     if before["tensors"][k] != after["tensors"].get(k))
     raise FrozenWeightsChanged(
         f"frozen weights changed during training ({len(changed)} tensor(s), e.g. "
         f"{', '.join(changed[:3])}): checksum {before['combined'][:12]} before, "

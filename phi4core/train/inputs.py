@@ -21,7 +21,8 @@ def _check_shapes(spec: StageSpec, other, where: str) -> None:
     diff = [f"{k}: {getattr(other, k)} != {getattr(spec.model, k)}"
             for k in _SHAPE_KEYS if getattr(other, k) != getattr(spec.model, k)]
     if diff:
-        raise InputError(f"input {where} does not match model {spec.model.name}: " + "; ".join(diff))
+        raise InputError(f"input {where} does not match model {spec.model.name}: "
+                         + "; ".join(diff))
 
 
 def model_inputs(spec: StageSpec) -> list[tuple[str, object]]:

@@ -15,9 +15,9 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -123,7 +123,8 @@ class Trainer:
 
         self.kind = tdata.data_kind(spec)
         self.tokenizer = tdata.tokenizer_for(spec)
-        self.samples = tdata.build_samples(spec, self.tokenizer, t.total_steps * t.global_batch_size)
+        self.samples = tdata.build_samples(spec, self.tokenizer,
+                                           t.total_steps * t.global_batch_size)
 
         chunks = build_model_chunks(spec.model, spec.parallel, _precision(spec),
                                     calculate_per_token_loss=True)
@@ -157,7 +158,8 @@ class Trainer:
             from phi4core.data.packing import packed_seq_params
 
             packed = packed_seq_params(batch)
-            batch = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            batch = {k: batch[k].reshape(1, -1)
+                     for k in ("tokens", "labels", "loss_mask", "position_ids")}
             attention_mask = None
         dev = torch.cuda.current_device() if self.on_gpu else "cpu"
         tokens = batch["tokens"].to(dev)
@@ -210,7 +212,8 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         acc = torch.zeros(2, dtype=torch.float64)
-        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0:
+        if (ps.is_pipeline_last_stage(ignore_virtual=True)
+                and ps.get_tensor_model_parallel_rank() == 0):
             for r in reduced:
                 acc += r["lm loss"].detach().double().cpu()
         if dist.get_world_size() > 1:
@@ -258,18 +261,22 @@ class Trainer:
                 metrics.log(step, {**out, "tokens_per_s": tokens_per_step / elapsed,
                                    "step_time_s": elapsed, "peak_mem_mb": _peak_mem_mb(),
                                    "consumed_samples": consumed})
-                if self.rank == 0 and (step % spec.logging.interval == 0 or step + 1 == t.total_steps):
+                if self.rank == 0 and (step % spec.logging.interval == 0
+                                       or step + 1 == t.total_steps):
                     metrics.progress(step, out["loss"], out["lr"])
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step, self.raw_chunks)
                 done = step + 1
                 if flag.agreed():
-                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done), t.keep_last)
+                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
+                              t.keep_last)
                     if self.rank == 0:
-                        print(f"preempted (signal {flag.signum}): checkpoint at step {done}", flush=True)
+                        print(f"preempted (signal {flag.signum}): checkpoint at step {done}",
+                              flush=True)
                     return exitcodes.PREEMPTED
                 if done % t.save_interval == 0 and done < t.total_steps:
-                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done), t.keep_last)
+                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
+                              t.keep_last)
             if start < t.total_steps or resume is None:
                 ckpt.save(ckpt_root, t.total_steps, self.model, self.optimizer,
                           progress(t.total_steps), t.keep_last)

@@ -10,7 +10,7 @@ from phi4core.config import StageSpec
 
 
 def wrap_ddp(chunks: list, on_gpu: bool) -> list:
-    """megatron DistributedDataParallel around each chunk (frozen params get no grad buffer)."""
+    """Megatron DistributedDataParallel around each chunk (frozen params get no grad buffer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     cfg = DistributedDataParallelConfig(
@@ -41,7 +41,8 @@ def build_optimizer(spec: StageSpec, ddp_chunks: list, on_gpu: bool):
         clip_grad=t.grad_clip if on_gpu else 0.0,
         bf16=p.params == "bf16",
         fp16=p.params == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p.params],
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                      "fp16": torch.float16}[p.params],
         use_distributed_optimizer=on_gpu,
     )
     return get_megatron_optimizer(cfg, ddp_chunks)

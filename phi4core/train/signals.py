@@ -15,7 +15,7 @@ class PreemptionFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         for sig in PREEMPT_SIGNALS:
             signal.signal(sig, self._handle)
         return self

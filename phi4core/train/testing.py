@@ -27,7 +27,8 @@ def tiny_spec(workdir: str | Path, name: str = "pretrain", *, chat: bool = False
     source = {"kind": "synthetic", "modality": "chat" if chat else "text",
               "samples": 400 if chat else 1000}
     return StageSpec.model_validate({
-        "name": name, "fingerprint": f"test-{name}", "model": PRESETS["phi4_mini_tiny"].model_dump(),
+        "name": name, "fingerprint": f"test-{name}",
+        "model": PRESETS["phi4_mini_tiny"].model_dump(),
         "tokenizer": "demo", "inputs": inputs or {}, "outputs": ["model"],
         "trainable": ["backbone"], "frozen": [], "data": {"sources": [source]}, "train": t,
         "parallel": {}, "precision": {"params": "fp32"},
