@@ -270,6 +270,10 @@ class Train(Strict):
     save_interval: int = Field(default=1000, gt=0)
     keep_last: int = Field(default=2, gt=0)
     seed: int = 1234
+    max_skipped_steps: int = Field(
+        default=25, ge=0,
+        description="optimizer steps skipped in a row (loss or gradients not finite, fp16 "
+                    "overflow) before the stage fails; fp16's loss scale skips some at the start")
 
     @property
     def tokens_per_step(self) -> int:
@@ -340,7 +344,8 @@ class DataSource(Strict):
 class Data(Strict):
     sources: list[DataSource] = Field(min_length=1)
     on_bad_record: Literal["skip", "fail"] = "skip"
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, le=64,
+                             description="loader processes reading batches ahead (0: none)")
 
 
 class Logging(Strict):
