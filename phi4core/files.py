@@ -5,7 +5,8 @@ Invariants:
   goes to a unique temporary name in the same folder and is renamed into place.
 - Files and folders are created with the mode open() and mkdir() give (0o666 / 0o777 less the
   process umask), never narrower: tempfile.mkstemp/mkdtemp would make them 0600/0700, which
-  teammates reading a store on shared storage cannot open.
+  teammates reading a store on shared storage cannot open. A writer that narrows the mode by
+  itself (safetensors writes 0600) is followed by `follow_umask`.
 - JSON written here is strict (RFC 8259): a non-finite float (NaN, inf) becomes null, since a
   bare `NaN` is not JSON and breaks every strict reader.
 - The sha256 of a file is computed by `sha256_file` and nowhere else.
@@ -30,6 +31,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- modes -------------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file (0o666) or folder (0o777) the mode the umask allows, as open()/mkdir() do."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~current_umask())
 
 
 # -- temporary names beside the target -------------------------------------------------------

@@ -172,7 +172,7 @@ def phi4_to_hf(
     ``dtype`` defaults to the dtype of the HF folder the weights came from (a bit-exact round
     trip), else the parameters' dtype."""
     from phi4core.interop.hf import save_hf
-    from phi4core.model_weights import load_model_weights
+    from phi4core.model_weights import NonFiniteWeights, check_finite, load_model_weights
     from phi4core.models.decoder import build_model_chunks
     from phi4core.parallel import ensure_parallel
 
@@ -182,6 +182,10 @@ def phi4_to_hf(
                                 Precision(params=dtypes.short_name(source.params_dtype)),
                                 perform_initialization=False)
     load_model_weights(chunks, source.folder, require_meta=False)
+    try:
+        check_finite(chunks)
+    except NonFiniteWeights as exc:
+        raise ConversionError(f"{source.folder}: {exc}") from None
     if dtype is None:
         dtype = (source.meta.get("source") or {}).get("hf_dtype") or source.params_dtype
     if source.tokenizer_dir is None:

@@ -25,7 +25,7 @@ import torch
 
 from phi4core import dtypes
 from phi4core.config import LongRopeConfig, ModelConfig, Precision
-from phi4core.files import json_text, replace_dir, temp_dir_beside
+from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
 from phi4core.models.chunks import as_chunks, unwrap
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -607,6 +607,8 @@ def write_hf_folder(
         (tmp / "generation_config.json").write_text(json_text({**gen, "_from_model_config": True},
                                                               indent=2))
         copy_tokenizer(tokenizer_dir, tmp)
+        for written in tmp.glob("*.safetensors"):
+            follow_umask(written)  # safetensors writes its files 0600
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

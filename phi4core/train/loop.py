@@ -358,11 +358,11 @@ class SkippedSteps:
     def check(self) -> None:
         if self.in_a_row > self.limit:
             first = self.last_step - self.in_a_row + 1
+            steps = f"steps {first}-{self.last_step}" if self.in_a_row > 1 else f"step {first}"
             raise TrainingDiverged(
-                f"{self.in_a_row} optimizer steps in a row were skipped (steps {first}-"
-                f"{self.last_step}; last: {self.last_reason}), more than "
-                f"train.max_skipped_steps ({self.limit}): training diverged or the data holds "
-                "values the model cannot take; lower train.lr or check the data")
+                f"{self.in_a_row} optimizer step(s) in a row skipped ({steps}; last: "
+                f"{self.last_reason}), more than train.max_skipped_steps ({self.limit}): the "
+                "loss or gradients are not finite; lower train.lr or check the inputs and data")
 
 
 def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
