@@ -163,7 +163,7 @@ def test_convert_phi4_to_hf_refuses_what_it_cannot_use(run, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     cases = {
-        _stage_dir(run, "grad_nan"): "no published model and no intact training checkpoint",
+        _stage_dir(run, "loss_nan"): "no published model and no intact training checkpoint",
         _stage_dir(run, "weights_nan"): "hold NaN or inf values",
         tmp_path / "empty": "not a phi4 checkpoint",
         tmp_path / "file": "not a folder",
