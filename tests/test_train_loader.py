@@ -4,6 +4,7 @@ they are read in loader processes."""
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -41,3 +42,21 @@ def test_same_micro_batches_for_any_worker_count():
         assert {int(p) for step in alone for mb in step for p in mb["pid"]} == {os.getpid()}
         readers = {int(p) for step in workers for mb in step for p in mb["pid"]}
         assert len(readers) == 2 and os.getpid() not in readers
+
+
+def test_loader_processes_outlive_signals_sent_to_the_group():
+    """Ctrl-C or a preemption signal reaching the loader processes does not end them: the
+    trainer, which decides what the signal means, goes on reading its batches."""
+    loader = StepBatches(Probe(), 0, 6, global_batch=4, micro=2, dp_rank=0, dp=1,
+                         block_mask=False, num_workers=2)
+    try:
+        first = loader.next_step()
+        readers = {int(p) for mb in first for p in mb["pid"]}
+        assert os.getpid() not in readers
+        for pid in readers:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                os.kill(pid, sig)
+        rest = [loader.next_step() for _ in range(5)]
+    finally:
+        loader.close()
+    assert [mb["tokens"][:, 0].tolist() for mb in rest[-1]] == [[20, 21], [22, 23]]

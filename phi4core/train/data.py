@@ -205,11 +205,21 @@ class _Collate:
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """Loader processes ignore Ctrl-C and the preemption signals: the trainer decides what a
+    signal means (a checkpoint, then exit) and stops them itself; they also end with it."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StepBatches:
     """This DP rank's micro-batches for steps [first_step, last_step), in order.
 
     With `num_workers` > 0 they are read and collated by that many loader processes (forked
-    once, ahead of the training loop), which prefetch while the model computes."""
+    once, ahead of the training loop), which prefetch while the model computes. A signal sent
+    to the whole process group (Ctrl-C in a terminal, Slurm's TERM) leaves them running."""
 
     def __init__(self, samples, first_step: int, last_step: int, global_batch: int, micro: int,
                  dp_rank: int, dp: int, block_mask: bool, num_workers: int = 0) -> None:
@@ -223,6 +233,7 @@ class StepBatches:
             collate_fn=_Collate(block_mask),
             num_workers=num_workers,
             multiprocessing_context="fork" if num_workers else None,
+            worker_init_fn=_quiet_worker if num_workers else None,
         )
         self._it = iter(self.loader)
 
