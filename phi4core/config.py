@@ -313,6 +313,11 @@ class Parallel(Strict):
 
 
 class Precision(Strict):
+    """Numeric precision, from the recipe to the model builder (one type all the way).
+    `fp8`: hybrid (Transformer Engine's Format.HYBRID: e4m3 forward, e5m2 gradients) or e4m3
+    everywhere; `fp8_recipe`: delayed (amax history), tensorwise (current scaling) or mxfp8
+    (block scaling)."""
+
     params: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: Literal["off", "hybrid", "e4m3"] = "off"
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"

@@ -14,7 +14,6 @@ stage (exit 1), and weights that are not finite are never written as the artifac
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import resource
@@ -73,23 +72,6 @@ def _peak_mem_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def weights_sha256(chunks: list) -> str:
-    """Hash of every rank's parameters (bit-identity checks); collective under torchrun."""
-    import torch.distributed as dist
-
-    h = hashlib.sha256()
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    local = h.hexdigest()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    per_rank: list = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, local)
-    return hashlib.sha256("".join(per_rank).encode()).hexdigest()
 
 
 class Trainer:
@@ -303,6 +285,7 @@ class Trainer:
         frozen_checksums.json and train_summary.json."""
         from phi4core.interop.hf import copy_tokenizer
         from phi4core.model_weights import save_model_weights
+        from phi4core.train.freezing import weights_sha256
 
         spec, t = self.spec, self.spec.train
         out = Path(spec.output_dir) / "model"
