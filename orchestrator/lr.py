@@ -51,7 +51,7 @@ def read_sweep(path: Path) -> Sweep:
     """One (tokens, best lr) point per budget from a sweep CSV; see the module docstring."""
     file = str(path)
     try:
-        text = read_bytes(path, expected="a CSV file").decode("utf-8")
+        text = read_bytes(path, expected="a CSV file").decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError.single(Origin(file), (), "not UTF-8 text, expected a CSV file") from None
     rows = list(csv.reader(text.splitlines()))

@@ -136,6 +136,14 @@ NAME_CASES = [
          {"stage_a.yaml": recipe(name="name: stage_a\ninputs:\n"
                                       f"  up: {{path: /{'x' * 5000}}}  # <-")},
          "not a usable path"),
+    Case("shard_range_absurd",
+         {"stage_a.yaml": recipe(data="data:\n  sources:\n    - {kind: webdataset, "
+                                      "path: 'x/{0..99999999999}.tar'}  # <-")},
+         "shard ranges name more than 1000000 files"),
+    Case("shard_range_digits",
+         {"stage_a.yaml": recipe(data="data:\n  sources:\n    - {kind: webdataset, "
+                                      f"path: 'x/{{0..{'9' * 200}}}.tar'}}  # <-")},
+         "shard ranges name more than"),
     Case("inputs_differ_in_case",
          {"stage_a.yaml": recipe(name="name: stage_a\ninputs:  # <-\n  up: {path: /a}\n"
                                       "  UP: {path: /b}")},
@@ -472,7 +480,7 @@ def test_lr_fit_picks_the_best_lr_of_each_budget(tmp_path: Path) -> None:
     import json
 
     sweep = tmp_path / "sweep.csv"
-    sweep.write_text(_raw_sweep(with_loss=True))
+    sweep.write_text("\ufeff" + _raw_sweep(with_loss=True))  # a BOM, as spreadsheets write
     result = CliRunner().invoke(cli, ["lr", "fit", str(sweep), "--format", "json"])
     assert result.exit_code == 0, result.output
     fit = json.loads(result.output)

@@ -8,12 +8,15 @@ variable (`${oc.env:PHI4_DATA}/web`, the shell's idea of a path). After this ste
 path in the recipe, and so in the stage spec, is absolute.
 
 An empty path (`{path: ""}`, an unset variable with an empty default) would name the working
-directory itself: it is an error, as is a path longer than the OS accepts.
+directory itself: it is an error, as is a path longer than the OS accepts, or shard ranges
+(`{000000..002047}`) naming more than MAX_SHARDS files.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from .errors import Loc, Origin, Positions, Problem, origin_of
 # Linux limits (PATH_MAX, NAME_MAX); longer paths fail every system call with ENAMETOOLONG.
 MAX_PATH_BYTES = 4095
 MAX_NAME_BYTES = 255
+# Shard names a data path's `{lo..hi}` ranges may expand to (each range's names are built).
+MAX_SHARDS = 1_000_000
 
 
 def is_remote(path: str) -> bool:
@@ -63,6 +68,17 @@ def _too_long(path: str) -> bool:
             or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")))
 
 
+def shard_count(path: str) -> int | None:
+    """How many names the `{lo..hi}` ranges of a data path expand to; None when a bound has
+    more digits than any shard number could (int() of those is refused or slow)."""
+    sizes = []
+    for lo, hi in re.findall(r"\{(\d+)\.\.(\d+)\}", path):
+        if max(len(lo), len(hi)) > 12:
+            return None
+        sizes.append(max(0, int(hi) - int(lo) + 1))
+    return math.prod(sizes)
+
+
 def _base(origin: Origin, written: Any) -> Path:
     """The folder a relative path written at `origin` is relative to."""
     from_env = isinstance(written, str) and written.lstrip().startswith("${oc.env:")
@@ -88,6 +104,11 @@ def anchor_paths(raw: dict, resolved: dict, positions: Positions, default: Origi
         if "\x00" in value or _too_long(value):
             problems.append(Problem(origin, loc, "not a usable path (too long for the OS, or "
                                                  "it holds a NUL byte)", value))
+            continue
+        shards = shard_count(value)
+        if shards is None or shards > MAX_SHARDS:
+            problems.append(Problem(origin, loc, f"shard ranges name more than {MAX_SHARDS} "
+                                                 "files", value))
             continue
         path = os.path.expanduser(value)
         if not os.path.isabs(path):
