@@ -64,6 +64,10 @@ NUMBER_CASES = [
     Case("steps_beyond_64_bits", {"stage_a.yaml": recipe(train=train(steps="1" + "0" * 25
                                                                      + "  # <-"))},
          "must fit in 64 bits"),
+    Case("warmup_beyond_budget",
+         {"stage_a.yaml": recipe(train=train(steps="~drop", tokens="1024",
+                                             warmup_steps="5  # <-"))},
+         "must be below steps (4, from the token budget)"),
     Case("law_overflows",
          {"stage_a.yaml": recipe(train=train(steps="~drop", tokens="1.0e9",
                                              lr="{scaling_law: {B: 1.0, exponent: 1000}}  # <-"))},

@@ -168,15 +168,16 @@ def _check_train_fields(recipe: Recipe, r: _Report) -> None:
     assert t is not None
     if (t.steps is None) == (t.tokens is None):
         r.add(("train",), "give exactly one of `steps` or `tokens` (a token budget)")
-    else:
-        _check_derived(recipe, r)
+    elif _check_derived(recipe, r) and t.warmup_steps >= t.total_steps \
+            and t.schedule != "constant":
+        budget = "" if t.steps is not None else ", from the token budget"
+        r.add(("train", "warmup_steps"), f"must be below steps ({t.total_steps}{budget})",
+              t.warmup_steps)
     dp = data_parallel_size(recipe)
     if t.global_batch_size % (t.micro_batch_size * dp):
         r.add(("train", "global_batch_size"),
               f"must be divisible by micro_batch_size x data-parallel size "
               f"({t.micro_batch_size} x {dp})", t.global_batch_size)
-    if t.steps is not None and t.warmup_steps >= t.steps and t.schedule != "constant":
-        r.add(("train", "warmup_steps"), f"must be below steps ({t.steps})", t.warmup_steps)
     if isinstance(t.lr, float) and t.min_lr > t.lr:
         r.add(("train", "min_lr"), f"is above lr ({t.lr})", t.min_lr)
     if recipe.parallel.cp > 1 and t.seq_length % (2 * recipe.parallel.cp):
@@ -184,9 +185,9 @@ def _check_train_fields(recipe: Recipe, r: _Report) -> None:
               t.seq_length)
 
 
-def _check_derived(recipe: Recipe, r: _Report) -> None:
+def _check_derived(recipe: Recipe, r: _Report) -> bool:
     """The step count a budget gives and the LR a scaling law gives, before `show` or the
-    trainer compute them."""
+    trainer compute them; False when the step count itself is unusable."""
     t = recipe.train
     assert t is not None
     loc = ("train", "steps") if t.steps is not None else ("train", "tokens")
@@ -194,11 +195,11 @@ def _check_derived(recipe: Recipe, r: _Report) -> None:
     if steps > MAX_STEPS:
         r.add(loc, f"that is {steps:.3g} optimizer steps of {t.tokens_per_step} tokens; at most "
                    f"{MAX_STEPS} (2^31-1)", t.steps if t.steps is not None else t.tokens)
-        return
+        return False
     if steps * t.tokens_per_step > INT64_MAX:
         r.add(loc, "more tokens in total than a 64-bit counter holds",
               t.steps if t.steps is not None else t.tokens)
-        return
+        return False
     if isinstance(t.lr, LearningRate):
         law = t.lr.scaling_law
         try:
@@ -210,6 +211,7 @@ def _check_derived(recipe: Recipe, r: _Report) -> None:
                   f"LR* = B x D^exponent = {law.B:g} x {t.total_tokens:.3g}^{law.exponent:g} "
                   f"is {'zero' if lr == 0 else 'not a finite number'}",
                   law.exponent, hint="the Phi-4-Mini law has exponent -0.32")
+    return True
 
 
 def _check_precision(recipe: Recipe, r: _Report) -> None:
