@@ -113,6 +113,8 @@ NUMBER_CASES = [
 NAME_CASES = [
     Case("name_newline", {"stage_a.yaml": recipe(name='name: "stage_a\\n"  # <-')},
          "must be an identifier"),
+    Case("name_too_long", {"stage_a.yaml": recipe(name=f"name: {'s' * 300}  # <-")},
+         "a stage name must be at most 64 characters"),
     Case("output_newline", {"stage_a.yaml": recipe(outputs='outputs: ["model\\n"]  # <-')},
          "must be an identifier"),
     Case("pipeline_name_newline",

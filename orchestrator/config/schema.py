@@ -18,6 +18,8 @@ from pydantic import Field, field_validator, model_validator
 from phi4core.config import Data, Logging, Parallel, Precision, Strict, Train
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names become store folders (with a fingerprint beside them) and Slurm job names.
+MAX_NAME_CHARS = 64
 # Variables phi4 sets for every stage (PHI4_STAGE_DIR, PHI4_INPUT_<NAME>, ...) and reads.
 RESERVED_ENV_PREFIX = "PHI4_"
 
@@ -50,6 +52,8 @@ def _identifier(value: str, what: str) -> str:
             f"{what} must be an identifier (letters, digits, underscores; no dots, slashes, "
             "spaces or newlines)"
         )
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{what} must be at most {MAX_NAME_CHARS} characters")
     return value
 
 
