@@ -275,6 +275,15 @@ def test_special_files_are_refused_at_once(kind: str, tmp_path: Path) -> None:
         assert "not a regular file" in proc.stderr, proc.stderr
 
 
+def test_a_cluster_file_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "stage_a.yaml").write_text(recipe())
+    os.mkfifo(tmp_path / "c.yaml")
+    proc = _phi4("run", str(tmp_path / "stage_a.yaml"), "--store", str(tmp_path / "store"),
+                 "--executor", "slurm", "--cluster", str(tmp_path / "c.yaml"), "--dry-run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{tmp_path / 'c.yaml'}: (top level): is a FIFO" in proc.stderr
+
+
 def test_symlink_to_a_recipe_still_reads(tmp_path: Path) -> None:
     (tmp_path / "real.yaml").write_text(recipe())
     (tmp_path / "stage_a.yaml").symlink_to(tmp_path / "real.yaml")
