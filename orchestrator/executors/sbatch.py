@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_.,:+=/@-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_.,:+=/@-]+")  # fullmatch: `$` lets a final newline through
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
@@ -24,7 +24,7 @@ class Raw(str):
 
 
 def directive_value(value: str) -> str:
-    if _TOKEN.match(value):
+    if _TOKEN.fullmatch(value):
         return value
     if _UNQUOTABLE.search(value) or not value:
         raise ValueError(f"cannot pass {value!r} to sbatch safely (quotes, backslashes and "
