@@ -78,7 +78,7 @@ def test_multi_node_train_stage_uses_torchrun_rendezvous(tmp_path: Path) -> None
                            '--nnodes="$SLURM_JOB_NUM_NODES" --rdzv-backend=c10d '
                            '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" '
                            "--nproc-per-node=8 -m phi4core train ")
-    assert srun.endswith("/spec.json &")
+    assert srun.endswith("/spec.json 9>&- &")  # the stage runs without the stage lock
     assert post.startswith("text_post_train: sbatch --parsable "
                            "--dependency=afterok:<job of text_pretrain> ")
 
