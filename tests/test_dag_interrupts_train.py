@@ -28,16 +28,16 @@ def _env(cache: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _run(store: Path, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "run", RECIPE, *TINY,
+def _run(store: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "run", RECIPE, *TINY, *extra,
                            "--store", str(store)], capture_output=True, text=True,
                           env=_env(cache), timeout=600)
 
 
-def _start(store: Path, cache: Path, hold: Path, step: int) -> subprocess.Popen:
+def _start(store: Path, cache: Path, hold: Path, step: int, *extra: str) -> subprocess.Popen:
     """A run in its own session (as a terminal starts it) whose checkpoint `step` is held."""
     out = open(store.parent / f"run.{step}.out", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", RECIPE, *TINY,
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "run", RECIPE, *TINY, *extra,
                              "--store", str(store)], stdout=out, stderr=subprocess.STDOUT,
                             env=_env(cache, hold_env(hold, step)), start_new_session=True)
     out.close()
@@ -59,17 +59,19 @@ def _complete(store: Path) -> list[str]:
                   if (p / "meta.json").is_file())
 
 
-def _stop_while_writing(store: Path, cache: Path, step: int, stop) -> subprocess.Popen:
+def _stop_while_writing(store: Path, cache: Path, step: int, stop, *extra: str,
+                        sig: int = signal.SIGTERM) -> subprocess.Popen:
     """Start a run, wait until checkpoint `step` is being written, `stop(run)`, and wait until
-    the stage's processes have the SIGTERM phi4 run sends them (held off by the writer)."""
+    the stage's processes have `sig` (what phi4 run sends them: SIGTERM), held off by the
+    writer."""
     hold = store.parent / f"hold.{step}"
-    run = _start(store, cache, hold, step)
+    run = _start(store, cache, hold, step, *extra)
     alive = lambda: run.poll() is None  # noqa: E731
     writer = writer_pid(hold, alive)
     stop(run)
-    wait_until(lambda: signal.SIGTERM in pending(writer), "SIGTERM held off by the writer",
-               alive)
-    run.hold = hold
+    wait_until(lambda: sig in pending(writer), f"{signal.Signals(sig).name} held off by the "
+               "writer", alive)
+    run.hold, run.writer = hold, writer
     return run
 
 
@@ -142,3 +144,46 @@ def test_sigterm_to_the_run_then_a_second_ctrl_c_leave_no_trusted_half_checkpoin
     assert f"resumed from {checkpoints / 'step_20'}" in log
     assert _summary(store)["weights_sha256"] == uninterrupted["weights_sha256"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_30", "step_40"]
+
+
+TWO = ("--set", "resources.procs_per_node=2")  # under torchrun (phi4core.elastic), dp=2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two(tmp_path_factory, cache) -> dict:
+    store = tmp_path_factory.mktemp("uninterrupted_two") / "store"
+    out = _run(store, cache, *TWO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return _summary(store)
+
+
+def test_torchrun_stage_preempted_then_killed_by_a_second_ctrl_c(
+        tmp_path: Path, cache: Path, uninterrupted_two: dict) -> None:
+    """Two processes under torchrun: SIGUSR1 to the launcher (as srun passes Slurm's
+    pre-timeout signal to a task) reaches the workers, which checkpoint; the launch exits 75
+    (preempted). Then a second Ctrl-C kills the launcher mid-checkpoint: its workers die with
+    it, before the run has ended, and the rerun resumes from the newest complete checkpoint."""
+    store = tmp_path / "store"
+
+    def usr1_to_the_launcher(run):
+        os.kill(json.loads((_stage(store) / "status.json").read_text())["child_pid"],
+                signal.SIGUSR1)
+
+    run = _stop_while_writing(store, cache, 20, usr1_to_the_launcher, *TWO, sig=signal.SIGUSR1)
+    (run.hold / "hold").unlink()
+    assert run.wait(timeout=300) == 75, (tmp_path / "run.20.out").read_text()
+    status = json.loads((_stage(store) / "status.json").read_text())
+    assert (status["state"], status["exit_code"]) == ("preempted", 75)
+    assert _complete(store) == ["step_10", "step_20"]
+
+    run = _stop_while_writing(store, cache, 30, lambda r: os.killpg(r.pid, signal.SIGINT), *TWO)
+    worker = os.getpgid(run.writer)  # a torchrun worker leads its own process group
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=300) == 128 + signal.SIGINT, (tmp_path / "run.30.out").read_text()
+    wait_until(lambda: _group_gone(worker), "the workers to die with their launcher")
+    assert _complete(store) == ["step_10", "step_20"]
+
+    again = _run(store, cache, *TWO)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _summary(store)["resumed_from_step"] == 20
+    assert _summary(store)["weights_sha256"] == uninterrupted_two["weights_sha256"]

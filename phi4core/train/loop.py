@@ -226,10 +226,11 @@ class Trainer:
         from phi4core.train import checkpointing as ckpt
         from phi4core.train.freezing import check_unchanged, frozen_checksums
         from phi4core.train.metrics import MetricsWriter
-        from phi4core.train.signals import PreemptionFlag
+        from phi4core.train.signals import PreemptionFlag, die_with_launcher
 
         spec, t = self.spec, self.spec.train
         flag = PreemptionFlag().install()
+        die_with_launcher()
         self.setup()
         stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
         start, consumed, first_loss, last_loss = 0, 0, None, None
