@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
         # A worker exits 75 only after the collective checkpoint is complete; torchrun then
         # closes the others with SIGTERM, which may catch one as its interpreter shuts down.
         if PREEMPTED in codes and all(c == PREEMPTED or c < 0 for c in codes):
-            print(f"phi4core.elastic: every worker checkpointed and exited {PREEMPTED}",
+            print(f"phi4core.elastic: the workers checkpointed (exit {PREEMPTED}): preempted",
                   file=sys.stderr, flush=True)
             return PREEMPTED
         print(f"phi4core.elastic: {err}", file=sys.stderr, flush=True)
