@@ -103,6 +103,8 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     """Collective. `progress`: step, consumed_samples, lr... (plain JSON-able values)."""
     from megatron.core import dist_checkpointing
 
+    from phi4core.train.signals import shielded_helpers
+
     root = Path(root)
     tmp, final = root / f"tmp.step_{step}", root / f"step_{step}"
     if _rank() == 0:
@@ -112,7 +114,8 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["progress"] = dict(progress)
     state["rng"] = _rng_entry(rng_state())
-    dist_checkpointing.save(state, str(tmp))
+    with shielded_helpers():  # a Ctrl-C or scancel reaching its writers must not break it
+        dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank() == 0:
         if final.exists():

@@ -226,10 +226,11 @@ class Trainer:
         from phi4core.train import checkpointing as ckpt
         from phi4core.train.freezing import check_unchanged, frozen_checksums
         from phi4core.train.metrics import MetricsWriter
-        from phi4core.train.signals import PreemptionFlag
+        from phi4core.train.signals import PreemptionFlag, die_with_launcher
 
         spec, t = self.spec, self.spec.train
         flag = PreemptionFlag().install()
+        die_with_launcher()
         self.setup()
         stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
         start, consumed, first_loss, last_loss = 0, 0, None, None
@@ -267,16 +268,20 @@ class Trainer:
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step, self.raw_chunks)
                 done = step + 1
-                if flag.agreed():
+                saved = done % t.save_interval == 0 and done < t.total_steps
+                if saved:
                     ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
                               t.keep_last)
+                # Asked after the periodic save: a signal that came while it was written
+                # needs no second checkpoint of the same step.
+                if flag.agreed():
+                    if not saved:
+                        ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
+                                  t.keep_last)
                     if self.rank == 0:
                         print(f"preempted (signal {flag.signum}): checkpoint at step {done}",
                               flush=True)
                     return exitcodes.PREEMPTED
-                if done % t.save_interval == 0 and done < t.total_steps:
-                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
-                              t.keep_last)
             if start < t.total_steps or resume is None:
                 ckpt.save(ckpt_root, t.total_steps, self.model, self.optimizer,
                           progress(t.total_steps), t.keep_last)
@@ -293,9 +298,12 @@ class Trainer:
         from phi4core.checkpoint_io import save_checkpoint
 
         spec, t = self.spec, self.spec.train
+        from phi4core.train.signals import shielded_helpers
+
         out = Path(spec.output_dir) / "model"
-        save_checkpoint(self.raw_chunks, out, spec.model,
-                        extra={"stage": spec.name, "fingerprint": spec.fingerprint})
+        with shielded_helpers():
+            save_checkpoint(self.raw_chunks, out, spec.model,
+                            extra={"stage": spec.name, "fingerprint": spec.fingerprint})
         weights = weights_sha256(self.raw_chunks)
         if self.rank == 0:
             (out / "frozen_checksums.json").write_text(json.dumps(checksums, indent=1))
