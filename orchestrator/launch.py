@@ -1,7 +1,8 @@
 """How one stage is launched: its argv, its environment and (train stages) its spec.json.
 
-Train stages: `python -m phi4core train SPEC.json`, under torchrun when the stage has more
-than one process. Command stages: their `cmd:` as given, no shell. Both see:
+Train stages: `python -m phi4core train SPEC.json`, under torchrun (`python -m
+phi4core.elastic`) when the stage has more than one process. Command stages: their `cmd:` as
+given, no shell. Both see:
     PHI4_STAGE_DIR    the stage's folder in the store (logs, scratch, checkpoints/)
     PHI4_OUTPUT_DIR   where to write each declared output as <artifact>/ (published on exit 0)
     PHI4_INPUT_<NAME> the folder of each input
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from phi4core.config import InputSpec, StageSpec
 
@@ -31,9 +31,9 @@ class ResolvedInput:
     fingerprint: str | None = None  # of the upstream stage attempt
 
 
-def torchrun() -> str:
-    beside = Path(sys.executable).with_name("torchrun")
-    return str(beside) if beside.exists() else "torchrun"
+# torchrun, with the trainer's way of stopping: signals passed on to the workers, exit 75
+# when they all checkpointed (phi4core/elastic.py).
+TORCHRUN = "phi4core.elastic"
 
 
 def command(loaded: LoadedRecipe, attempt: Attempt) -> list[str]:
@@ -45,7 +45,8 @@ def command(loaded: LoadedRecipe, attempt: Attempt) -> list[str]:
     if nproc == 1:
         return [sys.executable, *train]
     # --standalone: a free rendezvous port, so stages side by side (--jobs) do not collide.
-    return [torchrun(), "--standalone", "--nproc_per_node", str(nproc), *train]
+    return [sys.executable, "-m", TORCHRUN, "--standalone", "--nproc_per_node", str(nproc),
+            *train]
 
 
 def environment(loaded: LoadedRecipe, attempt: Attempt,

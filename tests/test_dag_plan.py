@@ -37,8 +37,7 @@ def test_full_size_stages_launch_under_torchrun(tmp_path: Path) -> None:
                      "--set", "data.sources=[{kind: synthetic, modality: text}]",
                      "--set", "tokenizer=demo")
     command = plan["text_pretrain"]["command"]
-    assert Path(command[0]).name == "torchrun"
-    assert command[1:4] == ["--standalone", "--nproc_per_node", "512"]
+    assert command[1:6] == ["-m", "phi4core.elastic", "--standalone", "--nproc_per_node", "512"]
 
 
 def test_missing_local_inputs_block_the_plan_and_refuse_the_run(tmp_path: Path) -> None:

@@ -74,11 +74,11 @@ def test_multi_node_train_stage_uses_torchrun_rendezvous(tmp_path: Path) -> None
     srun = next(ln for ln in pre.splitlines() if ln.startswith("srun "))
     assert srun.startswith("srun --nodes=4 --ntasks-per-node=1 "
                            "'--container-image=nvcr.io#nvidia/pytorch:25.01-py3' "
-                           "--container-mounts=/lustre:/lustre -- python -m torch.distributed.run "
+                           "--container-mounts=/lustre:/lustre -- python -m phi4core.elastic "
                            '--nnodes="$SLURM_JOB_NUM_NODES" --rdzv-backend=c10d '
                            '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" '
                            "--nproc-per-node=8 -m phi4core train ")
-    assert srun.endswith("/spec.json &")
+    assert srun.endswith("/spec.json 9>&- &")  # the stage runs without the stage lock
     assert post.startswith("text_post_train: sbatch --parsable "
                            "--dependency=afterok:<job of text_pretrain> ")
 

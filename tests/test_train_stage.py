@@ -205,3 +205,37 @@ def test_bad_specs_exit_2(work):
     (work / "junk.json").write_text('{"name": 1}')
     rc, out = _train(work / "junk.json", work / "cache")
     assert rc == 2 and "bad stage spec" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
+def test_stop_signal_to_the_group_while_a_checkpoint_is_written(pretrained, work, sig):
+    """Ctrl-C at a terminal (SIGINT) or Slurm signalling every process of a step (USR1, TERM)
+    reaches megatron's checkpoint helpers too: the checkpoint being written completes, the
+    stage exits 75, and the rerun resumes from it, bit-identical to an uninterrupted run."""
+    from interrupt_helpers import hold_env, pending, wait_until, writer_pid
+
+    name = f"group_{sig.name.lower()}"
+    spec = tiny_spec(work, name, steps=30, save_interval=10)  # as `pretrained`
+    path = write_spec(spec, work / f"{name}.json")
+    hold = work / f"{name}.hold"
+    log = open(path.with_suffix(".log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "phi4core", "train", str(path)], cwd=REPO,
+                            env={**_env(work / "cache"), **hold_env(hold, 20)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    alive = lambda: proc.poll() is None  # noqa: E731
+    writer = writer_pid(hold, alive)  # step_10 is on disk, step_20 is being written
+    os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does: the trainer and all its helpers
+    wait_until(lambda: sig in pending(writer), f"{sig.name} held off by the writer", alive)
+    (hold / "hold").unlink()
+    proc.wait(timeout=300)
+    out = path.with_suffix(".log").read_text()
+    assert proc.returncode == 75, out[-3000:]
+    assert f"preempted (signal {int(sig)}): checkpoint at step 20" in out
+    ckpts = Path(spec.stage_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_10", "step_20"]
+    rc, out = _train(path, work / "cache")
+    assert rc == 0, out[-3000:]
+    s = _summary(spec)
+    assert s["resumed_from_step"] == 20
+    assert s["weights_sha256"] == _summary(pretrained)["weights_sha256"]

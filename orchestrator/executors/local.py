@@ -4,9 +4,11 @@ One thread, one loop: start what is ready, poll children, wait for locks, redraw
 single-threaded makes signal handling and `preexec_fn` safe and the order of events simple.
 
 Each child runs in its own process group (so SIGINT/SIGTERM to the run stop whole stage
-trees, torchrun's workers included), dies with the run (PR_SET_PDEATHSIG: SIGTERM, so a
-trainer still checkpoints), and inherits the stage lock, so a child that outlives a killed
-run keeps its stage locked until it exits and no second run starts the stage meanwhile.
+trees, torchrun's workers included) and dies with the run (PR_SET_PDEATHSIG: SIGTERM, so a
+trainer still checkpoints). Its stage lock is held by a keeper process for exactly as long as
+the child lives (lockkeeper): a child that outlives a killed run keeps its stage locked until
+it exits, so no second run starts the stage meanwhile, and what the child leaves running in
+the background never holds the lock.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..metrics import last_record, progress_text
 from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
 from ..store import StageLock, write_json
+from . import lockkeeper
 from .attempts import Outcome, consumed, record_exit
 
 _POLL_SECONDS = 0.05
@@ -52,6 +55,7 @@ class _Child:
     proc: subprocess.Popen
     lock: StageLock
     log: IO[bytes]
+    keeper: subprocess.Popen | None = None  # holds the lock while proc lives
     signalled_at: float | None = None
 
 
@@ -181,10 +185,11 @@ class LocalExecutor:
         log.write(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
         log.flush()
+        kept = lockkeeper.available()  # else the child inherits the lock
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env={**os.environ, **sp.env},
-                                    process_group=0, pass_fds=(lock.fd,),
+                                    process_group=0, pass_fds=() if kept else (lock.fd,),
                                     preexec_fn=self._preexec)
         except OSError as err:
             log.close()
@@ -193,8 +198,9 @@ class LocalExecutor:
             lock.release()
             self._failed(name, Outcome("failed", f"cannot start {argv[0]}: {err.strerror}"))
             return
+        keeper = lockkeeper.start(proc, lock.fd, log) if kept else None
         attempt.update_status(child_pid=proc.pid, job_id=str(proc.pid))
-        running[name] = _Child(proc, lock, log)
+        running[name] = _Child(proc, lock, log, keeper)
         self.display.event(name, "running", "; ".join(sp.reasons))
 
     def _poll(self, running: dict[str, _Child]) -> None:
@@ -208,6 +214,7 @@ class LocalExecutor:
                         record, train.total_steps if train else None))
                 continue
             del running[name]
+            lockkeeper.stop(child.keeper)
             child.log.close()
             try:
                 self._collect(name, code, child)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config.cluster import Cluster
 from ..plan import Plan, StagePlan
-from .sbatch import shell_words
+from .sbatch import WITHOUT_LOCK, shell_words
 from .slurm import rendezvous_exports, stage_command
 
 INSTALL_HINT = "NeMo-Run is not installed: pip install 'phi4[nemo-run]'"
@@ -69,7 +69,7 @@ def task_script(sp: StagePlan, cluster: Cluster | None) -> str:
         "fi",
         *[f"export {line}" for line in (rendezvous_exports(cluster.rdzv_port) if several
                                         else [])],
-        shell_words(argv),
+        f"{shell_words(argv)} {WITHOUT_LOCK}",  # the lock stays with this script
         "phi4_code=$?",
         'phi4_first || exit "$phi4_code"',
         'phi4_hook end --exit-code "$phi4_code"',

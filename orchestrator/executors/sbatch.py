@@ -15,7 +15,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_.,:+=/@-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_.,:+=/@-]+")  # fullmatch: `$` lets a final newline through
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
@@ -24,7 +24,7 @@ class Raw(str):
 
 
 def directive_value(value: str) -> str:
-    if _TOKEN.match(value):
+    if _TOKEN.fullmatch(value):
         return value
     if _UNQUOTABLE.search(value) or not value:
         raise ValueError(f"cannot pass {value!r} to sbatch safely (quotes, backslashes and "
@@ -65,7 +65,7 @@ def render(job: BatchScript) -> str:
     for name, value in job.env.items():
         lines.append(f"export {_name(name)}={shlex.quote(value)}")
     lines += [f"export {line}" for line in job.exports]
-    lines += ["", _BEGIN, "", f"{shell_words(job.step)} &", _END, "",
+    lines += ["", _BEGIN, "", f"{shell_words(job.step)} {WITHOUT_LOCK} &", _END, "",
               _REQUEUE % (_RELEASE if job.release_now else "")]
     return "\n".join(lines) + "\n"
 
@@ -79,6 +79,10 @@ def _name(name: str) -> str:
         raise ValueError(f"not an environment variable name: {name!r}")
     return name
 
+
+# Run a command without the stage lock (fd 9): only the batch script holds it, so nothing the
+# stage leaves running keeps the stage locked.
+WITHOUT_LOCK = "9>&-"
 
 _PRELUDE = r'''phi4_step=
 # Bookkeeping in the store (start, publish, exit states), outside any container.
@@ -103,7 +107,7 @@ phi4_wait() {
 }
 
 # One attempt per stage at a time, the lock local runs take (if flock exists and the
-# filesystem honours it).
+# filesystem honours it). This script alone holds it: the step runs without fd 9.
 if command -v flock >/dev/null; then
     exec 9>>"$phi4_stage_dir/.lock"
     flock 9 || echo "phi4: cannot lock $phi4_stage_dir/.lock; going on" >&2
@@ -141,5 +145,5 @@ _RELEASE = r'''    setsid -f bash -c 'for _ in $(seq 600); do
             exec scontrol update JobId="$1" StartTime=now
         fi
         sleep 0.2
-    done' phi4-release "$SLURM_JOB_ID" </dev/null >/dev/null 2>&1
+    done' phi4-release "$SLURM_JOB_ID" </dev/null >/dev/null 2>&1 9>&-
 '''

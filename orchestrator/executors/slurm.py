@@ -55,7 +55,7 @@ def stage_command(sp: StagePlan, cluster: Cluster) -> list[str]:
     rdzv = ["--standalone"] if res.nodes == 1 else [
         Raw('--nnodes="$SLURM_JOB_NUM_NODES"'), "--rdzv-backend=c10d",
         Raw('--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"'), Raw('--rdzv-id="$SLURM_JOB_ID"')]
-    return [train[0], "-m", "torch.distributed.run", *rdzv, f"--nproc-per-node={per_node}",
+    return [train[0], "-m", launch.TORCHRUN, *rdzv, f"--nproc-per-node={per_node}",
             *train[1:]]
 
 

@@ -206,10 +206,11 @@ class Trainer:
         from phi4core.train.data import StepBatches
         from phi4core.train.freezing import check_unchanged, frozen_checksums
         from phi4core.train.metrics import MetricsWriter
-        from phi4core.train.signals import PreemptionFlag
+        from phi4core.train.signals import PreemptionFlag, die_with_launcher
 
         spec, t = self.spec, self.spec.train
         flag = PreemptionFlag().install()
+        die_with_launcher()
         self.setup()
         stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
         start, consumed, first_loss, last_loss = 0, 0, None, None
@@ -260,14 +261,18 @@ class Trainer:
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step, self.raw_chunks)
                 done = step + 1
-                if flag.agreed():
+                saved = done % t.save_interval == 0 and done < t.total_steps
+                if saved:
                     save(done)
+                # Asked after the periodic save: a signal that came while it was written
+                # needs no second checkpoint of the same step.
+                if flag.agreed():
+                    if not saved:
+                        save(done)
                     if self.rank == 0:
                         print(f"preempted (signal {flag.signum}): checkpoint at step {done}",
                               flush=True)
                     return exitcodes.PREEMPTED
-                if done % t.save_interval == 0 and done < t.total_steps:
-                    save(done)
             if start < t.total_steps or resume is None:
                 save(t.total_steps)
         finally:
@@ -286,6 +291,7 @@ class Trainer:
         from phi4core.interop.hf import copy_tokenizer
         from phi4core.model_weights import save_model_weights
         from phi4core.train.freezing import weights_sha256
+        from phi4core.train.signals import shielded_helpers
 
         spec, t = self.spec, self.spec.train
         out = Path(spec.output_dir) / "model"
@@ -294,8 +300,9 @@ class Trainer:
             (folder / "tokenizer").mkdir()
             copy_tokenizer(self.tokenizer.path, folder / "tokenizer")
 
-        save_model_weights(self.raw_chunks, out, spec.model, add_files=add_tokenizer,
-                           extra={"stage": spec.name, "fingerprint": spec.fingerprint})
+        with shielded_helpers():
+            save_model_weights(self.raw_chunks, out, spec.model, add_files=add_tokenizer,
+                               extra={"stage": spec.name, "fingerprint": spec.fingerprint})
         weights = weights_sha256(self.raw_chunks)
         if self.rank == 0:
             (out / "frozen_checksums.json").write_text(json_text(checksums, indent=1))

@@ -80,6 +80,7 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     from megatron.core import dist_checkpointing
 
     from phi4core.model_weights import write_model_meta
+    from phi4core.train.signals import shielded_helpers
 
     root = Path(root)
     tmp, final = root / f"tmp.step_{step}", root / f"step_{step}"
@@ -90,7 +91,8 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["progress"] = dict(progress)
     state["rng"] = _rng_entry(rng_state())
-    dist_checkpointing.save(state, str(tmp))
+    with shielded_helpers():  # a Ctrl-C or scancel reaching its writers must not break it
+        dist_checkpointing.save(state, str(tmp))
     if parallel.rank() == 0:
         write_model_meta(tmp, model_meta)
     parallel.barrier()
