@@ -1,64 +1,24 @@
 """`phi4`: validate, show, plan, run, graph, status, cancel and the tools around them.
 
-Start-up stays torch-free: commands that need torch (model-info, convert, data) import it
-inside their bodies.
+The recipe-language commands (validate, show, lr) are defined here; the others in
+commands/*, each registered below by name. Start-up stays torch-free: commands that need torch
+(model-info, convert, data) import it inside their bodies.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .commands import data, model, pipeline, slurm
+from .commands.common import UsageProblem, config_options, report_config_errors
 from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
 from .config.checks import data_parallel_size
-
-EXIT_BAD_INPUT = 2
-
-
-class UsageProblem(click.ClickException):
-    """Bad input found outside the recipe language (a missing store, a wrong flag value)."""
-
-    exit_code = EXIT_BAD_INPUT
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"phi4: {self.message}", err=True)
-
-
-def _report_config_errors(fn: Callable) -> Callable:
-    """Bad input never shows a traceback: one line per problem, exit 2."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as err:
-            for problem in err.problems:
-                click.echo(str(problem), err=True)
-            sys.exit(EXIT_BAD_INPUT)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-def quiet_megatron() -> None:
-    """Commands that import megatron need not print its dozen CPU fallback warnings."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-
-
-def config_options(fn: Callable) -> Callable:
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a field (typed like the file); in a pipeline, "
-                           "STAGE.KEY=VALUE targets one stage.")(fn)
-    fn = click.option("--profile", default=None, metavar="NAME",
-                      help="Overlay recipes/profiles/NAME.yaml on every stage (e.g. tiny).")(fn)
-    return fn
+from .exitcodes import BAD_INPUT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,7 +52,7 @@ def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, 
         else:
             click.echo(f"ok  {path}  (stage {loaded.recipe.name})")
     if failed:
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(BAD_INPUT)
 
 
 def resolved_recipe(loaded: LoadedRecipe) -> dict[str, Any]:
@@ -126,7 +86,7 @@ def _dump(data: Any, fmt: str) -> str:
 @click.argument("path")
 @config_options
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
-@_report_config_errors
+@report_config_errors
 def show(path: str, profile: str | None, overrides: tuple[str, ...], fmt: str) -> None:
     """Print the fully resolved stage or pipeline."""
     loaded = load_any(path, profile, list(overrides))
@@ -156,7 +116,7 @@ def lr() -> None:
 @click.option("--exponent", type=float, default=None,
               help="Fix the exponent (the Phi-4-Mini report uses -0.32) and fit only B.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-@_report_config_errors
+@report_config_errors
 def lr_fit(sweep: Path, exponent: float | None, fmt: str) -> None:
     """Fit B and the exponent from a CSV of (tokens, best lr) rows."""
     from .lr import fit, read_sweep
@@ -189,18 +149,11 @@ def lr_predict(tokens: float, b: float, exponent: float) -> None:
     click.echo(f"{b * tokens ** exponent:.6g}")
 
 
-def _register_command_modules() -> None:
-    """Command modules register themselves on import; their heavy imports stay inside them."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
-    for module in pkgutil.iter_modules(commands.__path__):
-        importlib.import_module(f"{commands.__name__}.{module.name}")
-
-
-_register_command_modules()
+# Every command, registered by name here (the modules define them; importing one registers
+# nothing by itself).
+for _command in (pipeline.plan, pipeline.run, pipeline.status, pipeline.graph, slurm.cancel,
+                slurm.stage_hook, model.model_info_cmd, model.convert, data.data):
+    cli.add_command(_command)
 
 
 def main() -> None:
@@ -208,8 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as `python -m orchestrator.cli`: command modules register on the importable module's
-    # group, not on this `__main__` copy, so hand over to it.
-    from orchestrator.cli import main as _main
-
-    _main()
+    main()

@@ -12,7 +12,9 @@ from slurm_helpers import LOCAL_CLUSTER, REPO, phi4
 
 from orchestrator.config import ConfigError
 from orchestrator.config.cluster import load_cluster
-from orchestrator.executors.sbatch import Raw, directive_value, shell_words
+from orchestrator.executors.sbatch import directive_value
+from orchestrator.exitcodes import SKIP
+from orchestrator.shell import Raw, shell_words
 
 H100 = REPO / "clusters" / "example_h100.yaml"
 # The tiny text pipeline made four 8-GPU nodes large (the recipes' full size needs real data).
@@ -183,7 +185,7 @@ def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
     phi4("run", str(pipeline), "--store", str(store), check=0)
     a_dir = next((store / "stages" / "a").glob("*/artifacts")).parent
     b_dir = next((store / "stages" / "b").glob("*/artifacts")).parent
-    assert hooks.begin(b_dir) == hooks.SKIP
+    assert hooks.begin(b_dir) == SKIP
     status = json.loads((b_dir / "status.json").read_text())
     assert status["state"] == "succeeded" and status["attempt"] == 1
 

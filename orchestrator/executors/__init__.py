@@ -1,1 +1,27 @@
-"""Executors: turn a plan into launched processes (local) or jobs (cluster)."""
+"""Executors turn a plan into launched processes (local) or jobs (Slurm, NeMo-Run).
+
+Each implements base.Executor and is chosen by name from this registry; `get` imports only the
+one chosen, so that a command pays for no other (NeMo-Run is an optional extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import Executor
+
+# name (`phi4 run --executor NAME`, and `executor` in status.json) -> module, class
+_REGISTRY = {
+    "local": ("orchestrator.executors.local", "LocalExecutor"),
+    "slurm": ("orchestrator.executors.slurm", "SlurmExecutor"),
+    "nemo_run": ("orchestrator.executors.nemo_run", "NemoRunExecutor"),
+}
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str) -> type[Executor]:
+    """The executor class registered as `name` (KeyError for a name not registered)."""
+    module, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
