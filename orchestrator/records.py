@@ -43,6 +43,8 @@ UNFINISHED = frozenset({State.FAILED, State.CANCELLED, State.PREEMPTED, State.IN
                         State.BLOCKED})
 # What a run counts as done: downstream stages may start.
 DONE = frozenset({State.SUCCEEDED, State.UP_TO_DATE})
+# Records whose job a scheduler may still hold (queued, running, or requeued after preemption).
+LIVE = frozenset({State.PENDING, State.RUNNING, State.PREEMPTED})
 
 
 class _Record(BaseModel):

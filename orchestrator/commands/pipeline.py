@@ -155,9 +155,7 @@ def status(store_dir: str | None, every: bool, fmt: str) -> None:
     from ..status import collect, format_rows
 
     store = existing_store(store_dir)
-    rows = collect(store, every)
-    for name in sorted({r.executor for r in rows if r.executor in executors.NAMES}):
-        rows = executors.get(name).status(store, rows)
+    rows = executors.status(store, collect(store, every))
     if fmt == "json":
         click.echo(json.dumps({"store": str(store.root), "stages": [r.as_json() for r in rows]},
                               indent=1))

@@ -10,6 +10,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..status import StatusRow
+    from ..store import Store
     from .base import Executor
 
 # name (`phi4 run --executor NAME`, and `executor` in status.json) -> module, class
@@ -25,3 +27,13 @@ def get(name: str) -> type[Executor]:
     """The executor class registered as `name` (KeyError for a name not registered)."""
     module, cls = _REGISTRY[name]
     return getattr(importlib.import_module(module), cls)
+
+
+def status(store: Store, rows: list[StatusRow]) -> list[StatusRow]:
+    """`phi4 status` rows, with what each executor knows of its stages that may not have
+    ended (the records of the others are final: nothing is imported for them)."""
+    from ..records import LIVE
+
+    for name in sorted({r.executor for r in rows if r.state in LIVE and r.executor in NAMES}):
+        rows = get(name).status(store, rows)
+    return rows

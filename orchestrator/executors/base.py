@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..config import ConfigError
+from ..config.cluster import LoadedCluster, stage_problems
 from ..plan import UP_TO_DATE, Plan, resolve_or_raise
 from ..store import Store
 from .outcomes import Outcome, exit_status, summary
@@ -79,15 +81,23 @@ class Executor(ABC):
         inputs found, and what the executor adds."""
         resolve_or_raise(self.plan)
 
+    def check_fits(self, lc: LoadedCluster) -> None:
+        """Every stage to run asks only what the cluster's nodes have (errors at the recipe
+        field to change)."""
+        problems = [p for n in self.plan.to_run()
+                    for p in stage_problems(self.plan.stages[n].loaded, lc)]
+        if problems:
+            raise ConfigError(problems)
+
     @abstractmethod
     def dry_run(self) -> str:
         """What `run` would launch, as text; writes nothing."""
 
-    def headline(self) -> str:
-        """The line that starts a run."""
+    def headline(self, verb: str = "running", where: str = "") -> str:
+        """The line that starts a run: "pipeline P: running 2 of 3 stages (store S)"."""
         todo = self.plan.to_run()
-        return (f"{self.options.title}: running {len(todo)} of {len(self.plan.stages)} stages "
-                f"(store {self.plan.store.root})")
+        return (f"{self.options.title}: {verb} {len(todo)} of {len(self.plan.stages)} stages"
+                f"{where} (store {self.plan.store.root})")
 
     @abstractmethod
     def submit(self) -> list[Submission]:

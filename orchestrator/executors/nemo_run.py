@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import launch
-from ..config import ConfigError
-from ..config.cluster import Cluster, load_cluster, stage_problems, stage_time
+from ..config.cluster import Cluster, load_cluster, stage_time
 from ..exitcodes import BAD_INPUT, FAILURE
 from ..launch import ProcessLayout
 from ..plan import Plan, StagePlan
@@ -87,10 +86,7 @@ class NemoRunExecutor(Executor):
         if not available():
             raise NemoRunMissing()
         if self.lc is not None:
-            problems = [p for n in self.plan.to_run()
-                        for p in stage_problems(self.plan.stages[n].loaded, self.lc)]
-            if problems:
-                raise ConfigError(problems)
+            self.check_fits(self.lc)
 
     def dry_run(self) -> str:
         """NeMo-Run's own dry run of the experiment, built in a scratch NEMORUN_HOME."""
@@ -105,10 +101,8 @@ class NemoRunExecutor(Executor):
         return said
 
     def headline(self) -> str:
-        todo = self.plan.to_run()
         where = f"SlurmExecutor on {self.cluster.name}" if self.cluster else "LocalExecutor"
-        return (f"{self.options.title}: running {len(todo)} of {len(self.plan.stages)} stages "
-                f"with NeMo-Run ({where}; NEMORUN_HOME {self.home})")
+        return super().headline(where=f" with NeMo-Run's {where} (NEMORUN_HOME {self.home})")
 
     def submit(self) -> list[Submission]:
         """Record every stage as the Slurm executor does at submission, then drive the

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from .. import launch
-from ..config import ConfigError
-from ..config.cluster import load_cluster, stage_problems, stage_time
+from ..config.cluster import load_cluster, stage_time
 from ..exitcodes import PREEMPTED
 from ..plan import Plan
 from ..records import StageStatus, State
@@ -67,10 +66,7 @@ class SlurmExecutor(Executor):
     def check(self) -> None:
         """Everything that would make a submission fail, before anything is submitted."""
         super().check()
-        problems = [p for n in self.plan.to_run()
-                    for p in stage_problems(self.plan.stages[n].loaded, self.lc)]
-        if problems:
-            raise ConfigError(problems)
+        self.check_fits(self.lc)
         root = str(self.plan.store.root)
         try:
             directive_value(root)
@@ -148,9 +144,7 @@ class SlurmExecutor(Executor):
         return "".join(out)
 
     def headline(self) -> str:
-        todo = self.plan.to_run()
-        return (f"{self.options.title}: submitting {len(todo)} of {len(self.plan.stages)} "
-                f"stages to {self.cluster.name} (store {self.plan.store.root})")
+        return super().headline("submitting", f" to {self.cluster.name}")
 
     # ------------------------------------------------------------------------------------
     # submission

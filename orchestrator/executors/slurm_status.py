@@ -10,19 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..records import State
+from ..records import LIVE, State
 from ..store import StageDir, Store
 from . import slurm_cli
 
-# Records whose job may still be queued or running.
-_LIVE = (State.PENDING, State.RUNNING, State.PREEMPTED)
 _BAD = (State.FAILED, State.CANCELLED, State.PREEMPTED, State.BLOCKED)
 
 
 def slurm_job(folder: StageDir) -> str | None:
     """The Slurm job of the folder's latest attempt, while that job may be queued or running."""
     status = folder.status()
-    if status is not None and status.executor == "slurm" and status.state in _LIVE:
+    if status is not None and status.executor == "slurm" and status.state in LIVE:
         return status.job_id
     return None
 
@@ -138,7 +136,7 @@ def cancel(store: Store, names: list[str], descendants: bool = True
 def annotate(store: Store, rows: list) -> list:
     """`phi4 status` rows, with Slurm's word on stages whose job may still be queued or
     running (their records brought up to date first). Rows of other stages are unchanged."""
-    live = [r for r in rows if r.executor == "slurm" and r.state in _LIVE and r.job]
+    live = [r for r in rows if r.executor == "slurm" and r.state in LIVE and r.job]
     if not live:
         return rows
     folders = {r.path: store.stage_dir(r.stage, r.fingerprint) for r in live}
