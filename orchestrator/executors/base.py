@@ -18,6 +18,7 @@ from typing import ClassVar
 from ..config import ConfigError
 from ..config.cluster import LoadedCluster, stage_problems
 from ..plan import UP_TO_DATE, Plan, resolve_or_raise
+from ..records import State
 from ..store import Store
 from .outcomes import Outcome, exit_status, summary
 
@@ -93,7 +94,7 @@ class Executor(ABC):
     def dry_run(self) -> str:
         """What `run` would launch, as text; writes nothing."""
 
-    def headline(self, verb: str = "running", where: str = "") -> str:
+    def headline(self, verb: str = State.RUNNING, where: str = "") -> str:
         """The line that starts a run: "pipeline P: running 2 of 3 stages (store S)"."""
         todo = self.plan.to_run()
         return (f"{self.options.title}: {verb} {len(todo)} of {len(self.plan.stages)} stages"
