@@ -75,6 +75,9 @@ class Launcher:
     cluster: Cluster | None = None
 
     def layout(self) -> ProcessLayout:
+        """The stage's processes, decided here for every executor (see the module docstring).
+        Locally every rank runs on this machine: a recipe asking several nodes is refused
+        before it is run (LocalExecutor.check), not laid out across them."""
         recipe, c = self.loaded.recipe, self.cluster
         env = {**(c.env if c else {}), **environment(self.loaded, self.stage_dir, self.inputs)}
         cpus = c.cpus_per_task if c else 1  # per process

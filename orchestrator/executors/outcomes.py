@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..exitcodes import FAILURE, PREEMPTED
+from ..exitcodes import FAILURE, OK, PREEMPTED
 from ..records import DONE, State
 from ..store import StageDir
 
@@ -87,4 +87,4 @@ def exit_status(outcomes: dict[str, Outcome], stop_signal: int | None = None) ->
         return FAILURE
     if State.PREEMPTED in states:
         return PREEMPTED
-    return FAILURE if states & {State.BLOCKED, State.NOT_RUN, State.CANCELLED} else 0
+    return FAILURE if states - DONE else OK  # blocked, not run, cancelled
