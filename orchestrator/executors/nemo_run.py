@@ -29,7 +29,6 @@ from typing import Any
 from .. import launch
 from ..config.cluster import Cluster, load_cluster, stage_time
 from ..exitcodes import BAD_INPUT, FAILURE
-from ..launch import ProcessLayout
 from ..plan import Plan, StagePlan
 from ..records import State
 from ..shell import shell_words
@@ -168,7 +167,7 @@ def _drive(doc: dict, home: Path, capture: bool = False) -> tuple[int, str]:
     return proc.returncode, proc.stdout or ""
 
 
-def task_script(sp: StagePlan, layout: ProcessLayout, cluster: Cluster | None) -> str:
+def task_script(sp: StagePlan, layout: launch.ProcessLayout, cluster: Cluster | None) -> str:
     """The bash a task runs. On several nodes (or one task per rank) only the first task
     (SLURM_PROCID 0) keeps the books; every task runs the stage's processes."""
     host_python = cluster.bookkeeping_python() if cluster is not None else sys.executable
