@@ -77,3 +77,16 @@ def test_python_m_orchestrator_cli_has_every_command() -> None:
     for command in ("plan", "run", "status", "graph", "cancel", "model-info", "convert",
                     "data", "validate", "show", "lr"):
         assert f"\n  {command} " in out.stdout, command
+
+
+def test_generated_shell_takes_its_exit_codes_from_the_constants() -> None:
+    """Case arms on a hook's answer, `exit N` and comparisons of phi4's verdicts are written
+    from exitcodes.py, never as numbers in the shell text."""
+    import re
+
+    numbers = re.compile(r"^\s*\d+\)|\bexit \d|phi4_(verdict|code) == \d", re.M)
+    for name in ("sbatch.py", "nemo_run.py"):
+        path = PACKAGE / "executors" / name
+        found = [(line, text) for line, text in _strings(ast.parse(path.read_text()))
+                 if numbers.search(text)]
+        assert found == [], name

@@ -124,7 +124,7 @@ phi4_wait "$phi4_step"
 phi4_code=$?
 phi4_step=
 
-# Publishes on exit 0; answers PREEMPTED when the stage checkpointed and the job should be
+# Publishes when the stage succeeded; answers PREEMPTED when it checkpointed and the job should be
 # requeued.
 phi4_hook end --exit-code "$phi4_code"
 phi4_verdict=$?'''
