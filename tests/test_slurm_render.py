@@ -202,3 +202,22 @@ def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
     assert hooks.end(a_dir, 3) == 3
     status = json.loads((a_dir / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("failed", 3)
+
+
+def test_slurm_commands_missing_are_one_line(tmp_path: Path) -> None:
+    """A store that records a Slurm job, on a machine without Slurm's commands."""
+    from orchestrator.store import Store
+
+    pipeline = make_pipeline(tmp_path, {"a": []})
+    store = tmp_path / "store"
+    folder = Store(store).stage_dir("a", "f" * 16)
+    folder.queue("slurm", force=False, command=["true"], reasons=["new"], inputs={})
+    folder.record_job("123")
+    no_slurm = {"PATH": str(tmp_path / "empty")}
+    out = phi4("run", str(pipeline), "--store", str(store), "--executor", "slurm",
+               "--cluster", str(LOCAL_CLUSTER), check=2, env=no_slurm)
+    assert out.stderr == "phi4: squeue not found: is Slurm installed on this machine?\n"
+    row = json.loads(phi4("status", "--format", "json", "--store", str(store), check=0,
+                          env=no_slurm).stdout)["stages"][0]
+    assert row["state"] == "pending" and row["note"].endswith(
+        "Slurm not reachable: squeue not found: is Slurm installed on this machine?")

@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
+from .. import executors
 from ..config import LoadedPipeline, load_any
 from ..config.errors import did_you_mean
-from ..executors import NAMES as EXECUTORS
 from .common import UsageProblem, config_options, existing_store, report_config_errors, store_option
 
 
@@ -105,7 +105,7 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
               help="Print the plan (slurm, nemo_run: every job script) and run nothing.")
 @click.option("--grace", type=float, default=30.0, show_default=True, metavar="SECONDS",
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="local",
+@click.option("--executor", type=click.Choice(executors.NAMES), default="local",
               show_default=True, help="Where stages run: here, as Slurm batch jobs, or as a "
                                       "NeMo-Run experiment.")
 @click.option("--cluster", "cluster_file", default=None, metavar="FILE",
@@ -118,7 +118,6 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
         jobs: int, keep_going: bool, dry_run: bool, grace: float, executor: str,
         cluster_file: str | None, wait: bool, poll: float, **selection: Any) -> None:
     """Run the stages that are not up to date, in dependency order."""
-    from .. import executors
     from ..executors.base import ExecutorError, RunOptions
     from ..executors.base import run as run_plan
     from ..store import Store
@@ -151,7 +150,6 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def status(store_dir: str | None, every: bool, fmt: str) -> None:
     """Every stage in the store: state, duration, last loss, artifacts."""
-    from .. import executors
     from ..status import collect, format_rows
 
     store = existing_store(store_dir)

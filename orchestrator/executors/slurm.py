@@ -53,7 +53,10 @@ class SlurmExecutor(Executor):
 
     @classmethod
     def sync(cls, store: Store) -> None:
-        slurm_status.reconcile_store(store)
+        try:
+            slurm_status.reconcile_store(store)
+        except slurm_cli.SlurmError as err:
+            raise ExecutorError(str(err)) from None
 
     @classmethod
     def status(cls, store: Store, rows: list[StatusRow]) -> list[StatusRow]:
