@@ -8,6 +8,7 @@ commands/*, each registered below by name. Start-up stays torch-free: commands t
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import click
 
 from .commands import data, model, pipeline, slurm
-from .commands.common import UsageProblem, config_options, report_config_errors
+from .commands.common import FiniteFloat, UsageProblem, config_options, report_config_errors
 from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
 from .config.checks import data_parallel_size
 from .exitcodes import BAD_INPUT
@@ -36,11 +37,11 @@ def cli() -> None:
 @click.argument("paths", nargs=-1, required=True)
 @config_options
 def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, ...]) -> None:
-    """Check recipes and pipelines; one line per problem, exit 2 if any."""
+    """Check recipes, pipelines and cluster files; one line per problem, exit 2 if any."""
     failed = False
     for path in paths:
         try:
-            loaded = load_any(path, profile, list(overrides))
+            loaded = load_any(path, profile, list(overrides), clusters=True)
         except ConfigError as err:
             failed = True
             for problem in err.problems:
@@ -49,8 +50,10 @@ def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, 
         if isinstance(loaded, LoadedPipeline):
             click.echo(f"ok  {path}  (pipeline {loaded.pipeline.name}, "
                        f"{len(loaded.stages)} stages)")
-        else:
+        elif isinstance(loaded, LoadedRecipe):
             click.echo(f"ok  {path}  (stage {loaded.recipe.name})")
+        else:
+            click.echo(f"ok  {path}  (cluster {loaded.cluster.name})")
     if failed:
         sys.exit(BAD_INPUT)
 
@@ -113,23 +116,29 @@ def lr() -> None:
 
 @lr.command("fit")
 @click.argument("sweep", type=click.Path(path_type=Path))
-@click.option("--exponent", type=float, default=None,
+@click.option("--exponent", type=FiniteFloat(), default=None,
               help="Fix the exponent (the Phi-4-Mini report uses -0.32) and fit only B.")
+@click.option("--min-r2", type=FiniteFloat(), default=0.5, show_default=True,
+              help="Refuse a fit whose R^2 is below this.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @report_config_errors
-def lr_fit(sweep: Path, exponent: float | None, fmt: str) -> None:
-    """Fit B and the exponent from a CSV of (tokens, best lr) rows."""
+def lr_fit(sweep: Path, exponent: float | None, min_r2: float, fmt: str) -> None:
+    """Fit B and the exponent from a CSV of (tokens, best lr) rows, or of (tokens, lr, loss)
+    runs (the best LR of each budget is picked)."""
     from .lr import fit, read_sweep
 
-    result = fit(read_sweep(sweep), exponent)
+    runs = read_sweep(sweep)
+    result = fit(runs, exponent, min_r2)
     if fmt == "json":
         click.echo(json.dumps({"B": result.B, "exponent": result.exponent, "r2": result.r2,
                                "fixed_exponent": result.fixed_exponent,
-                               "points": len(result.points)}))
+                               "points": len(result.points), "runs": runs.runs}))
         return
     fixed = " (fixed)" if result.fixed_exponent else ""
+    source = (f"the best of {runs.runs} runs at {len(result.points)} budgets"
+              if runs.runs > len(result.points) else f"{len(result.points)} runs")
     click.echo(f"LR* = {result.B:.6g} x D^{result.exponent:.4f}{fixed}   "
-               f"R^2 = {result.r2:.4f}   from {len(result.points)} runs")
+               f"R^2 = {result.r2:.4f}   from {source}")
     click.echo(f"{'tokens':>12}  {'best lr':>10}  {'fit':>10}  {'ratio':>6}")
     for d, best in result.points:
         pred = result.predict(d)
@@ -139,14 +148,21 @@ def lr_fit(sweep: Path, exponent: float | None, fmt: str) -> None:
 
 
 @lr.command("predict")
-@click.option("--tokens", type=float, required=True, help="Token budget D, e.g. 5e12.")
-@click.option("--B", "b", type=float, required=True, help="The law's coefficient.")
-@click.option("--exponent", type=float, default=-0.32, show_default=True)
+@click.option("--tokens", type=FiniteFloat(positive=True), required=True,
+              help="Token budget D, e.g. 5e12.")
+@click.option("--B", "b", type=FiniteFloat(positive=True), required=True,
+              help="The law's coefficient.")
+@click.option("--exponent", type=FiniteFloat(), default=-0.32, show_default=True)
 def lr_predict(tokens: float, b: float, exponent: float) -> None:
     """LR* for a token budget."""
-    if tokens <= 0 or b <= 0:
-        raise UsageProblem("--tokens and --B must be positive")
-    click.echo(f"{b * tokens ** exponent:.6g}")
+    try:
+        lr = b * tokens**exponent
+    except OverflowError:
+        lr = math.inf
+    if not (math.isfinite(lr) and lr > 0):
+        raise UsageProblem(f"B x D^exponent = {b:g} x {tokens:g}^{exponent:g} is not a finite "
+                           "positive number")
+    click.echo(f"{lr:.6g}")
 
 
 # Every command, registered by name here (the modules define them; importing one registers

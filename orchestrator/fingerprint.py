@@ -21,6 +21,7 @@ from typing import Any
 from . import manifest as mf
 from .config import LoadedRecipe
 from .config.checks import model_of
+from .config.paths import is_remote
 
 FINGERPRINT_CHARS = 16  # 64 bits: collisions are not a practical concern per stage name
 _UNFINGERPRINTED = ("resources", "logging", "description", "inputs", "data", "tokenizer")
@@ -35,10 +36,6 @@ def phi4_version() -> str:
         return version("phi4")
     except PackageNotFoundError:
         return "unknown"
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
 
 
 def expand(pattern: str) -> list[Path]:

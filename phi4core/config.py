@@ -7,15 +7,36 @@ to validate recipes (tp dividing heads, pp dividing layers) in well under a seco
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+INT64_MAX = 2**63 - 1
+
+
+def _has_huge_int(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -INT64_MAX - 1 <= value <= INT64_MAX
+    if isinstance(value, (list, tuple)):
+        return any(_has_huge_int(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_huge_int(v) for v in value.values())
+    return False
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, never silently ignored."""
+    """Base for every config model: unknown keys are errors, never silently ignored; every
+    float is finite (NaN and infinities are refused) and every integer fits in 64 bits, the
+    limits of the C, torch and JSON code the values reach."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        if _has_huge_int(value):
+            raise ValueError("integer out of range: must fit in 64 bits")
+        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,24 +273,27 @@ class LearningRate(Strict):
     scaling_law: ScalingLaw
 
 
+_Beta = Annotated[float, Field(ge=0, lt=1)]  # Adam's decay rates: 1 would never forget
+
+
 class Train(Strict):
     steps: int | None = Field(default=None, gt=0)
     tokens: float | None = Field(default=None, gt=0, description="token budget; steps derived")
     global_batch_size: int = Field(gt=0)
     micro_batch_size: int = Field(default=1, gt=0)
     seq_length: int = Field(gt=0)
-    lr: float | LearningRate
+    lr: Annotated[float, Field(gt=0)] | LearningRate
     min_lr: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["constant", "cosine", "wsd", "linear"] = "cosine"
     decay_fraction: float = Field(default=0.1, gt=0, le=1, description="wsd: final decay share")
     weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[_Beta, _Beta] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
     grad_clip: float = Field(default=1.0, ge=0)
     save_interval: int = Field(default=1000, gt=0)
     keep_last: int = Field(default=2, gt=0)
-    seed: int = 1234
+    seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="numpy's range")
 
     @property
     def tokens_per_step(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,30 @@ class UsageProblem(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"phi4: {self.message}", err=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A number option that refuses NaN and infinities (click's float accepts 'nan')."""
+
+    name = "number"
+
+    def __init__(self, minimum: float | None = None, positive: bool = False):
+        self.minimum = minimum
+        self.positive = positive
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.positive and number <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value!r} must be at least {self.minimum:g}", param, ctx)
+        return number
 
 
 def report_config_errors(fn: Callable) -> Callable:
@@ -48,8 +73,9 @@ def config_options(fn: Callable) -> Callable:
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override a field (typed like the file); in a pipeline, "
                            "STAGE.KEY=VALUE targets one stage.")(fn)
-    fn = click.option("--profile", default=None, metavar="NAME",
-                      help="Overlay recipes/profiles/NAME.yaml on every stage (e.g. tiny).")(fn)
+    fn = click.option("--profile", default=None, metavar="NAME|FILE",
+                      help="Overlay profiles/NAME.yaml, found beside the recipes, on every "
+                           "stage (e.g. tiny); or the profile file at a path.")(fn)
     return fn
 
 

@@ -14,7 +14,14 @@ import click
 from .. import executors
 from ..config import LoadedPipeline, load_any
 from ..config.errors import did_you_mean
-from .common import UsageProblem, config_options, existing_store, report_config_errors, store_option
+from .common import (
+    FiniteFloat,
+    UsageProblem,
+    config_options,
+    existing_store,
+    report_config_errors,
+    store_option,
+)
 
 
 def selection_options(fn: Callable) -> Callable:
@@ -103,7 +110,8 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
               help="After a failure, finish the stages that do not depend on it.")
 @click.option("--dry-run", "-n", is_flag=True,
               help="Print the plan (slurm, nemo_run: every job script) and run nothing.")
-@click.option("--grace", type=float, default=30.0, show_default=True, metavar="SECONDS",
+@click.option("--grace", type=FiniteFloat(minimum=0), default=30.0, show_default=True,
+              metavar="SECONDS",
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
 @click.option("--executor", type=click.Choice(executors.NAMES), default="local",
               show_default=True, help="Where stages run: here, as Slurm batch jobs, or as a "
@@ -112,7 +120,7 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
               help="clusters/NAME.yaml: partition, account, container, env (slurm, nemo_run).")
 @click.option("--wait", is_flag=True,
               help="slurm: follow the submitted jobs until they end (default: return at once).")
-@click.option("--poll", type=float, default=1.0, hidden=True)
+@click.option("--poll", type=FiniteFloat(positive=True), default=1.0, hidden=True)
 @report_config_errors
 def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
         jobs: int, keep_going: bool, dry_run: bool, grace: float, executor: str,

@@ -1,18 +1,24 @@
 """Checks across fields of one recipe: the mistakes a schema alone cannot see.
 
-Each returns problems located at the field a user would edit to fix it.
+Each returns problems located at the field a user would edit to fix it. A message that quotes
+a value nobody wrote says so ("8 GPUs per node, the default of a train stage"). Values derived
+from several fields (the steps a token budget gives, the LR a scaling law gives) are checked
+here too: finite, positive, and within the integer range of the code that counts them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 
-from phi4core.config import PRESETS, ModelConfig, preset
+from phi4core.config import INT64_MAX, PRESETS, LearningRate, ModelConfig, preset
 
 from .errors import Loc, Origin, Positions, Problem, did_you_mean, origin_of
 from .schema import ARTIFACT_GROUPS, MODULE_GROUPS, Recipe
 
 _TRAIN_ONLY = ("model", "tokenizer", "trainable", "frozen", "data", "train")
+# Optimizer steps are counted in C ints by the trainer's libraries.
+MAX_STEPS = 2**31 - 1
 
 
 class _Report:
@@ -28,6 +34,26 @@ class _Report:
 
 def expand_groups(patterns: list[str], available: list[str]) -> set[str]:
     return {g for p in patterns for g in available if fnmatch.fnmatchcase(g, p)}
+
+
+def defaulted(positions: Positions, field: str) -> bool:
+    """resources.<field> was written by no layer (recipe, profile, pipeline or --set)."""
+    return ("resources", field) not in positions
+
+
+def layout_text(recipe: Recipe, positions: Positions) -> str:
+    """How many processes a stage asks and which of those numbers are defaults, e.g.
+    '4 nodes x 8 GPUs; 8 GPUs per node is the default of a train stage'."""
+    res = recipe.resources
+    text = f"{res.nodes} node{'s' if res.nodes != 1 else ''} x "
+    if res.gpus_per_node:
+        text += f"{res.gpus_per_node} GPUs"
+        if defaulted(positions, "gpus_per_node"):
+            text += (f"; {res.gpus_per_node} GPUs per node is the default of a {recipe.kind} "
+                     "stage")
+    else:
+        text += f"{res.procs_per_node or 1} CPU process{'es' if res.procs_per_node else ''}"
+    return text
 
 
 def model_of(recipe: Recipe) -> ModelConfig | None:
@@ -128,8 +154,9 @@ def _check_parallel(recipe: Recipe, model: ModelConfig, r: _Report) -> None:
     world = recipe.resources.world_size
     if world % p.model_parallel_size:
         r.add(("resources",),
-              f"world size {world} (nodes x gpus_per_node) is not divisible by "
-              f"tp*pp*cp = {p.model_parallel_size}")
+              f"world size {world} ({layout_text(recipe, r.positions)}) is not divisible by "
+              f"tp*pp*cp = {p.model_parallel_size}",
+              hint="set resources.nodes and resources.gpus_per_node")
 
 
 def data_parallel_size(recipe: Recipe) -> int:
@@ -141,18 +168,50 @@ def _check_train_fields(recipe: Recipe, r: _Report) -> None:
     assert t is not None
     if (t.steps is None) == (t.tokens is None):
         r.add(("train",), "give exactly one of `steps` or `tokens` (a token budget)")
+    elif _check_derived(recipe, r) and t.warmup_steps >= t.total_steps \
+            and t.schedule != "constant":
+        budget = "" if t.steps is not None else ", from the token budget"
+        r.add(("train", "warmup_steps"), f"must be below steps ({t.total_steps}{budget})",
+              t.warmup_steps)
     dp = data_parallel_size(recipe)
     if t.global_batch_size % (t.micro_batch_size * dp):
         r.add(("train", "global_batch_size"),
               f"must be divisible by micro_batch_size x data-parallel size "
               f"({t.micro_batch_size} x {dp})", t.global_batch_size)
-    if t.steps is not None and t.warmup_steps >= t.steps and t.schedule != "constant":
-        r.add(("train", "warmup_steps"), f"must be below steps ({t.steps})", t.warmup_steps)
     if isinstance(t.lr, float) and t.min_lr > t.lr:
         r.add(("train", "min_lr"), f"is above lr ({t.lr})", t.min_lr)
     if recipe.parallel.cp > 1 and t.seq_length % (2 * recipe.parallel.cp):
         r.add(("train", "seq_length"), f"must be divisible by 2 x cp ({2 * recipe.parallel.cp})",
               t.seq_length)
+
+
+def _check_derived(recipe: Recipe, r: _Report) -> bool:
+    """The step count a budget gives and the LR a scaling law gives, before `show` or the
+    trainer compute them; False when the step count itself is unusable."""
+    t = recipe.train
+    assert t is not None
+    loc = ("train", "steps") if t.steps is not None else ("train", "tokens")
+    steps = t.total_steps
+    if steps > MAX_STEPS:
+        r.add(loc, f"that is {steps:.3g} optimizer steps of {t.tokens_per_step} tokens; at most "
+                   f"{MAX_STEPS} (2^31-1)", t.steps if t.steps is not None else t.tokens)
+        return False
+    if steps * t.tokens_per_step > INT64_MAX:
+        r.add(loc, "more tokens in total than a 64-bit counter holds",
+              t.steps if t.steps is not None else t.tokens)
+        return False
+    if isinstance(t.lr, LearningRate):
+        law = t.lr.scaling_law
+        try:
+            lr = t.peak_lr
+        except (OverflowError, ZeroDivisionError):
+            lr = math.inf
+        if not (math.isfinite(lr) and lr > 0):
+            r.add(("train", "lr", "scaling_law", "exponent"),
+                  f"LR* = B x D^exponent = {law.B:g} x {t.total_tokens:.3g}^{law.exponent:g} "
+                  f"is {'zero' if lr == 0 else 'not a finite number'}",
+                  law.exponent, hint="the Phi-4-Mini law has exponent -0.32")
+    return True
 
 
 def _check_precision(recipe: Recipe, r: _Report) -> None:

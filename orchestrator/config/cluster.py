@@ -4,7 +4,8 @@ Every value that reaches an sbatch script is either checked here to be a plain S
 (partition, account, qos, reservation, time, memory) or shell-quoted when rendered (env values,
 paths, container image). The one exception is `setup:`: shell lines written by whoever owns the
 cluster file, run verbatim at the top of every batch script. Cluster files are not interpolated
-(`${...}` in a setup line is the shell's).
+(`${...}` in a setup line is the shell's). Patterns validate with `fullmatch`: `$` would let a
+trailing newline through into an `#SBATCH` line.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from pydantic import Field, field_validator
 
 from phi4core.config import Strict
 
+from .checks import defaulted
 from .errors import Loc, Origin, Positions, Problem, origin_of
 from .loader import LoadedRecipe, read_with_extends
-from .schema import IDENTIFIER, check_env_names
+from .schema import check_env_names, is_identifier
 from .validate import validate
 
 # Slurm names: partitions, accounts, QOS and reservations (comma-separated lists allowed).
-SLURM_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
-TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
-MEMORY = re.compile(r"^\d+[KMGT]?$")
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")
+TIME = re.compile(r"(\d+-)?\d{1,2}:\d{2}:\d{2}")
+MEMORY = re.compile(r"\d+[KMGT]?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -73,14 +75,14 @@ class Cluster(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not IDENTIFIER.match(value):
+        if not is_identifier(value):
             raise ValueError("a cluster name must be an identifier (letters, digits, underscores)")
         return value
 
     @field_validator("partition", "account", "qos", "reservation")
     @classmethod
     def _slurm_name(cls, value: str | None) -> str | None:
-        if value is not None and not SLURM_NAME.match(value):
+        if value is not None and not SLURM_NAME.fullmatch(value):
             raise ValueError("must be a Slurm name: letters, digits and _ . + - "
                              "(a comma separates several)")
         return value
@@ -88,14 +90,14 @@ class Cluster(Strict):
     @field_validator("time_limit")
     @classmethod
     def _time(cls, value: str | None) -> str | None:
-        if value is not None and not TIME.match(value):
+        if value is not None and not TIME.fullmatch(value):
             raise ValueError("time must look like HH:MM:SS or D-HH:MM:SS")
         return value
 
     @field_validator("mem_per_cpu")
     @classmethod
     def _memory(cls, value: str | None) -> str | None:
-        if value is not None and not MEMORY.match(value):
+        if value is not None and not MEMORY.fullmatch(value):
             raise ValueError("memory must be a number with an optional K, M, G or T suffix")
         return value
 
@@ -160,7 +162,9 @@ def stage_problems(loaded: LoadedRecipe, lc: LoadedCluster) -> list[Problem]:
     if have is None or want <= have:
         return []
     loc = ("resources", "gpus_per_node")
+    default = (f", the default of a {loaded.recipe.kind} stage"
+               if defaulted(loaded.positions, "gpus_per_node") else "")
     return [Problem(loaded.origin(loc), loc,
-                    f"stage {loaded.recipe.name} asks {want} GPUs per node; nodes of cluster "
-                    f"{lc.cluster.name} have {have} ({lc.origin(('gpus_per_node',))})",
+                    f"stage {loaded.recipe.name} asks {want} GPUs per node{default}; nodes of "
+                    f"cluster {lc.cluster.name} have {have} ({lc.origin(('gpus_per_node',))})",
                     hint="set resources.gpus_per_node (or try --profile tiny)")]

@@ -20,8 +20,14 @@ class Origin:
 
     def __str__(self) -> str:
         if self.override is not None:
-            return self.override
-        return f"{self.file}:{self.line}" if self.line else self.file
+            return _shorten(self.override)
+        file = _shorten(self.file)
+        return f"{file}:{self.line}" if self.line else file
+
+
+def _shorten(text: str, limit: int = 240) -> str:
+    """An absurdly long path or flag stays one readable line: its start and its end."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 3:]}"
 
 
 # Origins of every key path of one document (a recipe after extends/profile/overrides).

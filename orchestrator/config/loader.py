@@ -1,8 +1,11 @@
 """From YAML files to validated recipes and pipelines.
 
 Layers, in order: the file and its `extends:` chain, a pipeline's per-stage overrides, the
-profile (`--profile tiny`), then `--set key=value` overrides; then interpolation, then the
-schema, then the cross-field checks. Every value keeps the origin it was written at.
+profile (`--profile tiny`), then `--set key=value` overrides; then interpolation, local paths
+made absolute (`paths.py`), then the schema, then the cross-field checks. Every value keeps the
+origin it was written at. Files are read only through `files.read_bytes` (via `read_yaml`);
+an `extends:` chain is at most MAX_EXTENDS_DEPTH files deep and reads at most
+MAX_EXTENDS_FILES files, so no chain can recurse without end or fan out exponentially.
 """
 
 from __future__ import annotations
@@ -10,22 +13,34 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from .checks import check_recipe
 from .errors import ConfigError, Loc, Origin, Positions, Problem, did_you_mean, origin_of
+from .files import file_problem
 from .interpolate import resolve
 from .merge import drop_nulls, merge, set_path
+from .paths import anchor_paths
 from .schema import Pipeline, Recipe, StageEntry
 from .validate import validate
-from .yamlio import read_yaml
+from .yamlio import MAX_DEPTH, parse_value, read_yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+if TYPE_CHECKING:
+    from .cluster import LoadedCluster
+
+MAX_EXTENDS_DEPTH = 16
+MAX_EXTENDS_FILES = 64
 _TRAIN_ONLY_KEYS = {"model", "tokenizer", "trainable", "frozen", "data", "train", "parallel",
                     "precision"}
 RECIPE_FIELDS = set(Recipe.model_fields)
+# Fields of cluster.Cluster that a recipe does not have (a test keeps this in step), so that
+# `load_any` tells a cluster file without importing the cluster model for every recipe.
+CLUSTER_ONLY_KEYS = frozenset({
+    "partition", "account", "qos", "reservation", "time_limit", "gpus_per_node",
+    "cpus_per_task", "mem_per_cpu", "container_image", "container_mounts", "setup",
+    "dependency", "signal_lead_s", "requeue_release_now", "launcher", "rdzv_port", "python",
+    "host_python",
+})
 
 
 @dataclass
@@ -60,8 +75,15 @@ class Override:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, Positions]:
+def read_with_extends(path: Path) -> tuple[dict, Positions]:
+    """A file with its `extends:` parents merged under it (parents relative to the file)."""
+    return _read_chain(path, (), [0])
+
+
+def _read_chain(path: Path, chain: tuple[Path, ...], files_read: list[int]
+                ) -> tuple[dict, Positions]:
     doc, positions = read_yaml(path)
+    files_read[0] += 1
     key = path.resolve()
     if key in chain:
         cycle = " -> ".join(str(p) for p in chain + (key,))
@@ -76,14 +98,21 @@ def read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, P
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise ConfigError.single(Origin(str(path), 1), ("extends",),
                                  "extends must be a path or a list of paths", parents)
+    if len(chain) + 1 >= MAX_EXTENDS_DEPTH:
+        raise ConfigError.single(origin, ("extends",),
+                                 f"extends chain deeper than {MAX_EXTENDS_DEPTH} files")
     base: dict = {}
     base_pos: Positions = {}
     for parent in parents:
         parent_path = path.parent / parent
-        if not parent_path.is_file():
-            raise ConfigError.single(origin, ("extends",), "extended file not found",
+        why = file_problem(parent_path)
+        if why is not None:
+            raise ConfigError.single(origin, ("extends",), f"extended file {why}",
                                      str(parent_path))
-        parent_doc, parent_pos = read_with_extends(parent_path, chain + (key,))
+        if files_read[0] >= MAX_EXTENDS_FILES:
+            raise ConfigError.single(origin, ("extends",),
+                                     f"extends reads more than {MAX_EXTENDS_FILES} files")
+        parent_doc, parent_pos = _read_chain(parent_path, chain + (key,), files_read)
         base, base_pos = merge(base, base_pos, parent_doc, parent_pos)
     return merge(base, base_pos, doc, positions)
 
@@ -102,13 +131,12 @@ def parse_overrides(texts: list[str], stage_names: set[str] | None = None) -> li
         key = key.strip()
         if not sep or not key:
             raise ConfigError.single(origin, (), "an override must look like key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError.single(origin, (), "the value is not valid YAML", raw) from None
         parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
         if any(p == "" for p in parts):
             raise ConfigError.single(origin, (), "empty component in key path", key)
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError.single(origin, (), f"key path deeper than {MAX_DEPTH} levels")
+        value = parse_value(raw, origin, tuple(parts))
         stage = None
         if stage_names is not None and parts[0] in stage_names and len(parts) > 1:
             stage, parts = str(parts[0]), parts[1:]
@@ -122,28 +150,56 @@ def parse_overrides(texts: list[str], stage_names: set[str] | None = None) -> li
 
 def apply_overrides(doc: dict, positions: Positions, overrides: list[Override]) -> None:
     for ov in overrides:
+        origin = Origin("<command line>", override=f"--set {ov.text}")
         for key in [k for k in positions if k[: len(ov.loc)] == ov.loc]:
             del positions[key]
         try:
             set_path(doc, ov.loc, ov.value)
         except KeyError as err:
-            raise ConfigError.single(Origin("<command line>", override=f"--set {ov.text}"), ov.loc,
+            raise ConfigError.single(origin, ov.loc,
                                      f"cannot set this path: {err.args[0]}") from None
-        positions[ov.loc] = Origin("<command line>", override=f"--set {ov.text}")
+        for loc in _key_paths(ov.value, ov.loc):  # every key the value writes, for "written?"
+            positions[loc] = origin
 
 
-def find_profile(name: str, near: Path) -> Path:
+def _key_paths(value: Any, loc: Loc):
+    yield loc
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _key_paths(item, loc + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _key_paths(item, loc + (i,))
+
+
+def find_profile(name: str, recipe_dirs: list[Path]) -> Path:
+    """`--profile NAME`: `profiles/NAME.yaml` in the folder of the recipe, or of a pipeline or
+    any of its recipes (never the source checkout: an installed phi4 has none); a name with a
+    `/` or a .yaml suffix is the path of the profile file itself."""
+    flag = Origin("<command line>", override=f"--profile {name}")
     if name.endswith((".yaml", ".yml")) or "/" in name:
+        why = file_problem(Path(name))
+        if why is not None:
+            raise ConfigError.single(flag, (), f"profile file {why}", name)
         return Path(name)
-    for folder in (near.parent / "profiles", near.parent.parent / "recipes" / "profiles",
-                   PROJECT_ROOT / "recipes" / "profiles"):
+    folders = list(dict.fromkeys(d / "profiles" for d in recipe_dirs))
+    for folder in folders:
         candidate = folder / f"{name}.yaml"
-        if candidate.is_file():
+        if file_problem(candidate) is None:
             return candidate
-    known = sorted(p.stem for p in (PROJECT_ROOT / "recipes" / "profiles").glob("*.yaml"))
-    raise ConfigError.single(Origin("<command line>", override=f"--profile {name}"), (),
-                             "profile not found", name,
-                             hint=did_you_mean(name, known) or f"known: {', '.join(known)}")
+    known = sorted({p.stem for folder in folders for p in _yaml_files(folder)})
+    where = ", ".join(str(f) for f in folders)
+    raise ConfigError.single(flag, (), f"profile not found in {where}", name,
+                             hint=did_you_mean(name, known)
+                             or (f"known: {', '.join(known)}" if known else
+                                 "give the path of a profile file"))
+
+
+def _yaml_files(folder: Path) -> list[Path]:
+    try:
+        return list(folder.glob("*.yaml"))
+    except OSError:
+        return []
 
 
 @dataclass
@@ -161,7 +217,7 @@ class Profile:
         for name in self.per_stage:
             origin = self.stage_origins[name]
             recipes = Path(origin.file).resolve().parent.parent
-            known = stage_names | {p.stem for p in recipes.glob("*.yaml")}
+            known = stage_names | {p.stem for p in _yaml_files(recipes)}
             if name not in known:
                 problems.append(Problem(origin, ("stages", name),
                                         f"no stage named {name!r}: this overlay would never apply",
@@ -178,8 +234,8 @@ class Profile:
         return layers
 
 
-def load_profile(name: str, near: Path) -> Profile:
-    path = find_profile(name, near)
+def load_profile(name: str, recipe_dirs: list[Path]) -> Profile:
+    path = find_profile(name, recipe_dirs)
     doc, positions = read_with_extends(path)
     stages = doc.pop("stages", {}) or {}
     if not isinstance(stages, dict):
@@ -205,7 +261,11 @@ def load_profile(name: str, near: Path) -> Profile:
 
 def _finish_recipe(path: Path, doc: dict, positions: Positions) -> LoadedRecipe:
     default = Origin(str(path))
-    doc = resolve(drop_nulls(doc), positions, default)
+    raw = drop_nulls(doc)
+    doc = resolve(raw, positions, default)
+    problems = anchor_paths(raw, doc, positions, default)
+    if problems:
+        raise ConfigError(problems)
     recipe = validate(Recipe, doc, positions, default)
     problems = check_recipe(recipe, positions, default)
     if problems:
@@ -231,7 +291,7 @@ def load_recipe(path: str | Path, profile: str | None = None,
                 overrides: list[str] = ()) -> LoadedRecipe:
     """One stage, fully resolved and checked (its inputs against sibling recipes)."""
     path = Path(path)
-    prof = load_profile(profile, path) if profile else None
+    prof = load_profile(profile, [path.parent]) if profile else None
     loaded = build_recipe(path, profile=prof, overrides=parse_overrides(list(overrides)))
     problems = prof.unknown_stages({loaded.recipe.name}) if prof else []
     for name, inp in loaded.recipe.inputs.items():
@@ -239,8 +299,8 @@ def load_recipe(path: str | Path, profile: str | None = None,
             continue
         sibling = path.parent / f"{inp.stage}.yaml"
         loc = ("inputs", name, "stage")
-        if not sibling.is_file():
-            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        if file_problem(sibling) is not None:
+            known = sorted(p.stem for p in _yaml_files(path.parent))
             problems.append(Problem(loaded.origin(loc), loc,
                                     f"no stage {inp.stage!r} "
                                     f"(no {sibling.name} beside this recipe)",
@@ -271,7 +331,6 @@ def load_pipeline(path: str | Path, profile: str | None = None,
     default = Origin(str(path))
     # Not interpolated here: overrides are resolved in the context of each stage they reach.
     pipeline = validate(Pipeline, doc, positions, default)
-    prof = load_profile(profile, path) if profile else None
 
     entries = list(enumerate(pipeline.stages))
     # Stage names are needed to route `stage.key=value`; read them cheaply first.
@@ -280,13 +339,16 @@ def load_pipeline(path: str | Path, profile: str | None = None,
     for i, entry in entries:
         loc: Loc = ("stages", i, "recipe")
         recipe_path = path.parent / entry.recipe
-        if not recipe_path.is_file():
+        why = file_problem(recipe_path)
+        if why is not None:
             problems.append(Problem(origin_of(positions, loc, default), loc,
-                                    "recipe file not found", str(recipe_path)))
+                                    f"recipe file {why}", str(recipe_path)))
             continue
         recipe_paths.append((i, recipe_path, entry))
     if problems:
         raise ConfigError(problems)
+    recipe_dirs = [path.parent] + [recipe_path.parent for _, recipe_path, _ in recipe_paths]
+    prof = load_profile(profile, recipe_dirs) if profile else None
     raw = {i: read_with_extends(recipe_path) for i, recipe_path, _ in recipe_paths}
     names = {i: str(raw[i][0].get("name", recipe_path.stem)) for i, recipe_path, _ in recipe_paths}
     parsed = parse_overrides(list(overrides), set(names.values()))
@@ -352,11 +414,30 @@ def check_pipeline_inputs(stages: dict[str, LoadedRecipe]) -> list[Problem]:
     return problems
 
 
-def load_any(path: str | Path, profile: str | None = None, overrides: list[str] = ()
-             ) -> LoadedRecipe | LoadedPipeline:
-    """A pipeline if the file has `stages:`, else a recipe."""
+def is_cluster_document(doc: dict, path: Path) -> bool:
+    """A cluster file: no key only a recipe has, and a key only a cluster file has or a place
+    in a folder named `clusters`."""
+    keys = set(doc) - {"extends"}
+    if keys & (RECIPE_FIELDS - {"name", "env"}):
+        return False
+    return bool(keys & CLUSTER_ONLY_KEYS) or path.parent.name == "clusters"
+
+
+def load_any(path: str | Path, profile: str | None = None, overrides: list[str] = (),
+             clusters: bool = False) -> LoadedRecipe | LoadedPipeline | LoadedCluster:
+    """A pipeline if the file has `stages:`, a cluster file if it looks like one (see
+    `is_cluster_document`; refused unless `clusters`), else a recipe."""
     path = Path(path)
     doc, _ = read_yaml(path)
     if "stages" in doc:
         return load_pipeline(path, profile, overrides)
+    if is_cluster_document(doc, path):
+        if clusters:
+            from .cluster import load_cluster
+
+            return load_cluster(path)
+        raise ConfigError.single(Origin(str(path)), (),
+                                 "this is a cluster file, not a recipe or pipeline",
+                                 hint="pass it with --executor slurm --cluster "
+                                      f"{path}; `phi4 validate {path}` checks it")
     return load_recipe(path, profile, overrides)

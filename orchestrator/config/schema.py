@@ -2,6 +2,10 @@
 
 Shapes only; relations between fields (tp dividing heads, inputs naming real stages) are in
 `checks.py` so that each problem can point at the exact field it concerns.
+
+Every pattern validates with `fullmatch` (`$` would accept a trailing newline), so a name
+that reaches a store folder, an environment variable or an `#SBATCH` line is exactly what
+the pattern says.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from pydantic import Field, field_validator, model_validator
 
 from phi4core.config import Data, Logging, Parallel, Precision, Strict, Train
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names become store folders (with a fingerprint beside them) and Slurm job names.
+MAX_NAME_CHARS = 64
+# Variables phi4 sets for every stage (PHI4_STAGE_DIR, PHI4_INPUT_<NAME>, ...) and reads.
+RESERVED_ENV_PREFIX = "PHI4_"
 
 # Module groups a recipe can freeze or train; entries may be globs over these (`lora.*`, `*`).
 MODULE_GROUPS = (
@@ -34,20 +42,30 @@ ARTIFACT_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def is_identifier(value: str) -> bool:
+    return _IDENTIFIER.fullmatch(value) is not None
+
+
 def _identifier(value: str, what: str) -> str:
-    if not IDENTIFIER.match(value):
+    if not is_identifier(value):
         raise ValueError(
-            f"{what} must be an identifier (letters, digits, underscores; no dots, slashes or "
-            "spaces)"
+            f"{what} must be an identifier (letters, digits, underscores; no dots, slashes, "
+            "spaces or newlines)"
         )
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{what} must be at most {MAX_NAME_CHARS} characters")
     return value
 
 
 def check_env_names(env: dict[str, str]) -> dict[str, str]:
-    """Environment variable names that a shell `export` accepts as they are."""
+    """Environment variable names that a shell `export` accepts as they are, outside the
+    PHI4_ names phi4 sets itself (a recipe must not redirect PHI4_OUTPUT_DIR, say)."""
     for key in env:
-        if not IDENTIFIER.match(key):
+        if not is_identifier(key):
             raise ValueError(f"environment variable name {key!r} is not valid")
+        if key.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"{key} is reserved: phi4 sets the {RESERVED_ENV_PREFIX}* "
+                             "variables of a stage itself")
     return env
 
 
@@ -63,6 +81,16 @@ class Input(Strict):
     dependency: Literal["afterok", "afterany"] | None = Field(
         default=None, description="Slurm dependency type for this edge (cluster default if unset)"
     )
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value, "a stage name")
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value, "an artifact name")
 
     @model_validator(mode="after")
     def _one_source(self) -> Input:
@@ -86,9 +114,15 @@ class ModelRef(Strict):
     size: Literal["full", "tiny"] = "full"
 
 
+# Defaults of `resources.gpus_per_node`: a train stage fills a node; a command stage (data
+# preparation, evaluation, conversion) is one process without a GPU unless it asks.
+DEFAULT_GPUS = {"train": 8, "command": 0}
+
+
 class Resources(Strict):
     nodes: int = Field(default=1, ge=1)
-    gpus_per_node: int = Field(default=8, ge=0, description="0: CPU processes (tests, demo)")
+    gpus_per_node: int = Field(default=DEFAULT_GPUS["train"], ge=0,
+                               description="0: CPU processes (tests, demo); command stages: 0")
     procs_per_node: int | None = Field(
         default=None, ge=1, description="CPU only: processes per node when gpus_per_node is 0"
     )
@@ -126,6 +160,17 @@ class Recipe(Strict):
     cmd: list[str] | None = Field(default=None, description="command stages: argv to run")
     env: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: object) -> object:
+        """A command stage that says nothing of GPUs gets none (see DEFAULT_GPUS)."""
+        if isinstance(data, dict) and data.get("kind") == "command":
+            resources = data.get("resources", {})
+            if isinstance(resources, dict) and "gpus_per_node" not in resources:
+                return {**data, "resources": {**resources,
+                                              "gpus_per_node": DEFAULT_GPUS["command"]}}
+        return data
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
@@ -143,8 +188,13 @@ class Recipe(Strict):
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, value: dict[str, Input]) -> dict[str, Input]:
+        seen: dict[str, str] = {}
         for key in value:
             _identifier(key, "an input name")
+            other = seen.setdefault(key.upper(), key)
+            if other != key:
+                raise ValueError(f"inputs {other!r} and {key!r} differ only in case: both "
+                                 f"would be PHI4_INPUT_{key.upper()}")
         return value
 
     @field_validator("env")

@@ -18,7 +18,27 @@ def validate(model: type[M], doc: dict, positions: Positions, default: Origin) -
         return model.model_validate(doc)
     except ValidationError as exc:
         raise ConfigError([_problem(model, err, positions, default)
-                           for err in exc.errors()]) from None
+                           for err in _without_union_noise(exc.errors())]) from None
+
+
+_MAPPING_ERRORS = {"model_type", "model_attributes_type", "dict_type"}
+_SCALAR_ERRORS = {"float_type", "float_parsing", "int_type", "int_parsing", "string_type",
+                  "bool_type", "bool_parsing"}
+
+
+def _without_union_noise(errors: list[dict]) -> list[dict]:
+    """A field typed `float | Model` fails in both branches; keep the branch the value meant:
+    a mapping's errors come from the model, a scalar's from the scalar type."""
+    locs = [_clean_loc(err["loc"]) for err in errors]
+    kept = []
+    for i, (err, loc) in enumerate(zip(errors, locs)):
+        shadowed = any(j != i and other[: len(loc)] == loc for j, other in enumerate(locs))
+        mapping = isinstance(err.get("input"), dict)
+        if shadowed and ((err["type"] in _MAPPING_ERRORS and not mapping)
+                         or (err["type"] in _SCALAR_ERRORS and mapping)):
+            continue
+        kept.append(err)
+    return kept
 
 
 def _problem(model: type[BaseModel], err: dict, positions: Positions, default: Origin) -> Problem:

@@ -2,8 +2,10 @@
 
 PyYAML's composer keeps source marks on nodes; we build Python values from the node graph
 ourselves so that (a) only plain YAML types are produced (no Python object tags), (b) an alias
-bomb is refused by counting the nodes an expansion would create, and (c) every key path maps
-to the line where it was written.
+bomb is refused by counting the nodes an expansion would create, (c) nothing nests deeper than
+`MAX_DEPTH` (so no later recursive walk can overflow the stack), and (d) every key path maps
+to the line where it was written. Files come through `files.read_bytes` (regular files of
+bounded size); `--set` values through `parse_value`, under the same rules.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, Loc, Origin, Positions
+from .files import read_bytes
 
 # libyaml's composer when PyYAML was built with it (several times faster; same nodes and marks).
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Enough for any real recipe; a billion-laughs document needs millions.
 MAX_EXPANDED_NODES = 100_000
+# Keys and list indices from the top to the deepest value; real recipes need about 6
+# (a profile's stages.NAME.data.sources[0].path).
+MAX_DEPTH = 32
 
 _PLAIN_TAGS = {
     "tag:yaml.org,2002:str", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
@@ -29,17 +35,21 @@ _PLAIN_TAGS = {
 
 
 class _Builder:
-    def __init__(self, file: str):
+    def __init__(self, file: str, fixed: Origin | None = None):
         self.file = file
+        self.fixed = fixed  # every node's origin (a --set value), else file:line
         self.count = 0
         self.positions: Positions = {}
         self._scalars = yaml.SafeLoader("")  # only for construct_scalar-type helpers
 
     def origin(self, node: yaml.Node) -> Origin:
-        return Origin(self.file, node.start_mark.line + 1)
+        return self.fixed or Origin(self.file, node.start_mark.line + 1)
 
     def build(self, node: yaml.Node, loc: Loc, active: tuple[int, ...] = ()) -> Any:
         self.count += 1
+        if len(loc) > MAX_DEPTH:
+            raise ConfigError.single(self.origin(node), loc[:1],
+                                     f"nested deeper than {MAX_DEPTH} levels")
         if self.count > MAX_EXPANDED_NODES:
             # Aliases share nodes, so blame the top-level key being expanded, not the anchor.
             raise ConfigError.single(
@@ -79,17 +89,24 @@ class _Builder:
         return self._scalars.construct_object(node, deep=True)
 
 
+def _compose(text: str, origin: Origin) -> yaml.Node | None:
+    try:
+        return yaml.compose(text, Loader=_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Origin(origin.file, mark.line + 1 if mark else 1, origin.override)
+        what = " ".join(s for s in (exc.context, exc.problem) if s)
+        raise ConfigError.single(where, (), f"YAML syntax error: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError.single(origin, (), f"YAML error: {exc}") from None
+    except RecursionError:  # the pure-Python composer, on nesting far beyond MAX_DEPTH
+        raise ConfigError.single(origin, (), f"nested deeper than {MAX_DEPTH} levels") from None
+
+
 def read_yaml(path: Path) -> tuple[Any, Positions]:
     """Parse one YAML file into plain Python values and the origin of every key path."""
     file = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError.single(Origin(file), (), "file not found") from None
-    except IsADirectoryError:
-        raise ConfigError.single(Origin(file), (), "is a directory, expected a YAML file") from None
-    except OSError as exc:
-        raise ConfigError.single(Origin(file), (), f"cannot read: {exc.strerror}") from None
+    raw = read_bytes(path)
     if b"\x00" in raw:
         raise ConfigError.single(Origin(file, 1), (), "binary file, expected YAML text")
     try:
@@ -97,15 +114,7 @@ def read_yaml(path: Path) -> tuple[Any, Positions]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError.single(Origin(file, line), (), "not UTF-8 text, expected YAML") from None
-    try:
-        node = yaml.compose(text, Loader=_LOADER)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        what = " ".join(s for s in (exc.context, exc.problem) if s)
-        raise ConfigError.single(Origin(file, line), (), f"YAML syntax error: {what}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError.single(Origin(file, 1), (), f"YAML error: {exc}") from None
+    node = _compose(text, Origin(file, 1))
     if node is None:
         raise ConfigError.single(Origin(file, 1), (), "file is empty")
     builder = _Builder(file)
@@ -115,3 +124,14 @@ def read_yaml(path: Path) -> tuple[Any, Positions]:
             builder.origin(node), (), "expected a mapping of keys at the top level", value
         )
     return value, builder.positions
+
+
+def parse_value(text: str, origin: Origin, at: Loc = ()) -> Any:
+    """A `--set` value, typed as YAML and held to the rules of a file; `at` is the key path it
+    is set at (its depth counts towards MAX_DEPTH). Empty text is the empty string."""
+    if not text.strip():
+        return ""
+    node = _compose(text, origin)
+    if node is None:
+        return None
+    return _Builder(origin.file, fixed=origin).build(node, tuple(at))

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from ..exitcodes import FAILURE, OK, PREEMPTED, SKIP
 from ..shell import shell_words
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_.,:+=/@-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_.,:+=/@-]+")  # fullmatch: `$` lets a final newline through
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
 
 
 def directive_value(value: str) -> str:
-    if _TOKEN.match(value):
+    if _TOKEN.fullmatch(value):
         return value
     if _UNQUOTABLE.search(value) or not value:
         raise ValueError(f"cannot pass {value!r} to sbatch safely (quotes, backslashes and "
