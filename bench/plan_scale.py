@@ -18,9 +18,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from orchestrator import launch  # noqa: E402
 from orchestrator.config import load_pipeline  # noqa: E402
 from orchestrator.graph import build_graph  # noqa: E402
-from orchestrator.plan import make_plan  # noqa: E402
+from orchestrator.plan import RUN, UP_TO_DATE, make_plan  # noqa: E402
+from orchestrator.records import State  # noqa: E402
 from orchestrator.status import collect  # noqa: E402
 from orchestrator.store import Store, write_json  # noqa: E402
 
@@ -45,12 +47,14 @@ def generate(root: Path, n: int) -> Path:
 def publish_all(plan) -> None:
     """Fill the store as if every stage had run, so the next plan verifies every artifact."""
     for sp in plan.stages.values():
-        attempt = sp.attempt
-        attempt.begin(sp.fields, executor="bench")
-        (attempt.staging / "out").mkdir()
-        (attempt.staging / "out" / "data.txt").write_text(sp.name)
-        attempt.publish(["out"])
-        attempt.update_status(state="succeeded", ended=time.time())
+        folder = sp.stage_dir
+        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        folder.begin("bench", command=sp.command, reasons=sp.reasons,
+                     inputs=sp.lineage_records())
+        (folder.staging / "out").mkdir()
+        (folder.staging / "out" / "data.txt").write_text(sp.name)
+        folder.publish(["out"])
+        folder.end(State.SUCCEEDED, exit_code=0)
 
 
 def cli_seconds(*args: str) -> float:
@@ -80,10 +84,10 @@ def bench_plan(tmp: Path) -> None:
         load_s, loaded = timed(load_pipeline, pipeline, repeat=repeat)
         graph = build_graph(loaded.stages)
         empty_s, plan = timed(make_plan, graph, store, repeat=repeat)
-        assert plan.count("run") == n
+        assert plan.count(RUN) == n
         publish_all(plan)
         full_s, again = timed(make_plan, graph, store, repeat=repeat)
-        assert again.count("up to date") == n
+        assert again.count(UP_TO_DATE) == n
         rows[n] = (load_s, empty_s, full_s, cli_seconds("plan", str(pipeline), "--store",
                                                          str(store.root)))
     print(f"{'stages':>7} {'load':>9} {'plan(empty store)':>18} {'plan(all up to date)':>21} "
@@ -105,7 +109,7 @@ def fake_store(root: Path, stages: int, per_stage: int) -> Store:
             folder = root / "stages" / f"stage{s}" / fp
             (folder / "artifacts" / "model").mkdir(parents=True)
             write_json(folder / "status.json", {
-                "stage": f"stage{s}", "fingerprint": fp, "state": "succeeded", "attempt": 1,
+                "stage": f"stage{s}", "fingerprint": fp, "state": State.SUCCEEDED, "attempt": 1,
                 "started": now - 100 + a, "ended": now - 50 + a, "exit_code": 0})
             (folder / "metrics.jsonl").write_text(
                 "".join(json.dumps({"step": i, "loss": 5.0 / (i + 1)}) + "\n"

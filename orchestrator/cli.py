@@ -1,7 +1,8 @@
 """`phi4`: validate, show, plan, run, graph, status, cancel and the tools around them.
 
-Start-up stays torch-free: commands that need torch (model-info, convert, data) import it
-inside their bodies.
+The recipe-language commands (validate, show, lr) are defined here; the others in
+commands/*, each registered below by name. Start-up stays torch-free: commands that need torch
+(model-info, convert, data) import it inside their bodies.
 """
 
 from __future__ import annotations
@@ -9,83 +10,16 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .commands import data, model, pipeline, slurm
+from .commands.common import FiniteFloat, UsageProblem, config_options, report_config_errors
 from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
 from .config.checks import data_parallel_size
-
-EXIT_BAD_INPUT = 2
-
-
-class UsageProblem(click.ClickException):
-    """Bad input found outside the recipe language (a missing store, a wrong flag value)."""
-
-    exit_code = EXIT_BAD_INPUT
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"phi4: {self.message}", err=True)
-
-
-class FiniteFloat(click.ParamType):
-    """A number option that refuses NaN and infinities (click's float accepts 'nan')."""
-
-    name = "number"
-
-    def __init__(self, minimum: float | None = None, positive: bool = False):
-        self.minimum = minimum
-        self.positive = positive
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.positive and number <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
-        if self.minimum is not None and number < self.minimum:
-            self.fail(f"{value!r} must be at least {self.minimum:g}", param, ctx)
-        return number
-
-
-def _report_config_errors(fn: Callable) -> Callable:
-    """Bad input never shows a traceback: one line per problem, exit 2."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as err:
-            for problem in err.problems:
-                click.echo(str(problem), err=True)
-            sys.exit(EXIT_BAD_INPUT)
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
-def quiet_megatron() -> None:
-    """Commands that load models: phi4core's explicit set-up (megatron's dozen CPU fallback
-    warnings hidden, the CPU shims applied where there is no GPU)."""
-    from phi4core import runtime
-
-    runtime.init()
-
-
-def config_options(fn: Callable) -> Callable:
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a field (typed like the file); in a pipeline, "
-                           "STAGE.KEY=VALUE targets one stage.")(fn)
-    fn = click.option("--profile", default=None, metavar="NAME|FILE",
-                      help="Overlay profiles/NAME.yaml, found beside the recipes, on every "
-                           "stage (e.g. tiny); or the profile file at a path.")(fn)
-    return fn
+from .exitcodes import BAD_INPUT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,7 +55,7 @@ def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, 
         else:
             click.echo(f"ok  {path}  (cluster {loaded.cluster.name})")
     if failed:
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(BAD_INPUT)
 
 
 def resolved_recipe(loaded: LoadedRecipe) -> dict[str, Any]:
@@ -155,7 +89,7 @@ def _dump(data: Any, fmt: str) -> str:
 @click.argument("path")
 @config_options
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
-@_report_config_errors
+@report_config_errors
 def show(path: str, profile: str | None, overrides: tuple[str, ...], fmt: str) -> None:
     """Print the fully resolved stage or pipeline."""
     loaded = load_any(path, profile, list(overrides))
@@ -187,7 +121,7 @@ def lr() -> None:
 @click.option("--min-r2", type=FiniteFloat(), default=0.5, show_default=True,
               help="Refuse a fit whose R^2 is below this.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-@_report_config_errors
+@report_config_errors
 def lr_fit(sweep: Path, exponent: float | None, min_r2: float, fmt: str) -> None:
     """Fit B and the exponent from a CSV of (tokens, best lr) rows, or of (tokens, lr, loss)
     runs (the best LR of each budget is picked)."""
@@ -231,18 +165,11 @@ def lr_predict(tokens: float, b: float, exponent: float) -> None:
     click.echo(f"{lr:.6g}")
 
 
-def _register_command_modules() -> None:
-    """Command modules register themselves on import; their heavy imports stay inside them."""
-    import importlib
-    import pkgutil
-
-    from . import commands
-
-    for module in pkgutil.iter_modules(commands.__path__):
-        importlib.import_module(f"{commands.__name__}.{module.name}")
-
-
-_register_command_modules()
+# Every command, registered by name here (the modules define them; importing one registers
+# nothing by itself).
+for _command in (pipeline.plan, pipeline.run, pipeline.status, pipeline.graph, slurm.cancel,
+                slurm.stage_hook, model.model_info_cmd, model.convert, data.data):
+    cli.add_command(_command)
 
 
 def main() -> None:
@@ -250,8 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as `python -m orchestrator.cli`: command modules register on the importable module's
-    # group, not on this `__main__` copy, so hand over to it.
-    from orchestrator.cli import main as _main
-
-    _main()
+    main()

@@ -10,15 +10,20 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, LoadedRecipe, Problem
 from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
 from .graph import Graph
-from .launch import ResolvedInput, command, environment
-from .store import Attempt, Store, starts_over
+from .launch import Launcher, ResolvedInput, environment
+from .records import UNFINISHED, InputRecord, State
+from .store import StageDir, Store
 
-RUN, UP_TO_DATE, BLOCKED, SKIP = "run", "up to date", "blocked", "not selected"
+if TYPE_CHECKING:
+    from .config.cluster import Cluster
+
+# Verdicts: what this plan will do with a stage.
+RUN, UP_TO_DATE, BLOCKED, SKIP = "run", State.UP_TO_DATE, State.BLOCKED, "not selected"
 
 
 @dataclass
@@ -61,16 +66,29 @@ class StagePlan:
     verdict: str = RUN
     reasons: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # root causes of a block
-    attempt: Attempt | None = None
+    stage_dir: StageDir | None = None  # the folder of its fingerprint, once known
     published: bool = False  # its artifacts verified when planned (it runs for other reasons)
+
+    def launcher(self, cluster: Cluster | None = None) -> Launcher:
+        assert self.stage_dir is not None, f"stage {self.name} is blocked"
+        return Launcher(self.loaded, self.stage_dir, self.inputs, cluster)
 
     @property
     def command(self) -> list[str]:
-        return command(self.loaded, self.attempt) if self.attempt else []
+        """What `phi4 run` runs here (the local executor's argv)."""
+        return list(self.launcher().layout().argv) if self.stage_dir else []
 
     @property
     def env(self) -> dict[str, str]:
-        return environment(self.loaded, self.attempt, self.inputs) if self.attempt else {}
+        return environment(self.loaded, self.stage_dir, self.inputs) if self.stage_dir else {}
+
+    def lineage_records(self) -> dict[str, InputRecord]:
+        """Lineage: exactly which upstream files the attempt reads (digests of the upstream
+        manifests as published now; None for an upstream not published yet, filled in when
+        the attempt starts)."""
+        assert self.stage_dir is not None
+        return self.stage_dir.store.with_digests(
+            {name: inp.lineage() for name, inp in self.inputs.items()})
 
 
 @dataclass
@@ -108,7 +126,7 @@ def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
             _block(sp, list(dict.fromkeys(reasons)))
             continue
         sp.fingerprint = fingerprint(sp.fields)
-        sp.attempt = store.attempt(name, sp.fingerprint)
+        sp.stage_dir = store.stage_dir(name, sp.fingerprint)
         assess(plan, sp, upstream_pending=True)
     return plan
 
@@ -138,7 +156,7 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
                     sp.problems.append(Problem(sp.loaded.origin(loc), loc,
                                                f"upstream {inp.stage} is blocked (not selected)"))
                 continue
-            producer = upstream.attempt
+            producer = upstream.stage_dir
         else:
             producer = plan.store.newest_succeeded(inp.stage, inp.artifact or "")
             if producer is None:
@@ -175,7 +193,7 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
     """Set the verdict of a stage whose fingerprint is known. With `upstream_pending`, the
     verdicts of upstream stages in this plan are still to be carried out (planning time);
     without, they have been (the executor asks again just before launching)."""
-    assert sp.attempt is not None
+    assert sp.stage_dir is not None
     reasons: list[str] = []
     upstream_runs = []
     if upstream_pending:
@@ -191,23 +209,23 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
             return
     if plan.selection.forces(sp.name) and sp.selected:
         reasons.append("forced (--force)")
-    problem = sp.attempt.artifact_problem(sp.loaded.recipe.outputs)
+    problem = sp.stage_dir.artifact_problem(sp.loaded.recipe.outputs)
     if upstream_pending:
         sp.published = problem is None
     notes: list[str] = []
+    status = sp.stage_dir.status()
     if problem is None:
         # A rerun leaves the published artifact in place until it succeeds itself.
-        status = sp.attempt.status() or {}
-        state = sp.attempt.state(status)
-        if state == "running" or (state == "pending" and status.get("executor") == "slurm"):
+        state = sp.stage_dir.state(status)
+        if status is not None and (state == State.RUNNING or (
+                state == State.PENDING and status.executor == "slurm")):
             reasons += _why_not_done(plan, sp, "")  # a rerun in flight: wait for it
         else:
             reasons += _republished_inputs(plan, sp)
-            if state in ("failed", "cancelled", "preempted", "interrupted", "blocked"):
-                why = status.get("error") or (f"exit code {status['exit_code']}"
-                                              if status.get("exit_code") is not None else "")
-                notes = [f"attempt {status.get('attempt', 0)} {state}"
-                         + (f" ({why})" if why else "")
+            if status is not None and state in UNFINISHED:
+                why = status.error or (f"exit code {status.exit_code}"
+                                       if status.exit_code is not None else "")
+                notes = [f"attempt {status.attempt} {state}" + (f" ({why})" if why else "")
                          + "; the artifact published before it still verifies and is used"]
     else:
         reasons += _why_not_done(plan, sp, problem)
@@ -217,7 +235,7 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
     if not reasons:
         sp.verdict, sp.reasons = UP_TO_DATE, notes
         return
-    if starts_over(sp.attempt.status() or {}):
+    if status is not None and status.starts_over:
         reasons.append(START_OVER)
     sp.verdict, sp.reasons = (RUN if sp.selected else SKIP), reasons
 
@@ -227,41 +245,41 @@ START_OVER = "will start over (not from the finished attempt's checkpoints/)"
 
 def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
     """The same test as a Slurm job's `stage-hook begin` (executors/hooks.py)."""
-    now = {name: plan.store.attempt(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
+    now = {name: plan.store.stage_dir(inp.stage, inp.fingerprint).artifact_digest(inp.artifact)
            for name, inp in sp.inputs.items() if inp.source == "stage"}
     return [f"input {name} was republished with different files since this ran"
-            for name in sp.attempt.changed_inputs(now)]
+            for name in sp.stage_dir.changed_inputs(now)]
 
 
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
-    attempt = sp.attempt
-    status = attempt.status()
+    folder = sp.stage_dir
+    status = folder.status()
     if status is None:
         previous = plan.store.latest(sp.name)
         old = previous.fields() if previous and previous.fingerprint != sp.fingerprint else None
         if old is None:
             return ["new"]
         return describe_changes(old, sp.fields) or ["new fingerprint (same fields?)"]
-    state, n = attempt.state(status), status.get("attempt", 0)
-    resume = ("will resume from checkpoints/" if _has_files(attempt.checkpoints)
+    state, n = folder.state(status), status.attempt
+    resume = ("will resume from checkpoints/" if _has_files(folder.checkpoints)
               else "will start over")
-    if status.get("executor") == "slurm" and state in ("pending", "running"):
-        return [f"{state} as Slurm job {status.get('job_id')}"]
-    if state == "running":
-        return [f"running in another phi4 run (pid {status.get('pid')} on "
-                f"{status.get('host')}); will wait for it"]
-    if state == "interrupted":
+    if status.executor == "slurm" and state in (State.PENDING, State.RUNNING):
+        return [f"{state} as Slurm job {status.job_id}"]
+    if state == State.RUNNING:
+        return [f"running in another phi4 run (pid {status.pid} on {status.host}); "
+                "will wait for it"]
+    if state == State.INTERRUPTED:
         return [f"interrupted (attempt {n} died without finishing); {resume}"]
-    if state == "preempted":
-        return [f"preempted (attempt {n}, exit {status.get('exit_code')}); {resume}"]
-    if state == "cancelled":
+    if state == State.PREEMPTED:
+        return [f"preempted (attempt {n}, exit {status.exit_code}); {resume}"]
+    if state == State.CANCELLED:
         return [f"cancelled (attempt {n}); {resume}"]
-    if state == "failed":
-        why = status.get("error") or f"exit code {status.get('exit_code')}"
+    if state == State.FAILED:
+        why = status.error or f"exit code {status.exit_code}"
         return [f"last attempt failed ({why})"
-                + ("; will resume from checkpoints/" if _has_files(attempt.checkpoints) else "")]
-    if state == "blocked":
-        return [f"was blocked: {status.get('error') or 'upstream failed'}"]
+                + ("; will resume from checkpoints/" if _has_files(folder.checkpoints) else "")]
+    if state == State.BLOCKED:
+        return [f"was blocked: {status.error or 'upstream failed'}"]
     return [problem]
 
 

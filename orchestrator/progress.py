@@ -8,17 +8,20 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from .records import State
+
 _REFRESH_SECONDS = 0.25
 _PLAIN_PROGRESS_SECONDS = 30.0  # a log line per running stage at most this often
-_COLOURS = {"running": "cyan", "succeeded": "green", "up to date": "green", "failed": "red",
-            "blocked": "yellow", "cancelled": "magenta", "preempted": "magenta",
-            "waiting": "blue", "pending": "white"}
+_COLOURS = {State.RUNNING: "cyan", State.SUCCEEDED: "green", State.UP_TO_DATE: "green",
+            State.FAILED: "red", State.BLOCKED: "yellow", State.CANCELLED: "magenta",
+            State.PREEMPTED: "magenta", State.WAITING: "blue", State.PENDING: "white"}
+_UNDERWAY = (State.RUNNING, State.WAITING, State.PENDING)
 
 
 @dataclass
 class Row:
     name: str
-    state: str = "pending"
+    state: State = State.PENDING
     detail: str = ""
     started: float | None = None
     ended: float | None = None
@@ -50,11 +53,11 @@ class Display:
                               auto_refresh=False, transient=False)
             self._live.start()
 
-    def event(self, name: str, state: str, detail: str = "") -> None:
+    def event(self, name: str, state: State, detail: str = "") -> None:
         row = self.rows.setdefault(name, Row(name))
-        if state == "running" and row.started is None:
+        if state == State.RUNNING and row.started is None:
             row.started = time.time()
-        if state not in ("running", "waiting", "pending"):
+        if state not in _UNDERWAY:
             row.ended = time.time()
         row.state, row.detail = state, detail
         if self._live is None:

@@ -13,11 +13,12 @@ from xml.sax.saxutils import escape
 
 from .config.checks import expand_groups, model_of
 from .plan import BLOCKED, UP_TO_DATE, Plan
+from .records import State
 
 COLOURS = {
-    "succeeded": "#b7e4c7", "running": "#a9d6f5", "failed": "#f4a6a6",
-    "interrupted": "#ffd8a8", "cancelled": "#ffd8a8", "preempted": "#ffd8a8",
-    "blocked": "#d9d9d9", "stale": "#fff3bf", "not run": "#ffffff",
+    State.SUCCEEDED: "#b7e4c7", State.RUNNING: "#a9d6f5", State.FAILED: "#f4a6a6",
+    State.INTERRUPTED: "#ffd8a8", State.CANCELLED: "#ffd8a8", State.PREEMPTED: "#ffd8a8",
+    State.BLOCKED: "#d9d9d9", State.STALE: "#fff3bf", State.NOT_RUN: "#ffffff",
 }
 
 
@@ -25,7 +26,7 @@ COLOURS = {
 class Node:
     name: str
     kind: str
-    state: str
+    state: State
     level: int
     trainable: list[str]
     frozen: list[str]
@@ -39,17 +40,17 @@ class Node:
         return "; ".join(parts) or ("command" if self.kind == "command" else "")
 
 
-def node_state(plan: Plan, name: str) -> str:
+def node_state(plan: Plan, name: str) -> State:
     """What the store says about the stage's current fingerprint (or an older one: stale)."""
     sp = plan.stages[name]
     if sp.verdict == BLOCKED:
-        return "blocked"
+        return State.BLOCKED
     if sp.verdict == UP_TO_DATE:
-        return "succeeded"
-    state = sp.attempt.state() if sp.attempt else None
-    if state not in (None, "succeeded", "pending"):
+        return State.SUCCEEDED
+    state = sp.stage_dir.state() if sp.stage_dir else None
+    if state not in (None, State.SUCCEEDED, State.PENDING):
         return state
-    return "stale" if state or plan.store.latest(name) else "not run"
+    return State.STALE if state or plan.store.latest(name) else State.NOT_RUN
 
 
 def nodes(plan: Plan) -> list[Node]:

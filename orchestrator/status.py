@@ -7,14 +7,15 @@ import time
 from dataclasses import asdict, dataclass
 
 from .metrics import last_record, steps_done
-from .store import Attempt, Store
+from .records import State
+from .store import StageDir, Store
 
 
 @dataclass
 class StatusRow:
     stage: str
     fingerprint: str
-    state: str
+    state: str  # a State, or the word Slurm uses for a queued job (executors/slurm_status)
     attempt: int
     started: float | None
     ended: float | None
@@ -25,37 +26,35 @@ class StatusRow:
     artifacts: list[str]
     note: str  # why it failed or was blocked
     path: str
-    executor: str | None = None  # local | slurm
+    executor: str | None = None  # local | slurm | nemo_run
     job: str | None = None  # Slurm job id (local runs: the stage's pid)
 
     def as_json(self) -> dict:
         return asdict(self)
 
 
-def row_for(attempt: Attempt) -> StatusRow | None:
-    status = attempt.status()
+def row_for(folder: StageDir) -> StatusRow | None:
+    status = folder.status()
     if status is None:
         return None
-    state = attempt.state(status) or "unknown"
-    started, ended = status.get("started"), status.get("ended")
-    end = ended or (time.time() if state == "running" else None)
-    record = last_record(attempt.metrics) or {}
-    note = status.get("error") or ""  # for `blocked`: "upstream X failed"
-    if state == "interrupted":
+    state = folder.state(status)
+    end = status.ended or (time.time() if state == State.RUNNING else None)
+    record = last_record(folder.metrics) or {}
+    note = status.error or ""  # for `blocked`: "upstream X failed"
+    if state == State.INTERRUPTED:
         note = "the run died; rerun resumes"
     try:
-        artifacts = sorted(os.listdir(attempt.artifacts))
+        artifacts = sorted(os.listdir(folder.artifacts))
     except OSError:
         artifacts = []
     loss = record.get("loss")
     return StatusRow(
-        stage=attempt.name, fingerprint=attempt.fingerprint, state=state,
-        attempt=int(status.get("attempt") or 0), started=started, ended=ended,
-        duration=(end - started) if started and end else None,
-        exit_code=status.get("exit_code"), step=steps_done(record),
+        stage=folder.name, fingerprint=folder.fingerprint, state=state,
+        attempt=status.attempt, started=status.started, ended=status.ended,
+        duration=(end - status.started) if status.started and end else None,
+        exit_code=status.exit_code, step=steps_done(record),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
-        note=note, path=str(attempt.dir), executor=status.get("executor"),
-        job=None if status.get("job_id") is None else str(status.get("job_id")))
+        note=note, path=str(folder.path), executor=status.executor, job=status.job_id)
 
 
 def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:
@@ -63,7 +62,7 @@ def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:
     rows = []
     for name in store.stage_names():
         if every_attempt:
-            found = [r for r in map(row_for, store.attempts(name)) if r is not None]
+            found = [r for r in map(row_for, store.stage_dirs(name)) if r is not None]
             rows += sorted(found, key=lambda r: r.started or 0, reverse=True)
         else:
             latest = store.latest(name)

@@ -5,41 +5,49 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.executors import hooks
-from orchestrator.executors.attempts import consumed
+from orchestrator.exitcodes import OK, SKIP
 from orchestrator.launch import ResolvedInput
+from orchestrator.records import InputRecord, State
 from orchestrator.store import Store, write_json
 
 
-def _publish(attempt, text: str, inputs: dict | None = None) -> None:
-    attempt.begin({}, executor="slurm", inputs=inputs or {})
-    (attempt.staging / "out").mkdir()
-    (attempt.staging / "out" / "f").write_text(text)
-    assert attempt.publish(["out"]) is None
-    attempt.update_status(state="succeeded")
+def _publish(folder, text: str, inputs: dict[str, InputRecord] | None = None) -> None:
+    folder.begin("slurm", command=[], reasons=[], inputs=inputs or {})
+    (folder.staging / "out").mkdir()
+    (folder.staging / "out" / "f").write_text(text)
+    assert folder.publish(["out"]) is None
+    folder.end(State.SUCCEEDED, exit_code=0)
 
 
-def _submit(attempt, **status) -> None:
+def _submit(folder, force: bool, inputs: dict[str, InputRecord]) -> None:
     """What SlurmExecutor._submit_one records."""
-    attempt.update_status(state="pending", executor="slurm", **status)
+    folder.queue("slurm", force=force, command=["true"], reasons=["test"], inputs=inputs)
+
+
+def _lineage(store: Store, inputs: dict[str, ResolvedInput]) -> dict[str, InputRecord]:
+    return store.with_digests({name: inp.lineage() for name, inp in inputs.items()})
 
 
 def test_begin_skips_only_an_unforced_rerun_with_the_same_inputs(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    up = store.attempt("a", "a" * 16)
+    up = store.stage_dir("a", "a" * 16)
     _publish(up, "v1")
-    down = store.attempt("b", "b" * 16)
-    down.dir.mkdir(parents=True)
-    write_json(down.spec, {"outputs": ["out"]})
+    down = store.stage_dir("b", "b" * 16)
+    down.path.mkdir(parents=True)
+    write_json(down.spec_file, {"outputs": ["out"]})
     inputs = {"a": ResolvedInput("stage", str(up.artifacts / "out"), False, "out", "a",
                                  up.fingerprint)}
-    _publish(down, "b", consumed(store, inputs))
+    _publish(down, "b", _lineage(store, inputs))
 
-    _submit(down, force=False, inputs=consumed(store, inputs))
-    assert hooks.begin(down.dir) == hooks.SKIP
-    _submit(down, force=True, inputs=consumed(store, inputs))
-    assert hooks.begin(down.dir) == 0 and down.status()["state"] == "running"
-    _publish(down, "b", consumed(store, inputs))
+    _submit(down, force=False, inputs=_lineage(store, inputs))
+    assert hooks.begin(down.path) == SKIP
+    assert down.status().state == State.SUCCEEDED and down.status().attempt == 1
+    _submit(down, force=True, inputs=_lineage(store, inputs))
+    assert hooks.begin(down.path) == OK and down.status().state == State.RUNNING
+    # what the submission recorded is kept by the attempt it starts
+    assert (down.status().command, down.status().reasons) == (["true"], ["test"])
+    _publish(down, "b", _lineage(store, inputs))
 
     _publish(up, "v2")  # a forced upstream rerun that came out different
-    _submit(down, force=False, inputs=consumed(store, inputs))
-    assert hooks.begin(down.dir) == 0 and down.status()["state"] == "running"
+    _submit(down, force=False, inputs=_lineage(store, inputs))
+    assert hooks.begin(down.path) == OK and down.status().state == State.RUNNING

@@ -37,7 +37,7 @@ def test_full_size_stages_launch_under_torchrun(tmp_path: Path) -> None:
                      "--set", "data.sources=[{kind: synthetic, modality: text}]",
                      "--set", "tokenizer=demo")
     command = plan["text_pretrain"]["command"]
-    assert command[1:6] == ["-m", "phi4core.elastic", "--standalone", "--nproc_per_node", "512"]
+    assert command[1:5] == ["-m", "phi4core.elastic", "--standalone", "--nproc-per-node=512"]
 
 
 def test_missing_local_inputs_block_the_plan_and_refuse_the_run(tmp_path: Path) -> None:
@@ -135,17 +135,17 @@ def test_train_stage_spec_is_the_trainer_contract(tmp_path: Path) -> None:
     loaded = load_pipeline(REPO / "pipelines/phi4_multimodal.yaml", "tiny")
     plan = make_plan(build_graph(loaded.stages), Store(tmp_path))
     sp = plan.stages["vision_speech_joint"]
-    resolved = StageSpec.model_validate(spec(sp.loaded, sp.attempt, sp.inputs)
+    resolved = StageSpec.model_validate(spec(sp.loaded, sp.stage_dir, sp.inputs)
                                         .model_dump(mode="json"))
     assert resolved.fingerprint == sp.fingerprint and resolved.world_size == 1
     assert resolved.model.name == "phi4_multimodal_tiny"
     assert resolved.trainable == ["lora.vision", "vision.encoder", "vision.projector"]
     assert resolved.frozen == ["audio.encoder", "audio.projector", "backbone", "lora.speech"]
     assert resolved.inputs["speech"].frozen and resolved.inputs["speech"].source == "stage"
-    assert resolved.output_dir == str(sp.attempt.staging)
-    env = environment(sp.loaded, sp.attempt, sp.inputs)
+    assert resolved.output_dir == str(sp.stage_dir.staging)
+    env = environment(sp.loaded, sp.stage_dir, sp.inputs)
     assert env["PHI4_INPUT_SPEECH"] == resolved.inputs["speech"].path
-    assert env["PHI4_SPEC"] == str(sp.attempt.spec)
+    assert env["PHI4_SPEC"] == str(sp.stage_dir.spec_file)
 
 
 def test_plan_writes_nothing_into_the_store(tmp_path: Path) -> None:

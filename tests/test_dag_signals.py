@@ -127,8 +127,8 @@ def test_a_second_run_waits_for_the_stage_the_first_is_running(tmp_path: Path) -
     plan = plan_json(pipeline, store)
     assert plan["a"]["reasons"][0].startswith("running in another phi4 run (pid ")
     second = _start("run", str(pipeline), "--store", str(store))
-    time.sleep(1.0)
-    assert second.poll() is None  # waiting, not failing
+    said = second.stdout.readline()  # its first event, however long its start-up takes
+    assert "] a: waiting  locked by phi4 pid " in said and second.poll() is None
     (tmp_path / "hold_a").unlink()
     assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
     assert "done by another run" in second.stdout.read()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from orchestrator import manifest as mf
 from orchestrator.fingerprint import content_digest, describe_changes, expand, flatten
+from orchestrator.records import State
 from orchestrator.store import Store, resolve_root
 
 
@@ -68,46 +69,46 @@ def test_manifest_check_names_the_first_difference(tmp_path: Path) -> None:
 
 def test_publish_swaps_artifacts_and_begin_keeps_checkpoints(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    attempt = store.attempt("s", "f" * 16)
-    attempt.begin({"x": 1}, executor="test")
-    assert attempt.status()["state"] == "running" and attempt.status()["attempt"] == 1
+    folder = store.stage_dir("s", "f" * 16)
+    folder.begin("test", command=[], reasons=[], inputs={})
+    assert folder.status().state == State.RUNNING and folder.status().attempt == 1
     assert store.latest("s").fingerprint == "f" * 16
-    (attempt.checkpoints / "step_10").write_text("ckpt")
-    (attempt.staging / "model").mkdir()
-    (attempt.staging / "model" / "w.bin").write_bytes(b"w")
-    assert attempt.artifact_problem(["model"]) == "artifact missing"
-    assert "did not write $PHI4_OUTPUT_DIR/speech/" in attempt.publish(["model", "speech"])
-    assert attempt.publish(["model"]) is None
-    assert not attempt.staging.exists() and attempt.artifact_problem(["model"]) is None
-    assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 1
+    (folder.checkpoints / "step_10").write_text("ckpt")
+    (folder.staging / "model").mkdir()
+    (folder.staging / "model" / "w.bin").write_bytes(b"w")
+    assert folder.artifact_problem(["model"]) == "artifact missing"
+    assert "did not write $PHI4_OUTPUT_DIR/speech/" in folder.publish(["model", "speech"])
+    assert folder.publish(["model"]) is None
+    assert not folder.staging.exists() and folder.artifact_problem(["model"]) is None
+    assert folder.manifest().artifacts["model"]["w.bin"]["size"] == 1
     # A new attempt keeps the published output until it publishes its own, and keeps the
     # checkpoints of an attempt that did not finish.
-    attempt.begin({"x": 1}, executor="test")
-    assert attempt.status()["attempt"] == 2
-    assert attempt.artifact_problem(["model"]) is None
-    assert (attempt.checkpoints / "step_10").read_text() == "ckpt"
-    (attempt.staging / "model").mkdir()
-    (attempt.staging / "model" / "w.bin").write_bytes(b"w2")
-    assert attempt.publish(["model"]) is None
-    assert attempt.manifest()["artifacts"]["model"]["w.bin"]["size"] == 2
-    assert (attempt.artifacts / "model" / "w.bin").read_bytes() == b"w2"
-    assert not any(p.name.startswith((".trash", ".manifest")) for p in attempt.dir.iterdir())
+    folder.begin("test", command=[], reasons=[], inputs={})
+    assert folder.status().attempt == 2
+    assert folder.artifact_problem(["model"]) is None
+    assert (folder.checkpoints / "step_10").read_text() == "ckpt"
+    (folder.staging / "model").mkdir()
+    (folder.staging / "model" / "w.bin").write_bytes(b"w2")
+    assert folder.publish(["model"]) is None
+    assert folder.manifest().artifacts["model"]["w.bin"]["size"] == 2
+    assert (folder.artifacts / "model" / "w.bin").read_bytes() == b"w2"
+    assert not any(p.name.startswith((".trash", ".manifest")) for p in folder.path.iterdir())
     # After a finished attempt, a rerun (forced, or an input republished) starts over.
-    attempt.update_status(state="succeeded")
-    attempt.begin({"x": 1}, executor="test")
-    assert attempt.checkpoints.is_dir() and not any(attempt.checkpoints.iterdir())
-    assert attempt.status()["start_over"] is False
+    folder.end(State.SUCCEEDED, exit_code=0)
+    folder.begin("test", command=[], reasons=[], inputs={})
+    assert folder.checkpoints.is_dir() and not any(folder.checkpoints.iterdir())
+    assert folder.status().start_over is False
 
 
 def test_lock_is_exclusive_and_released_by_close(tmp_path: Path) -> None:
-    attempt = Store(tmp_path).attempt("s", "0" * 16)
-    first, second = attempt.lock(), attempt.lock()
+    folder = Store(tmp_path).stage_dir("s", "0" * 16)
+    first, second = folder.lock(), folder.lock()
     assert first.try_acquire()
     assert not second.try_acquire() and second.is_held_elsewhere()
-    attempt.update_status(state="running")
-    assert attempt.state() == "running"
+    folder.begin("local", command=[], reasons=[], inputs={})
+    assert folder.state() == State.RUNNING
     first.release()
-    assert attempt.state() == "interrupted"  # running, but nobody holds the lock
+    assert folder.state() == State.INTERRUPTED  # running, but nobody holds the lock
     assert second.try_acquire()
     second.release()
 
@@ -115,14 +116,14 @@ def test_lock_is_exclusive_and_released_by_close(tmp_path: Path) -> None:
 def test_newest_succeeded_skips_corrupt_attempts(tmp_path: Path) -> None:
     store = Store(tmp_path)
     for i, fp in enumerate(("a" * 16, "b" * 16)):
-        attempt = store.attempt("s", fp)
-        attempt.begin({})
-        (attempt.staging / "out").mkdir()
-        (attempt.staging / "out" / "f").write_text(fp)
-        attempt.publish(["out"])
-        attempt.update_status(state="succeeded", ended=1000.0 + i)
+        folder = store.stage_dir("s", fp)
+        folder.begin("test", command=[], reasons=[], inputs={})
+        (folder.staging / "out").mkdir()
+        (folder.staging / "out" / "f").write_text(fp)
+        folder.publish(["out"])
+        folder.end(State.SUCCEEDED, exit_code=0, ended=1000.0 + i)
     assert store.newest_succeeded("s", "out").fingerprint == "b" * 16
-    (store.attempt("s", "b" * 16).artifacts / "out" / "f").write_text("x" * 16)
+    (store.stage_dir("s", "b" * 16).artifacts / "out" / "f").write_text("x" * 16)
     assert store.newest_succeeded("s", "out").fingerprint == "a" * 16
     assert store.newest_succeeded("s", "nope") is None
 

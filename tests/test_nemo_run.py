@@ -67,6 +67,6 @@ def test_missing_nemo_run_is_a_one_line_error(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert (r.returncode, r.stderr) == (
-        2, "NeMo-Run is not installed: pip install 'phi4[nemo-run]'\n")
+        2, "phi4: NeMo-Run is not installed: pip install 'phi4[nemo-run]'\n")
     assert json.loads(phi4("plan", str(pipeline), "--store", str(tmp_path / "store"),
                            "--format", "json", check=0).stdout)["stages"][0]["verdict"] == "run"

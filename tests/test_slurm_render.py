@@ -12,7 +12,9 @@ from slurm_helpers import LOCAL_CLUSTER, REPO, phi4
 
 from orchestrator.config import ConfigError
 from orchestrator.config.cluster import load_cluster
-from orchestrator.executors.sbatch import Raw, directive_value, shell_words
+from orchestrator.executors.sbatch import directive_value
+from orchestrator.exitcodes import SKIP
+from orchestrator.shell import Raw, shell_words
 
 H100 = REPO / "clusters" / "example_h100.yaml"
 # The tiny text pipeline made four 8-GPU nodes large (the recipes' full size needs real data).
@@ -169,6 +171,10 @@ def test_slurm_options_need_the_slurm_executor(tmp_path: Path) -> None:
     assert "--cluster and --wait go with --executor slurm or nemo_run" in out.stderr
     out = phi4("run", str(pipeline), "--store", str(tmp_path), "--executor", "slurm", check=2)
     assert "--executor slurm needs --cluster FILE" in out.stderr
+    out = phi4("run", str(pipeline), "--store", str(tmp_path), "--executor", "nemo_run",
+               "--cluster", str(LOCAL_CLUSTER), "--wait", check=2)
+    assert out.stderr == ("phi4: --wait goes with --executor slurm: follow a NeMo-Run "
+                          "experiment on a cluster with NeMo-Run\n")
     assert json.loads(phi4("plan", str(pipeline), "--store", str(tmp_path), "--format", "json",
                            check=0).stdout)["stages"][0]["verdict"] == "run"
 
@@ -183,7 +189,7 @@ def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
     phi4("run", str(pipeline), "--store", str(store), check=0)
     a_dir = next((store / "stages" / "a").glob("*/artifacts")).parent
     b_dir = next((store / "stages" / "b").glob("*/artifacts")).parent
-    assert hooks.begin(b_dir) == hooks.SKIP
+    assert hooks.begin(b_dir) == SKIP
     status = json.loads((b_dir / "status.json").read_text())
     assert status["state"] == "succeeded" and status["attempt"] == 1
 
@@ -196,3 +202,22 @@ def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
     assert hooks.end(a_dir, 3) == 3
     status = json.loads((a_dir / "status.json").read_text())
     assert (status["state"], status["exit_code"]) == ("failed", 3)
+
+
+def test_slurm_commands_missing_are_one_line(tmp_path: Path) -> None:
+    """A store that records a Slurm job, on a machine without Slurm's commands."""
+    from orchestrator.store import Store
+
+    pipeline = make_pipeline(tmp_path, {"a": []})
+    store = tmp_path / "store"
+    folder = Store(store).stage_dir("a", "f" * 16)
+    folder.queue("slurm", force=False, command=["true"], reasons=["new"], inputs={})
+    folder.record_job("123")
+    no_slurm = {"PATH": str(tmp_path / "empty")}
+    out = phi4("run", str(pipeline), "--store", str(store), "--executor", "slurm",
+               "--cluster", str(LOCAL_CLUSTER), check=2, env=no_slurm)
+    assert out.stderr == "phi4: squeue not found: is Slurm installed on this machine?\n"
+    row = json.loads(phi4("status", "--format", "json", "--store", str(store), check=0,
+                          env=no_slurm).stdout)["stages"][0]
+    assert row["state"] == "pending" and row["note"].endswith(
+        "Slurm not reachable: squeue not found: is Slurm installed on this machine?")

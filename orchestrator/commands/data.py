@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..cli import UsageProblem, cli, quiet_megatron
+from .common import UsageProblem, quiet_megatron
 
 
-@cli.group()
+@click.group()
 def data() -> None:
     """Prepare training data."""
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..cli import UsageProblem, cli, quiet_megatron
+from .common import UsageProblem, quiet_megatron
 
 
-@cli.command("model-info")
+@click.command("model-info")
 @click.argument("preset")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def model_info_cmd(preset: str, fmt: str) -> None:
@@ -39,7 +39,7 @@ def model_info_cmd(preset: str, fmt: str) -> None:
                    "groups yet: the multimodal towers and LoRAs are not built by phi4core)")
 
 
-@cli.group()
+@click.group()
 def convert() -> None:
     """Convert between Hugging Face Phi3ForCausalLM folders and phi4 checkpoints."""
 

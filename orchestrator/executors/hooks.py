@@ -1,6 +1,11 @@
-"""What a Slurm batch script asks of phi4 at the start and end of its stage
+"""What a job script asks of phi4 at the start and end of its stage
 (`python -m orchestrator stage-hook begin|end STAGE_DIR`): the bookkeeping the local executor
-does around its child process, done on the node, in the store, with the same code."""
+does around its child process, done on the node, in the store, with the same code.
+
+`begin` answers OK (run the stage), SKIP (already published: end the job successfully) or
+FAILURE (an upstream has nothing published); `end` answers OK, PREEMPTED (requeue the job) or
+the failure to report. The shell that reads these answers is rendered from the same constants
+(exitcodes.py)."""
 
 from __future__ import annotations
 
@@ -10,94 +15,92 @@ import socket
 import time
 from pathlib import Path
 
-from phi4core.exitcodes import PREEMPTED
-
-from ..store import Attempt, Store, read_json
+from ..exitcodes import FAILURE, OK, PREEMPTED, SKIP
+from ..records import InputRecord, State
+from ..store import StageDir, Store
 from . import slurm_cli
-from .attempts import fill_digests, record_exit
-
-SKIP = 3  # begin: the stage is already published; the job ends at once, successfully
+from .outcomes import record_exit
 
 
-def attempt_at(stage_dir: str | Path) -> Attempt:
-    """<store>/stages/<name>/<fingerprint> -> its Attempt."""
-    path = Path(stage_dir).resolve()
-    return Store(path.parents[2]).attempt(path.parent.name, path.name)
+def stage_dir_at(path: str | Path) -> StageDir:
+    """<store>/stages/<name>/<fingerprint> -> its StageDir."""
+    path = Path(path).resolve()
+    return Store(path.parents[2]).stage_dir(path.parent.name, path.name)
 
 
-def _outputs(attempt: Attempt) -> list[str]:
-    return list((read_json(attempt.spec) or {}).get("outputs") or [])
-
-
-def begin(stage_dir: str | Path) -> int:
-    attempt = attempt_at(stage_dir)
-    name, job = attempt.name, os.environ.get("SLURM_JOB_ID")
-    status = attempt.status() or {}
-    inputs = fill_digests(attempt.store, status.get("inputs") or {})
+def begin(path: str | Path) -> int:
+    folder = stage_dir_at(path)
+    name, job = folder.name, os.environ.get("SLURM_JOB_ID")
+    queued = folder.status()
+    inputs = folder.store.with_digests(queued.inputs if queued else {})
     # Skip only what the submission would have found up to date: not forced, published, and
     # made from the input files there are now (plan._republished_inputs asks the same).
-    if not status.get("force") and attempt.artifact_problem(_outputs(attempt)) is None \
-            and not attempt.changed_inputs({n: r.get("digest") for n, r in inputs.items()
-                                            if r.get("source") == "stage"}):
-        if status.get("state") != "succeeded":
-            attempt.update_status(state="succeeded", ended=time.time(), error=None)
+    if not (queued and queued.force) \
+            and folder.artifact_problem(folder.declared_outputs()) is None \
+            and not folder.changed_inputs({n: r.digest for n, r in inputs.items()
+                                           if r.source == "stage"}):
+        if queued is None or queued.state != State.SUCCEEDED:
+            folder.end(State.SUCCEEDED, exit_code=queued.exit_code if queued else None)
         print(f"=== phi4: {name} is already published (another run finished it); "
               f"job {job} ends here", flush=True)
         return SKIP
-    missing = _missing_input(attempt, status.get("inputs") or {})
+    missing = _missing_input(folder, inputs)
     if missing is not None:  # an upstream that ended without publishing (afterany, NeMo-Run)
-        attempt.update_status(state="blocked", blocked_by=missing, ended=time.time(),
-                              error=f"upstream {missing} has no published artifact", job_id=job)
+        if job:
+            folder.record_job(job)
+        folder.end(State.BLOCKED, blocked_by=missing,
+                   error=f"upstream {missing} has no published artifact")
         print(f"=== phi4: {name} cannot start: upstream {missing} has no published artifact",
               flush=True)
-        return 1
-    record = attempt.begin(attempt.fields() or {}, executor=status.get("executor") or "slurm",
-                           job_id=job,
-                           restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-                           nodes=os.environ.get("SLURM_JOB_NODELIST"),
-                           inputs=inputs)
-    command = record.get("command") or []
-    print(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) as Slurm "
+        return FAILURE
+    record = folder.begin(
+        (queued.executor if queued else None) or "slurm",
+        command=queued.command if queued else [], reasons=queued.reasons if queued else [],
+        inputs=inputs, job_id=job, restarts=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        nodes=os.environ.get("SLURM_JOB_NODELIST"))
+    print(f"=== phi4 attempt {record.attempt} of {name} ({folder.fingerprint}) as Slurm "
           f"job {job} on {socket.gethostname()} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-          f"{shlex.join(command)}", flush=True)
-    return 0
+          f"{shlex.join(record.command)}", flush=True)
+    return OK
 
 
-def _missing_input(attempt: Attempt, inputs: dict[str, dict]) -> str | None:
+def _missing_input(folder: StageDir, inputs: dict[str, InputRecord]) -> str | None:
     for record in inputs.values():
-        if record.get("source") != "stage":
+        if record.source != "stage" or not record.stage or not record.fingerprint:
             continue
-        upstream = attempt.store.attempt(record["stage"], record["fingerprint"])
-        if upstream.artifact_problem([record["artifact"]]) is not None:
-            return record["stage"]
+        upstream = folder.store.stage_dir(record.stage, record.fingerprint)
+        if upstream.artifact_problem([record.artifact or ""]) is not None:
+            return record.stage
     return None
 
 
-def end(stage_dir: str | Path, code: int) -> int:
-    """Record the step's exit; returns the batch script's verdict: 0 done, PREEMPTED to be
+def end(path: str | Path, code: int) -> int:
+    """Record the step's exit; returns the job script's verdict: OK done, PREEMPTED to be
     requeued, anything else failed or stopped."""
-    attempt = attempt_at(stage_dir)
+    folder = stage_dir_at(path)
     job_id = os.environ.get("SLURM_JOB_ID", "")
+    outputs = folder.declared_outputs()
     # RUNNING: the stage stopped by itself (or on our USR1). Anything else (COMPLETING):
     # Slurm is ending the job (scancel, preemption, time limit) and decides what follows.
     stopping = job_id and _job_state(job_id) not in ("RUNNING", "UNKNOWN")
-    if code != 0 and (attempt.status() or {}).get("state") == "cancelled":
-        print(f"=== phi4: {attempt.name} was cancelled (exit code {code})", flush=True)
-        return 1
+    status = folder.status()
+    if code != 0 and status is not None and status.state == State.CANCELLED:
+        print(f"=== phi4: {folder.name} was cancelled (exit code {code})", flush=True)
+        return FAILURE
     if code == PREEMPTED:
         if stopping:
             note = "checkpointed as Slurm stopped the job; rerun to resume"
         else:
             note = f"checkpointed; requeued as job {job_id}, resumes from checkpoints/"
-        record_exit(attempt, _outputs(attempt), code, preempted_note=note)
-        print(f"=== phi4: {attempt.name} preempted: {note}", flush=True)
-        return 1 if stopping else PREEMPTED
-    outcome = record_exit(attempt, _outputs(attempt), code, cancelled=code != 0 and stopping)
-    print(f"=== phi4: {attempt.name} {outcome.state}"
+        record_exit(folder, outputs, code, preempted_note=note)
+        print(f"=== phi4: {folder.name} preempted: {note}", flush=True)
+        return FAILURE if stopping else PREEMPTED
+    outcome = record_exit(folder, outputs, code, cancelled=code != 0 and stopping)
+    print(f"=== phi4: {folder.name} {outcome.state}"
           + (f": {outcome.detail}" if outcome.detail else ""), flush=True)
-    if outcome.state == "succeeded":
-        return 0
-    return code if 0 < code < 256 and code != PREEMPTED else 1
+    if outcome.state == State.SUCCEEDED:
+        return OK
+    return code if 0 < code < 256 and code != PREEMPTED else FAILURE
 
 
 def _job_state(job_id: str) -> str:

@@ -21,18 +21,17 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from phi4core.exitcodes import PREEMPTED
-
 from .. import launch
 from ..metrics import last_record, progress_text
 from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
-from ..store import StageLock, write_json
+from ..records import State
+from ..store import StageLock
 from . import lockkeeper
-from .attempts import Outcome, consumed, record_exit
+from .base import Executor, ExecutorError, RunOptions, Say, Submission
+from .outcomes import Outcome, record_exit
 
 _POLL_SECONDS = 0.05
-OK_STATES = ("succeeded", "up to date")
 
 
 def _die_with_parent():
@@ -59,25 +58,57 @@ class _Child:
     signalled_at: float | None = None
 
 
-class LocalExecutor:
-    def __init__(self, plan: Plan, jobs: int = 1, keep_going: bool = False,
-                 display: Display | None = None, grace_seconds: float = 30.0):
-        self.plan = plan
-        self.jobs = max(1, jobs)
-        self.keep_going = keep_going
-        self.grace = grace_seconds
-        self.display = display or Display(plan.to_run(), live=False)
+class LocalExecutor(Executor):
+    """Runs the stages in this process's loop: `submit` starts nothing, `wait` runs them."""
+
+    name = "local"
+
+    def __init__(self, plan: Plan, options: RunOptions, say: Say = print, note: Say = print,
+                 display: Display | None = None):
+        super().__init__(plan, options, say, note)
+        self.jobs = max(1, options.jobs)
+        self.keep_going = options.keep_going
+        self.grace = options.grace
+        self.display = display
         self.outcomes: dict[str, Outcome] = {}
-        self.stop_signal: int | None = None  # SIGINT/SIGTERM received
         self.failed_first: str | None = None
         self._preexec = _die_with_parent()
+
+    @classmethod
+    def check_options(cls, options: RunOptions) -> None:
+        if options.cluster_file or options.wait:
+            raise ExecutorError("--cluster and --wait go with --executor slurm or nemo_run")
+
+    def check(self) -> None:
+        super().check()
+        for name in self.plan.to_run():
+            nodes = self.plan.stages[name].loaded.recipe.resources.nodes
+            if nodes > 1:
+                raise ExecutorError(f"stage {name} needs {nodes} nodes; the local executor "
+                                    "runs on this machine only (try --profile tiny)")
+
+    def dry_run(self) -> str:
+        from ..plan_text import plan_text
+
+        return plan_text(self.plan, self.options.title)
+
+    def submit(self) -> list[Submission]:
+        return [Submission(name) for name in self.plan.to_run()]
+
+    def wait(self, submitted: list[Submission]) -> dict[str, Outcome]:
+        if self.display is None:
+            self.display = Display([s.name for s in submitted], stream=sys.stdout)
+        return self.run()
 
     # ------------------------------------------------------------------------------------
     # the loop
     # ------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Outcome]:
+        """Start what is ready, poll what runs, until every stage of the plan has ended."""
         pending = self.plan.to_run()
+        if self.display is None:
+            self.display = Display(pending, live=False)
         waiting: dict[str, StageLock] = {}
         running: dict[str, _Child] = {}
         previous = {sig: signal.signal(sig, self._on_signal)
@@ -99,7 +130,7 @@ class LocalExecutor:
                             self._block(name, blocker)
                         else:
                             self.outcomes[name] = Outcome(
-                                "not run", f"stopped after {self.failed_first} failed "
+                                State.NOT_RUN, f"stopped after {self.failed_first} failed "
                                 "(--keep-going runs independent stages)")
                     pending.clear()
                     waiting.clear()
@@ -126,7 +157,7 @@ class LocalExecutor:
                 self._block(name, blocker)
             elif self._upstream_done(name):
                 pending.remove(name)
-                waiting[name] = self.plan.stages[name].attempt.lock()
+                waiting[name] = self.plan.stages[name].stage_dir.lock()
         # Waiting for a lock held by another run does not take a job slot.
         for name in list(waiting):
             if len(running) >= self.jobs:
@@ -135,11 +166,12 @@ class LocalExecutor:
             if lock.try_acquire():
                 del waiting[name]
                 self._launch(name, lock, running)
-            elif self.display.rows.get(name) and self.display.rows[name].state != "waiting":
-                status = self.plan.stages[name].attempt.status() or {}
-                self.display.event(name, "waiting", f"locked by phi4 pid {status.get('pid')} "
-                                   f"(stage pid {status.get('child_pid')}) on "
-                                   f"{status.get('host')}")
+            elif self.display.rows.get(name) and \
+                    self.display.rows[name].state != State.WAITING:
+                status = self.plan.stages[name].stage_dir.status()
+                holder = (f"phi4 pid {status.pid} (stage pid {status.child_pid}) on "
+                          f"{status.host}") if status else "another run"
+                self.display.event(name, State.WAITING, f"locked by {holder}")
 
     def _upstream(self, name: str) -> set[str]:
         return {e.upstream for e in self.plan.graph.inputs_of(name)
@@ -150,14 +182,14 @@ class LocalExecutor:
 
     def _ok(self, name: str) -> bool:
         if name in self.outcomes:
-            return self.outcomes[name].state in OK_STATES
+            return self.outcomes[name].done
         return self.plan.stages[name].verdict == UP_TO_DATE
 
     def _blocker(self, name: str) -> str | None:
         """The stage whose failure keeps `name` from running, if any."""
         for up in sorted(self._upstream(name)):
             outcome = self.outcomes.get(up)
-            if outcome is None or outcome.state in OK_STATES or outcome.state == "not run":
+            if outcome is None or outcome.done or outcome.state == State.NOT_RUN:
                 continue
             return outcome.blocked_by or up
         return None
@@ -173,41 +205,41 @@ class LocalExecutor:
             lock.release()
             detail = ("its inputs came out identical" if sp.published
                       else "done by another run")
-            self._finish_event(name, Outcome("up to date", detail))
+            self._finish_event(name, Outcome(State.UP_TO_DATE, detail))
             return
-        attempt = sp.attempt
-        argv = sp.command
-        record = attempt.begin(sp.fields, executor="local", command=argv, reasons=sp.reasons,
-                               inputs=consumed(self.plan.store, sp.inputs), job_id=None,
-                               child_pid=None)
-        write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
-        log = open(attempt.log_file, "ab")
-        log.write(f"=== phi4 attempt {record['attempt']} of {name} ({attempt.fingerprint}) at "
+        folder = sp.stage_dir
+        layout = sp.launcher().layout()
+        argv = list(layout.argv)
+        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        record = folder.begin(self.name, command=argv, reasons=sp.reasons,
+                              inputs=sp.lineage_records())
+        log = open(folder.log_file, "ab")
+        log.write(f"=== phi4 attempt {record.attempt} of {name} ({folder.fingerprint}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
         log.flush()
         kept = lockkeeper.available()  # else the child inherits the lock
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, **sp.env},
+                                    stderr=subprocess.STDOUT, env={**os.environ, **layout.env},
                                     process_group=0, pass_fds=() if kept else (lock.fd,),
                                     preexec_fn=self._preexec)
         except OSError as err:
             log.close()
-            attempt.update_status(state="failed", ended=time.time(),
-                                  error=f"cannot start {argv[0]}: {err.strerror}")
+            why = f"cannot start {argv[0]}: {err.strerror}"
+            folder.end(State.FAILED, error=why)
             lock.release()
-            self._failed(name, Outcome("failed", f"cannot start {argv[0]}: {err.strerror}"))
+            self._failed(name, Outcome(State.FAILED, why))
             return
         keeper = lockkeeper.start(proc, lock.fd, log) if kept else None
-        attempt.update_status(child_pid=proc.pid, job_id=str(proc.pid))
+        folder.record_job(str(proc.pid), child_pid=proc.pid)
         running[name] = _Child(proc, lock, log, keeper)
-        self.display.event(name, "running", "; ".join(sp.reasons))
+        self.display.event(name, State.RUNNING, "; ".join(sp.reasons))
 
     def _poll(self, running: dict[str, _Child]) -> None:
         for name, child in list(running.items()):
             code = child.proc.poll()
             if code is None:
-                record = last_record(self.plan.stages[name].attempt.metrics)
+                record = last_record(self.plan.stages[name].stage_dir.metrics)
                 if record:
                     train = self.plan.stages[name].loaded.recipe.train
                     self.display.progress(name, progress_text(
@@ -223,9 +255,9 @@ class LocalExecutor:
 
     def _collect(self, name: str, code: int, child: _Child) -> None:
         sp = self.plan.stages[name]
-        outcome = record_exit(sp.attempt, sp.loaded.recipe.outputs, code,
+        outcome = record_exit(sp.stage_dir, sp.loaded.recipe.outputs, code,
                               cancelled=code != 0 and child.signalled_at is not None)
-        if outcome.state in ("failed", "preempted"):
+        if outcome.state in (State.FAILED, State.PREEMPTED):
             self._failed(name, outcome)
         else:
             self._finish_event(name, outcome)
@@ -235,15 +267,15 @@ class LocalExecutor:
         self._finish_event(name, outcome)
 
     def _block(self, name: str, blocker: str) -> None:
-        attempt = self.plan.stages[name].attempt
+        folder = self.plan.stages[name].stage_dir
         why = f"upstream {blocker} {self.outcomes[blocker].state}"
-        if (attempt.status() or {}).get("state") != "succeeded":
+        status = folder.status()
+        if status is None or status.state != State.SUCCEEDED:
             # Recorded so that `phi4 status` can say why this stage never ran; a published
             # result is never hidden behind such a record.
-            attempt.update_status(state="blocked", blocked_by=blocker, ended=time.time(),
-                                  error=why)
-            self.plan.store.set_latest(name, attempt.fingerprint)
-        self._finish_event(name, Outcome("blocked", why, blocked_by=blocker))
+            folder.end(State.BLOCKED, blocked_by=blocker, error=why)
+            self.plan.store.set_latest(name, folder.fingerprint)
+        self._finish_event(name, Outcome(State.BLOCKED, why, blocked_by=blocker))
 
     def _finish_event(self, name: str, outcome: Outcome) -> None:
         self.outcomes[name] = outcome
@@ -264,16 +296,3 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
-
-
-def exit_status(outcomes: dict[str, Outcome], stop_signal: int | None) -> int:
-    """128+signal when stopped by one; 1 when a stage failed; PREEMPTED when the only trouble
-    is a preemption (an outer scheduler may requeue the run); 1 for anything else not done."""
-    if stop_signal is not None:
-        return 128 + stop_signal
-    states = {o.state for o in outcomes.values()}
-    if "failed" in states:
-        return 1
-    if "preempted" in states:
-        return PREEMPTED
-    return 1 if states & {"blocked", "not run", "cancelled"} else 0

@@ -10,6 +10,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     from orchestrator.executors.nemo_run import NemoRunMissing, run_document
+    from orchestrator.exitcodes import BAD_INPUT
 
     with open(argv[0]) as f:
         doc = json.load(f)
@@ -17,7 +18,7 @@ def main(argv: list[str]) -> int:
         return run_document(doc)
     except NemoRunMissing as err:
         print(err, file=sys.stderr)
-        return 2
+        return BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""The text of one stage's batch script. Rendering only: what goes in is decided by slurm.py.
+"""The text of one stage's batch script. Rendering only: what goes in is decided by slurm.py
+(the process layout by launch.py). The hook lines are shared with NeMo-Run's task scripts.
 
 Quoting rules, the whole point of this module:
 - `#SBATCH` lines are parsed by sbatch, not by a shell: values are plain tokens (checked) or,
   for paths, double-quoted; a value holding a quote, a backslash or a control character is
   refused (ValueError) rather than guessed at.
-- Everything in the body is `shlex.quote`d, except `Raw` fragments, which only this package
-  writes (shell variables such as `$SLURM_JOB_ID`), and the cluster file's `setup:` lines,
-  which are trusted shell written by the cluster's admin.
+- Everything in the body is `shlex.quote`d, except `Raw` fragments, which only phi4 writes
+  (shell variables such as `$SLURM_JOB_ID`), and the cluster file's `setup:` lines, which are
+  trusted shell written by the cluster's admin.
+- The exit codes the script reads from `phi4 stage-hook` and gives Slurm are exitcodes.py's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from ..exitcodes import FAILURE, OK, PREEMPTED, SKIP
+from ..shell import shell_words
+
 _TOKEN = re.compile(r"[A-Za-z0-9_.,:+=/@-]+")  # fullmatch: `$` lets a final newline through
 _UNQUOTABLE = re.compile(r'["\\\x00-\x1f\x7f]')
-
-
-class Raw(str):
-    """A shell fragment written by phi4 itself (never from a user): emitted unquoted."""
 
 
 def directive_value(value: str) -> str:
@@ -30,10 +31,6 @@ def directive_value(value: str) -> str:
         raise ValueError(f"cannot pass {value!r} to sbatch safely (quotes, backslashes and "
                          "control characters are refused)")
     return f'"{value}"'
-
-
-def shell_words(words: list[str]) -> str:
-    return " ".join(w if isinstance(w, Raw) else shlex.quote(w) for w in words)
 
 
 @dataclass
@@ -56,8 +53,7 @@ def render(job: BatchScript) -> str:
              f"# from {_one_line(job.trust_note)}, which are trusted shell."]
     for option, value in job.directives:
         lines.append(f"#SBATCH {option}" + ("" if value is None else f"={directive_value(value)}"))
-    lines += ["", f"phi4_stage_dir={shlex.quote(job.stage_dir)}",
-              f"phi4_python={shlex.quote(job.host_python)}", _PRELUDE]
+    lines += ["", *hook_lines(job.stage_dir, job.host_python), _PRELUDE]
     if job.setup:
         lines.append(f"# setup, verbatim from {_one_line(job.trust_note)}")
         lines += job.setup
@@ -65,9 +61,16 @@ def render(job: BatchScript) -> str:
     for name, value in job.env.items():
         lines.append(f"export {_name(name)}={shlex.quote(value)}")
     lines += [f"export {line}" for line in job.exports]
-    lines += ["", _BEGIN, "", f"{shell_words(job.step)} {WITHOUT_LOCK} &", _END, "",
+    lines += ["", BEGIN, "", f"{shell_words(job.step)} {WITHOUT_LOCK} &", _END, "",
               _REQUEUE % (_RELEASE if job.release_now else "")]
     return "\n".join(lines) + "\n"
+
+
+def hook_lines(stage_dir: str, host_python: str) -> list[str]:
+    """`phi4_hook begin|end`: phi4's bookkeeping in the store, outside any container."""
+    return [f"phi4_stage_dir={shlex.quote(stage_dir)}",
+            f"phi4_python={shlex.quote(host_python)}",
+            'phi4_hook() { "$phi4_python" -m orchestrator stage-hook "$@" "$phi4_stage_dir"; }']
 
 
 def _one_line(text: str) -> str:
@@ -85,11 +88,9 @@ def _name(name: str) -> str:
 WITHOUT_LOCK = "9>&-"
 
 _PRELUDE = r'''phi4_step=
-# Bookkeeping in the store (start, publish, exit states), outside any container.
-phi4_hook() { "$phi4_python" -m orchestrator stage-hook "$@" "$phi4_stage_dir"; }
 
 # The pre-timeout signal (--signal=B:USR1) and preemption or scancel (TERM) reach this shell:
-# pass them on to the step, whose stage checkpoints and exits 75.
+# pass them on to the step, whose stage checkpoints and exits PREEMPTED.
 phi4_forward() { if [[ -n $phi4_step ]]; then kill -s "$1" "$phi4_step" 2>/dev/null; fi; }
 trap 'phi4_forward USR1' USR1
 trap 'phi4_forward TERM' TERM
@@ -114,23 +115,25 @@ if command -v flock >/dev/null; then
 fi
 '''
 
-_BEGIN = r'''phi4_hook begin
+# Run the stage, or end the job at once: successfully when another run published it.
+BEGIN = f"""phi4_hook begin
 case $? in
-    0) ;;
-    3) exit 0 ;;  # already published (another run finished it)
-    *) exit 1 ;;
-esac'''
+    {OK}) ;;
+    {SKIP}) exit {OK} ;;  # already published (another run finished it)
+    *) exit {FAILURE} ;;
+esac"""
 
 _END = r'''phi4_step=$!
 phi4_wait "$phi4_step"
 phi4_code=$?
 phi4_step=
 
-# Publishes on exit 0; answers 75 when the stage checkpointed and the job should be requeued.
+# Publishes when the stage succeeded; answers PREEMPTED when it checkpointed and the job should be
+# requeued.
 phi4_hook end --exit-code "$phi4_code"
 phi4_verdict=$?'''
 
-_REQUEUE = r'''if (( phi4_verdict == 75 )); then
+_REQUEUE = r'''if (( phi4_verdict == ''' + str(PREEMPTED) + r''' )); then
 %s    scontrol requeue "$SLURM_JOB_ID" || echo "phi4: scontrol requeue failed; rerun to resume" >&2
 fi
 exit "$phi4_verdict"'''

@@ -2,8 +2,9 @@
 
 Each stage's script (sbatch.py renders it) starts with `phi4 stage-hook begin` and ends with
 `phi4 stage-hook end` (hooks.py), so a finished job leaves a verified, published artifact and
-a `succeeded` status, or `failed` with its exit code, without anyone watching. On exit 75 (the
-stage checkpointed on USR1/TERM) the job requeues itself and resumes when it starts again.
+a `succeeded` status, or `failed` with its exit code, without anyone watching. On PREEMPTED (the
+stage checkpointed on USR1/TERM) the job requeues itself and resumes when it starts again. The
+process layout (nodes, tasks, CPUs, the srun step's argv, the rendezvous) is launch.py's.
 
 A rerun submits what the plan says must run; a stage whose job is still queued or running is
 kept (its job id becomes its descendants' dependency), except a pending job that can never
@@ -14,72 +15,52 @@ cancelled and submitted again.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from phi4core.exitcodes import PREEMPTED
-
 from .. import launch
-from ..config import ConfigError
-from ..config.cluster import Cluster, LoadedCluster, stage_problems, stage_time
-from ..plan import Plan, StagePlan
-from ..store import starts_over, write_json
-from . import slurm_cli
-from .attempts import Outcome, consumed
-from .sbatch import BatchScript, Raw, directive_value, render
-from .slurm_status import reconcile
+from ..config.cluster import load_cluster, stage_time
+from ..exitcodes import PREEMPTED
+from ..plan import Plan
+from ..records import StageStatus, State
+from ..status import StatusRow
+from ..store import Store
+from . import slurm_cli, slurm_status
+from .base import Executor, ExecutorError, RunOptions, Say, Submission, nothing_to_run
+from .outcomes import Outcome
+from .sbatch import BatchScript, directive_value, render
 
 SCRIPT_NAME = "job.sbatch"
 
 
-def rendezvous_exports(port: int) -> list[str]:
-    """The head node and a port; ports differ between jobs so that two sharing a node do not
-    collide."""
-    return [Raw('MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'),
-            Raw(f'MASTER_PORT="$(( {port} + SLURM_JOB_ID % 1000 ))"')]
+class SlurmExecutor(Executor):
+    """Submits every stage at once, each waiting on its upstream jobs; detached: `wait`
+    (`phi4 run --wait`) follows the jobs, `phi4 status` asks Slurm about them."""
 
+    name = "slurm"
+    detached = True
 
-def stage_command(sp: StagePlan, cluster: Cluster) -> list[str]:
-    """What one task of the stage runs on a cluster node: a command stage's `cmd`; the trainer
-    (one process, or one per rank under the srun launcher); or torchrun, one per node, with a
-    c10d rendezvous on the head node when there are several nodes."""
-    recipe = sp.loaded.recipe
-    if recipe.kind == "command":
-        return list(recipe.cmd or [])
-    res = recipe.resources
-    train = [cluster.stage_python(), "-m", "phi4core", "train", str(sp.attempt.spec)]
-    if res.world_size == 1 or cluster.launcher == "srun":
-        return train
-    per_node = res.gpus_per_node or res.procs_per_node or 1
-    rdzv = ["--standalone"] if res.nodes == 1 else [
-        Raw('--nnodes="$SLURM_JOB_NUM_NODES"'), "--rdzv-backend=c10d",
-        Raw('--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"'), Raw('--rdzv-id="$SLURM_JOB_ID"')]
-    return [train[0], "-m", launch.TORCHRUN, *rdzv, f"--nproc-per-node={per_node}",
-            *train[1:]]
+    def __init__(self, plan: Plan, options: RunOptions, say: Say = print, note: Say = print):
+        super().__init__(plan, options, say, note)
+        assert options.cluster_file is not None  # check_options
+        self.lc = load_cluster(options.cluster_file)
+        self.cluster = self.lc.cluster
+        self.prefix = options.prefix
 
+    @classmethod
+    def check_options(cls, options: RunOptions) -> None:
+        if options.cluster_file is None:
+            raise ExecutorError("--executor slurm needs --cluster FILE (e.g. clusters/local.yaml)")
 
-class StoreNotUsable(ValueError):
-    """The store's path cannot be written into an sbatch directive."""
+    @classmethod
+    def sync(cls, store: Store) -> None:
+        try:
+            slurm_status.reconcile_store(store)
+        except slurm_cli.SlurmError as err:
+            raise ExecutorError(str(err)) from None
 
-
-@dataclass
-class Submission:
-    name: str
-    job_id: str
-    action: str  # submitted | kept
-    dependency: str | None
-    detail: str = ""
-
-
-class SlurmExecutor:
-    def __init__(self, plan: Plan, cluster: LoadedCluster, job_prefix: str,
-                 say: Callable[[str], None] = print):
-        self.plan = plan
-        self.lc = cluster
-        self.cluster = cluster.cluster
-        self.prefix = job_prefix
-        self.say = say
+    @classmethod
+    def status(cls, store: Store, rows: list[StatusRow]) -> list[StatusRow]:
+        return slurm_status.annotate(store, rows)
 
     # ------------------------------------------------------------------------------------
     # checks and rendering
@@ -87,18 +68,16 @@ class SlurmExecutor:
 
     def check(self) -> None:
         """Everything that would make a submission fail, before anything is submitted."""
-        problems = [p for n in self.plan.to_run()
-                    for p in stage_problems(self.plan.stages[n].loaded, self.lc)]
-        if problems:
-            raise ConfigError(problems)
+        super().check()
+        self.check_fits(self.lc)
         root = str(self.plan.store.root)
         try:
             directive_value(root)
         except ValueError as err:
-            raise StoreNotUsable(f"the store {root} cannot be used with Slurm: {err}") from None
+            raise ExecutorError(f"the store {root} cannot be used with Slurm: {err}") from None
         if "%" in root:
-            raise StoreNotUsable(f"the store {root} cannot be used with Slurm: '%' starts a "
-                                 "Slurm filename pattern")
+            raise ExecutorError(f"the store {root} cannot be used with Slurm: '%' starts a "
+                                "Slurm filename pattern")
 
     def script(self, name: str) -> str:
         return render(self.batch_script(name))
@@ -106,15 +85,19 @@ class SlurmExecutor:
     def batch_script(self, name: str) -> BatchScript:
         sp = self.plan.stages[name]
         c = self.cluster
-        step, nodes, tasks_per_node, cpus, exports = self._step(sp)
-        gpus = sp.loaded.recipe.resources.gpus_per_node
-        log = str(sp.attempt.log_file)
+        layout = sp.launcher(c).layout()
+        container = [f"--container-image={c.container_image}"] if c.container_image else []
+        if c.container_mounts:
+            container.append(f"--container-mounts={','.join(c.container_mounts)}")
+        step = ["srun", f"--nodes={layout.nodes}", f"--ntasks-per-node={layout.tasks_per_node}",
+                *container, "--", *layout.argv]
+        log = str(sp.stage_dir.log_file)
         directives: list[tuple[str, str | None]] = [
             ("--job-name", f"{self.prefix}.{name}" if self.prefix != name else name),
-            ("--nodes", str(nodes)),
-            ("--ntasks-per-node", str(tasks_per_node)),
-            *([("--gpus-per-node", str(gpus))] if gpus else []),
-            ("--cpus-per-task", str(cpus)),
+            ("--nodes", str(layout.nodes)),
+            ("--ntasks-per-node", str(layout.tasks_per_node)),
+            *([("--gpus-per-node", str(layout.gpus_per_node))] if layout.gpus_per_node else []),
+            ("--cpus-per-task", str(layout.cpus_per_task)),
             *([("--mem-per-cpu", c.mem_per_cpu)] if c.mem_per_cpu else []),
             ("--time", stage_time(sp.loaded, c)),
             *[(f"--{key}", getattr(c, key)) for key in ("partition", "account", "qos",
@@ -122,35 +105,13 @@ class SlurmExecutor:
             ("--output", log), ("--error", log), ("--open-mode", "append"),
             ("--requeue", None), ("--signal", f"B:USR1@{c.signal_lead_s}"),
         ]
-        env = {**c.env, **sp.env}  # the recipe's env wins over the cluster's
         return BatchScript(
-            title=f"phi4 stage {name} ({sp.attempt.fingerprint}) of {self.prefix} on cluster "
+            title=f"phi4 stage {name} ({sp.stage_dir.fingerprint}) of {self.prefix} on cluster "
                   f"{c.name}",
             trust_note=str(self.lc.path), directives=directives,
-            stage_dir=str(sp.attempt.dir), host_python=c.bookkeeping_python(), step=step,
-            setup=list(c.setup), env=env, exports=exports, release_now=c.requeue_release_now)
-
-    def _step(self, sp: StagePlan) -> tuple[list[str], int, int, int, list[str]]:
-        """The srun line, and the allocation it needs: nodes, tasks per node, CPUs per task;
-        and the rendezvous variables to export."""
-        c = self.cluster
-        container = []
-        if c.container_image:
-            container.append(f"--container-image={c.container_image}")
-        if c.container_mounts:
-            container.append(f"--container-mounts={','.join(c.container_mounts)}")
-        argv = stage_command(sp, c)
-        res = sp.loaded.recipe.resources
-        if sp.loaded.recipe.kind == "command" or res.world_size == 1:
-            return (["srun", "--nodes=1", "--ntasks=1", *container, "--", *argv],
-                    1, 1, c.cpus_per_task, [])
-        per_node = res.gpus_per_node or res.procs_per_node or 1
-        exports = rendezvous_exports(c.rdzv_port) if res.nodes > 1 or c.launcher == "srun" else []
-        if c.launcher == "srun":
-            return (["srun", f"--nodes={res.nodes}", f"--ntasks-per-node={per_node}",
-                     *container, "--", *argv], res.nodes, per_node, c.cpus_per_task, exports)
-        return (["srun", f"--nodes={res.nodes}", "--ntasks-per-node=1", *container, "--", *argv],
-                res.nodes, 1, c.cpus_per_task * per_node, exports)
+            stage_dir=str(sp.stage_dir.path), host_python=c.bookkeeping_python(), step=step,
+            setup=list(c.setup), env=layout.env, exports=list(layout.exports),
+            release_now=c.requeue_release_now)
 
     def dependency(self, name: str, job_of: dict[str, str]) -> str | None:
         """`afterok:1:2,afterany:3` on the upstream stages queued in this run (finished ones
@@ -171,46 +132,63 @@ class SlurmExecutor:
 
     def dry_run(self) -> str:
         """Every script that `run` would submit, dependencies named by stage."""
-        out = []
+        self.check()
         todo = self.plan.to_run()
+        if not todo:
+            return nothing_to_run(self.plan) + "\n"
+        out = []
         placeholders = {n: f"<job of {n}>" for n in todo}
         for name in todo:
             dep = self.dependency(name, placeholders)
-            script = self.plan.stages[name].attempt.dir / SCRIPT_NAME
+            script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
             out.append(f"# ===== {name}: sbatch --parsable"
                        f"{f' --dependency={dep}' if dep else ''} {script}\n")
             out.append(self.script(name))
         return "".join(out)
+
+    def headline(self) -> str:
+        return super().headline("submitting", f" to {self.cluster.name}")
 
     # ------------------------------------------------------------------------------------
     # submission
     # ------------------------------------------------------------------------------------
 
     def submit(self) -> list[Submission]:
+        """Submit what the plan runs. A stage whose job is still queued or running is kept (its
+        job id becomes its descendants' dependency), except a pending job that can never
+        start or that waits on an upstream resubmitted now: that one is cancelled first."""
+        down = slurm_cli.ping()
+        if down:
+            raise ExecutorError(f"Slurm is not answering: {down}")
+        try:
+            return self._submit_all()
+        except slurm_cli.SlurmError as err:
+            raise ExecutorError(str(err)) from None
+
+    def _submit_all(self) -> list[Submission]:
         todo = self.plan.to_run()
-        statuses = {n: self.plan.stages[n].attempt.status() or {} for n in todo}
-        recorded = [s.get("job_id") for s in statuses.values() if s.get("executor") == "slurm"]
-        jobs = slurm_cli.query([j for j in recorded if j])
+        statuses = {n: self.plan.stages[n].stage_dir.status() for n in todo}
+        jobs = slurm_cli.query([s.job_id for s in statuses.values()
+                                if s is not None and s.executor == self.name and s.job_id])
         job_of: dict[str, str] = {}
         fresh: set[str] = set()
         done: list[Submission] = []
         for name in todo:
             status = statuses[name]
-            job = jobs.get(status.get("job_id") or "") if status.get("executor") == "slurm" \
-                else None
+            job = jobs.get(status.job_id or "") if status is not None and \
+                status.executor == self.name else None
             if job is not None and job.active:
                 ups = {e.upstream for e in self.plan.graph.inputs_of(name)}
                 stale = job.state == "PENDING" and (job.never_runs or bool(ups & fresh))
                 if not stale:
                     job_of[name] = job.job_id
-                    done.append(Submission(name, job.job_id, "kept", status.get("dependency"),
-                                           f"already {job.state.lower()}"))
+                    done.append(Submission(name, job.job_id))
                     self.say(f"kept       {name}: job {job.job_id} is already "
                              f"{job.state.lower()}")
                     continue
                 slurm_cli.cancel([job.job_id])
-                self.plan.stages[name].attempt.update_status(
-                    state="cancelled", ended=time.time(),
+                self.plan.stages[name].stage_dir.end(
+                    State.CANCELLED,
                     error=f"stale job {job.job_id} cancelled: its upstream is resubmitted")
                 self.say(f"cancelled  {name}: stale job {job.job_id} "
                          f"({job.reason or job.state.lower()})")
@@ -218,49 +196,40 @@ class SlurmExecutor:
             job_id = self._submit_one(name, dependency, job_of)
             job_of[name] = job_id
             fresh.add(name)
-            done.append(Submission(name, job_id, "submitted", dependency))
+            done.append(Submission(name, job_id))
             self.say(f"submitted  {name}: job {job_id}"
                      + (f" (--dependency={dependency})" if dependency else ""))
         return done
 
     def _submit_one(self, name: str, dependency: str | None, job_of: dict[str, str]) -> str:
         sp = self.plan.stages[name]
-        attempt = sp.attempt
+        folder = sp.stage_dir
         script = self.batch_script(name)
-        for folder in (attempt.logs, attempt.checkpoints):
-            folder.mkdir(parents=True, exist_ok=True)
-        path = attempt.dir / SCRIPT_NAME
+        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        path = folder.path / SCRIPT_NAME
         path.write_text(render(script))
-        write_json(attempt.spec, launch.spec_document(sp.loaded, attempt, sp.inputs))
-        write_json(attempt.fields_file, sp.fields)
-        attempt.update_status(
-            # the job's `stage-hook begin` discards the checkpoints of a finished attempt
-            start_over=starts_over(attempt.status() or {}),
-            # ... and runs a published stage again only when forced or an input changed
-            force=self.plan.selection.forces(name) and sp.selected,
-            state="pending", executor="slurm", cluster=self.cluster.name, job_id=None,
-            submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
-            blocked_by=None, script=str(path), dependency=dependency,
+        folder.queue(
+            self.name, force=self.plan.selection.forces(name) and sp.selected,
+            command=script.step, reasons=sp.reasons, inputs=sp.lineage_records(),
+            cluster=self.cluster.name, script=str(path), dependency=dependency,
             depends_on={e.upstream: job_of[e.upstream] for e in self.plan.graph.inputs_of(name)
-                        if e.upstream in job_of},
-            command=script.step, reasons=sp.reasons, inputs=consumed(self.plan.store, sp.inputs))
-        self.plan.store.set_latest(name, attempt.fingerprint)
+                        if e.upstream in job_of})
         try:
             job_id = slurm_cli.submit(path, dependency)
         except slurm_cli.SlurmError as err:
-            attempt.update_status(state="failed", ended=time.time(), error=str(err))
+            folder.end(State.FAILED, error=str(err))
             raise
-        attempt.update_status(job_id=job_id)
+        folder.record_job(job_id)
         return job_id
 
     # ------------------------------------------------------------------------------------
     # --wait
     # ------------------------------------------------------------------------------------
 
-    def wait(self, submitted: list[Submission], poll: float = 1.0) -> dict[str, Outcome]:
+    def wait(self, submitted: list[Submission]) -> dict[str, Outcome]:
         """Follow the jobs (requeues included) until each has ended or can never start."""
-        job_of = {s.name: s.job_id for s in submitted}
-        attempts = {n: self.plan.stages[n].attempt for n in job_of}
+        job_of = {s.name: s.job_id for s in submitted if s.job_id}
+        folders = {n: self.plan.stages[n].stage_dir for n in job_of}
         outcomes: dict[str, Outcome] = {}
         shown: dict[str, str] = {}
         while True:
@@ -268,26 +237,29 @@ class SlurmExecutor:
             if not left:
                 return outcomes
             jobs = slurm_cli.query([job_of[n] for n in left])
-            reconcile([attempts[n] for n in left], jobs)
+            slurm_status.reconcile([folders[n] for n in left], jobs)
             for name in left:
                 job = jobs[job_of[name]]
+                status = folders[name].status()
                 if not job.active:
-                    outcomes[name] = _outcome(attempts[name].status() or {}, job)
+                    outcomes[name] = _outcome(status, job)
                     self._event(name, job.job_id, outcomes[name].state, outcomes[name].detail)
                     continue
                 root = self._failed_upstream(name, outcomes)
                 if job.state == "PENDING" and (root or job.never_runs):
                     why = f"upstream {root} failed" if root else "an upstream job failed"
-                    outcomes[name] = Outcome("blocked", f"never ran: {why}", blocked_by=root)
-                    self._event(name, job.job_id, "blocked", f"never ran: {why} (left pending: "
-                                "a rerun replaces it, phi4 cancel removes it)")
+                    outcomes[name] = Outcome(State.BLOCKED, f"never ran: {why}",
+                                             blocked_by=root)
+                    self._event(name, job.job_id, State.BLOCKED, f"never ran: {why} (left "
+                                "pending: a rerun replaces it, phi4 cancel removes it)")
                     continue
-                requeued = (attempts[name].status() or {}).get("state") == "preempted"
-                state = "requeued" if requeued and job.state == "PENDING" else job.state.lower()
+                requeued = status is not None and status.state == State.PREEMPTED
+                state = State.REQUEUED if requeued and job.state == "PENDING" \
+                    else job.state.lower()
                 if shown.get(name) != state:
                     shown[name] = state
                     self._event(name, job.job_id, state)
-            time.sleep(poll)
+            time.sleep(self.options.poll)
 
     def _event(self, name: str, job_id: str, state: str, detail: str = "") -> None:
         self.say(f"{state:<10} {name}: job {job_id}" + (f": {detail}" if detail else ""))
@@ -296,21 +268,23 @@ class SlurmExecutor:
         """The stage at the root of a failure that keeps `name` from ever starting."""
         for edge in self.plan.graph.inputs_of(name):
             o = outcomes.get(edge.upstream)
-            if o is not None and o.state not in ("succeeded", "up to date"):
+            if o is not None and not o.done:
                 return o.blocked_by or edge.upstream
         return None
 
 
-def _outcome(status: dict, job: slurm_cli.Job) -> Outcome:
-    state = status.get("state") or "failed"
-    code = status.get("exit_code")
-    if state == "succeeded":
-        return Outcome("succeeded", exit_code=0)
-    detail = status.get("error") or f"Slurm says {job.state}"
-    if state == "preempted":
-        return Outcome("preempted", detail, code if code is not None else PREEMPTED)
-    if state in ("failed", "cancelled"):
-        log = Path(status.get("script") or "").parent / "logs" / "stdout.log"
-        return Outcome(state, f"{detail}; log: {log}" if state == "failed" and "log:" not in
+def _outcome(status: StageStatus | None, job: slurm_cli.Job) -> Outcome:
+    """What a job that Slurm says has ended did, by the record its hooks (or reconcile) left."""
+    if status is None:
+        return Outcome(State.FAILED, f"job ended ({job.state}) and the stage has no record")
+    state, code = status.state, status.exit_code
+    if state == State.SUCCEEDED:
+        return Outcome(State.SUCCEEDED, exit_code=0)
+    detail = status.error or f"Slurm says {job.state}"
+    if state == State.PREEMPTED:
+        return Outcome(State.PREEMPTED, detail, code if code is not None else PREEMPTED)
+    if state in (State.FAILED, State.CANCELLED):
+        log = Path(status.script or "").parent / "logs" / "stdout.log"
+        return Outcome(state, f"{detail}; log: {log}" if state == State.FAILED and "log:" not in
                        detail else detail, code)
-    return Outcome("failed", f"job ended ({job.state}) but the stage recorded {state}", code)
+    return Outcome(State.FAILED, f"job ended ({job.state}) but the stage recorded {state}", code)

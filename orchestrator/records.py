@@ -1,0 +1,125 @@
+"""What the store's JSON records hold: `status.json` and `manifest.json` as typed models.
+
+Invariants:
+- Only `store.py` reads and writes these files; everything else gets these models from it.
+- A record written by an older phi4 still loads: every field it did not write has a default,
+  and keys this version does not know are kept (`extra="allow"`) and written back unchanged.
+- `State` names every state a stage can be in or be shown in; nothing else spells one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+
+class State(StrEnum):
+    """A stage's state. Recorded in status.json: PENDING (submitted to a scheduler, not started),
+    RUNNING, SUCCEEDED, FAILED, CANCELLED, PREEMPTED (checkpointed, resumable), BLOCKED (an
+    upstream ended without publishing). Derived when read, never written: INTERRUPTED (recorded
+    running, yet nobody holds the stage lock). Outcomes of one run, never written: UP_TO_DATE,
+    NOT_RUN. Shown only: WAITING (for a lock another run holds), REQUEUED (a preempted job
+    queued again), STALE (the graph: only an older fingerprint is in the store)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+    BLOCKED = "blocked"
+    INTERRUPTED = "interrupted"
+    UP_TO_DATE = "up to date"
+    NOT_RUN = "not run"
+    WAITING = "waiting"
+    REQUEUED = "requeued"
+    STALE = "stale"
+
+
+# An attempt that ended without publishing: the next one resumes from its checkpoints.
+UNFINISHED = frozenset({State.FAILED, State.CANCELLED, State.PREEMPTED, State.INTERRUPTED,
+                        State.BLOCKED})
+# What a run counts as done: downstream stages may start.
+DONE = frozenset({State.SUCCEEDED, State.UP_TO_DATE})
+# Records whose job a scheduler may still hold (queued, running, or requeued after preemption).
+LIVE = frozenset({State.PENDING, State.RUNNING, State.PREEMPTED})
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+
+class InputRecord(_Record):
+    """Lineage: what one input of an attempt was read from. `digest`: of the upstream manifest
+    (stage inputs; None until that upstream has published) or of the file's content (paths)."""
+
+    source: str  # stage | path | hf
+    path: str
+    stage: str | None = None
+    fingerprint: str | None = None  # of the upstream stage folder
+    artifact: str | None = None
+    digest: str | None = None
+
+
+class StageStatus(_Record):
+    """`status.json`: the latest attempt at one stage fingerprint (earlier ones leave only their
+    count in `attempt` and their metrics file)."""
+
+    stage: str
+    fingerprint: str
+    state: State
+    attempt: int = 0  # how many attempts have started
+    executor: str | None = None  # local | slurm | nemo_run
+    submitted: float | None = None  # to a scheduler
+    started: float | None = None
+    ended: float | None = None
+    exit_code: int | None = None
+    error: str | None = None  # why it failed, was cancelled, preempted or blocked
+    blocked_by: str | None = None  # the failed stage at the root of a block
+    pid: int | None = None  # of the phi4 process that began the attempt
+    host: str | None = None
+    child_pid: int | None = None  # local: the stage's process
+    job_id: str | None = None  # Slurm job id (local runs: the stage's pid)
+    restarts: int | None = None  # Slurm's requeue count
+    nodes: str | None = None  # Slurm node list
+    cluster: str | None = None
+    script: str | None = None  # the batch script submitted
+    dependency: str | None = None  # sbatch --dependency
+    depends_on: dict[str, str] = {}  # upstream stage -> the job id this one waits on
+    command: list[str] = []
+    reasons: list[str] = []  # why the plan ran it
+    inputs: dict[str, InputRecord] = {}
+    force: bool = False  # a submission's `stage-hook begin` runs it even if published
+    start_over: bool = False  # a submission's `stage-hook begin` discards the checkpoints
+
+    @field_validator("depends_on", "inputs", mode="before")
+    @classmethod
+    def _no_mapping(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("command", "reasons", mode="before")
+    @classmethod
+    def _no_list(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @property
+    def starts_over(self) -> bool:
+        """Whether the next attempt must not resume from this one's checkpoints: it finished
+        (they hold the final step, trained on the inputs of then), or a submission said so."""
+        return self.state == State.SUCCEEDED or self.start_over
+
+    @property
+    def input_digests(self) -> dict[str, str | None]:
+        return {name: record.digest for name, record in self.inputs.items()}
+
+
+class ManifestRecord(_Record):
+    """`manifest.json`: the published artifacts' files (relative path -> size and sha256),
+    when they were published, and the digest of each input they were made from (None in a
+    manifest older than that record)."""
+
+    artifacts: dict[str, dict[str, dict[str, Any]]]
+    created: float
+    inputs: dict[str, str | None] | None = None
