@@ -108,15 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from phi4core.config import preset
+    from phi4core import runtime
+    from phi4core.config import Precision, preset
     from phi4core.models import cpu_shims
-    from phi4core.models.decoder import (
-        PrecisionSettings,
-        te_importable,
-        use_transformer_engine,
-    )
+    from phi4core.models.decoder import te_importable, use_transformer_engine
     from phi4core.parallel import init_single_process
 
+    runtime.init()
     init_single_process()
     mc = preset("phi4_mini").model_copy(update={"num_layers": args.layers,
                                                 "name": f"phi4_mini_{args.layers}l"})
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_tflops=_peak_tflops(torch.cuda.get_device_name()),
     )
     try:
-        result["bf16"] = _run(mc, PrecisionSettings(params="bf16"), args)
+        result["bf16"] = _run(mc, Precision(params="bf16"), args)
     except Exception as exc:  # report, do not hide
         result["bf16"] = {"status": "error", "error": repr(exc),
                           "trace": traceback.format_exc()[-2000:]}
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for recipe in [r for r in args.fp8_recipes.split(",") if r]:
             try:
-                prec = PrecisionSettings(params="bf16", fp8="hybrid", fp8_recipe=recipe)
+                prec = Precision(params="bf16", fp8="hybrid", fp8_recipe=recipe)
                 fp8[recipe] = _run(mc, prec, args)
                 torch.cuda.empty_cache()
                 if result["bf16"].get("tokens_per_s"):

@@ -39,13 +39,15 @@ def entry_point_tokens_per_s(work: Path) -> float:
 def bare_tokens_per_s() -> float:
     import torch
 
-    from phi4core.config import PRESETS
-    from phi4core.models.decoder import PrecisionSettings, build_model
+    from phi4core import runtime
+    from phi4core.config import PRESETS, Precision
+    from phi4core.models.decoder import build_model
     from phi4core.parallel import init_single_process
 
+    runtime.init()
     init_single_process(seed=1234)
     mc = PRESETS["phi4_mini_tiny"]
-    model = build_model(mc, None, PrecisionSettings(params="fp32"))
+    model = build_model(mc, None, Precision(params="fp32"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
     gbs, mbs, seq = 4, 2, 128
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,10 @@ Fields: the resolved recipe without `resources`, `logging` and `description` (pa
 and precision stay: they change the numerics); each input's upstream fingerprint, or the
 content hash of a `{path}`/`{hf}` folder; the content hash of local data files and of the
 tokenizer folder; the resolved model preset; the phi4 version. Local paths themselves are left
-out so that moving data or a store keeps fingerprints; remote data URLs stay as written.
+out so that moving data or a store keeps fingerprints; remote data URLs stay as written. Knobs
+that never change a result are left out too: `data.num_workers` (loader processes read the
+same samples) and `train.max_skipped_steps` (how long a diverging run goes on before it fails;
+raising it after a failure resumes the same attempt).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .config.paths import is_remote
 
 FINGERPRINT_CHARS = 16  # 64 bits: collisions are not a practical concern per stage name
 _UNFINGERPRINTED = ("resources", "logging", "description", "inputs", "data", "tokenizer")
+_NOT_RESULTS = {"train": {"max_skipped_steps"}, "data": {"num_workers"}}
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -105,11 +109,12 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict], hashes: mf.HashC
     fingerprint, for a path input its content digest (see plan.py).
     """
     recipe = loaded.recipe
-    doc = recipe.model_dump(mode="json", exclude=set(_UNFINGERPRINTED))
+    doc = recipe.model_dump(mode="json", exclude={**dict.fromkeys(_UNFINGERPRINTED, True),
+                                                  "train": _NOT_RESULTS["train"]})
     missing: list[tuple[tuple, str]] = []  # (recipe location, what is not there)
     doc["inputs"] = inputs
     if recipe.data is not None:
-        data = recipe.data.model_dump(mode="json")
+        data = recipe.data.model_dump(mode="json", exclude=_NOT_RESULTS["data"])
         for i, source in enumerate(data["sources"]):
             path = source.get("path")
             if path is None or is_remote(path):

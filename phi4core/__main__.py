@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from phi4core import exitcodes
+from phi4core import exitcodes, runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime.init()
     from pydantic import ValidationError
 
     from phi4core.train.loop import load_spec

@@ -294,6 +294,10 @@ class Train(Strict):
     save_interval: int = Field(default=1000, gt=0)
     keep_last: int = Field(default=2, gt=0)
     seed: int = Field(default=1234, ge=0, le=2**32 - 1, description="numpy's range")
+    max_skipped_steps: int = Field(
+        default=25, ge=0,
+        description="optimizer steps skipped in a row (loss or gradients not finite, fp16 "
+                    "overflow) before the stage fails; fp16's loss scale skips some at the start")
 
     @property
     def tokens_per_step(self) -> int:
@@ -333,6 +337,11 @@ class Parallel(Strict):
 
 
 class Precision(Strict):
+    """Numeric precision, from the recipe to the model builder (one type all the way).
+    `fp8`: hybrid (Transformer Engine's Format.HYBRID: e4m3 forward, e5m2 gradients) or e4m3
+    everywhere; `fp8_recipe`: delayed (amax history), tensorwise (current scaling) or mxfp8
+    (block scaling)."""
+
     params: Literal["fp32", "bf16", "fp16"] = "bf16"
     fp8: Literal["off", "hybrid", "e4m3"] = "off"
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8"] = "delayed"
@@ -364,7 +373,8 @@ class DataSource(Strict):
 class Data(Strict):
     sources: list[DataSource] = Field(min_length=1)
     on_bad_record: Literal["skip", "fail"] = "skip"
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0, le=64,
+                             description="loader processes reading batches ahead (0: none)")
 
 
 class Logging(Strict):

@@ -72,9 +72,9 @@ def model_info(name: str | ModelConfig) -> dict[str, Any]:
         cfg = PRESETS[name]
 
     from phi4core.models.decoder import build_meta_model
-    from phi4core.parallel import ParallelSettings, init_single_process
+    from phi4core.parallel import ParallelSettings, ensure_parallel
 
-    par = init_single_process()
+    par = ensure_parallel()
     if (par.tp, par.pp, par.cp) != (1, 1, 1):
         raise RuntimeError(
             f"model_info counts a whole model: call it where no parallel state exists or it is "

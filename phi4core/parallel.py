@@ -6,7 +6,12 @@ free local port when run as a single plain process), then megatron's model-paral
 the RNG tracker. Calling it again with the same settings is a no-op; with different settings it
 rebuilds the megatron groups over the same world (handy in tests and converters).
 
-Importing this module is cheap; megatron is imported on first use.
+``ensure_parallel(settings)`` is what converters and loaders call: those settings when given,
+else whatever state is in force, else TP=PP=CP=1 in this one process. ``rank``, ``barrier``,
+``broadcast_object`` and ``rank0_first`` work with or without a process group (one process is
+rank 0 of 1), so code using them runs the same under torchrun and as a plain script.
+
+Importing this module is cheap; torch and megatron are imported on first use.
 """
 
 from __future__ import annotations
@@ -193,6 +198,64 @@ def init_single_process(seed: int = 1234) -> ParallelSettings:
 
 def current_settings() -> ParallelSettings | None:
     return _STATE["settings"]
+
+
+def ensure_parallel(settings: ParallelSettings | Any | None = None,
+                    seed: int = 1234) -> ParallelSettings:
+    """A parallel state to build models in: `settings` (collective under torchrun), or with
+    None the state already in force, else TP=PP=CP=1 in this one process."""
+    if settings is not None:
+        return init_parallel(settings, seed=seed)
+    return init_single_process(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank helpers: the same code runs under torchrun and as one plain process
+# ---------------------------------------------------------------------------------------------
+
+
+def _group():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    """Global rank; 0 without a process group."""
+    d = _group()
+    return d.get_rank() if d else 0
+
+
+def world_size() -> int:
+    d = _group()
+    return d.get_world_size() if d else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _group().barrier()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable value)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    _group().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other ranks after a barrier: shared files built once, then
+    read (or found ready) by everyone."""
+    if world_size() == 1:
+        return fn()
+    if rank() == 0:
+        out = fn()
+        barrier()
+        return out
+    barrier()
+    return fn()
 
 
 def ranks() -> dict[str, int]:

@@ -2,8 +2,35 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Tiny models on 2 cores: one thread per process (otherwise steps are ~25x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cpu_only` tests are skipped, and say why, where torch sees a GPU."""
+    marked = [item for item in items if item.get_closest_marker("cpu_only")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="cpu_only: asserts behaviour without a GPU "
+                                   "(CPU shims, megatron's local layer spec, gloo ranks)")
+    for item in marked:
+        item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _phi4core_runtime():
+    """phi4core's explicit set-up, as its entry points make it, once the tests use torch
+    (importing phi4core sets up nothing; orchestrator-only runs stay torch-free)."""
+    if "torch" in sys.modules:
+        from phi4core import runtime
+
+        runtime.init()

@@ -104,9 +104,9 @@ def main() -> None:
     out_dir = sys.argv[1]
     import torch.distributed as dist
 
-    from phi4core.checkpoint_io import load_checkpoint, save_checkpoint
     from phi4core.config import preset
     from phi4core.interop.hf import hf_state_dict, load_hf_weights, save_hf
+    from phi4core.model_weights import load_model_weights, save_model_weights
     from phi4core.models.decoder import build_model_chunks
     from phi4core.parallel import ParallelSettings, init_parallel
 
@@ -130,7 +130,7 @@ def main() -> None:
     qkv = chunks[0].decoder.layers[0].self_attention.linear_qkv
     res["tp2_qkv_shard_shape"] = list(qkv.weight.shape)
     res["loss_tp2"] = run_steps(chunks, mc, par)
-    save_checkpoint(chunks, ckpt, mc)
+    save_model_weights(chunks, ckpt, mc)
     ref = hf_state_dict(chunks, mc)  # full tensors, on both TP ranks
     res["timings"]["tp2"] = time.time() - t0
 
@@ -142,7 +142,7 @@ def main() -> None:
     res["loss_pp2"] = run_steps(chunks, mc, par)
     # The TP=2 checkpoint loaded at PP=2: every tensor of this stage equals TP=2's.
     chunks = build_model_chunks(mc, par, perform_initialization=False)
-    load_checkpoint(chunks, ckpt)
+    load_model_weights(chunks, ckpt)
     mine = hf_state_dict(chunks, mc)
     diff = torch.tensor(max_diff(mine, ref))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -160,7 +160,7 @@ def main() -> None:
     # D: the TP=2 checkpoint at TP=1.
     par = init_parallel(ParallelSettings(tp=1), seed=1234)
     chunks = build_model_chunks(mc, par, perform_initialization=False)
-    load_checkpoint(chunks, ckpt)
+    load_model_weights(chunks, ckpt)
     full = hf_state_dict(chunks, mc)
     res["ckpt_tp2_to_tp1_maxdiff"] = max_diff(full, ref)
     res["ckpt_tp2_to_tp1_tensors"] = len(full)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.cpu_only
 def test_gpu_smoke_without_gpu_exits_cleanly():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py")], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=120)

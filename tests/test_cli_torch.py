@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +14,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def phi4(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
+def phi4(*args: str, cwd: Path = REPO, env: dict | None = None,
+         umask: int | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, env=full_env, timeout=300)
+                          capture_output=True, text=True, env=full_env, timeout=300,
+                          preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
 
 def test_model_info_reports_the_reference_total() -> None:
@@ -68,3 +70,36 @@ def test_data_prepare_text_counts_bad_records(tmp_path: Path) -> None:
     fatal = phi4("data", "prepare-text", str(src), "--tokenizer", "demo", "--out",
                  str(tmp_path / "out2" / "ds"), "--on-bad-record", "fail", env=env)
     assert fatal.returncode == 2 and f"{src}:2:" in fatal.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """prepare-text's dataset and manifest, the demo tokenizer cache, a phi4 checkpoint and an
+    HF export: readable by whom the umask allows (never 0600/0700)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _hf_helpers import tiny_phi3
+
+    src = tmp_path / "in" / "a.jsonl"
+    src.parent.mkdir()
+    src.write_text('{"text": "one plus one is 2"}\n')
+    tiny_phi3(seed=3).save_pretrained(tmp_path / "in" / "hf")
+    out = tmp_path / "out"
+    env = {"PHI4_CACHE": str(out / "cache")}
+    commands = [("data", "prepare-text", str(src), "--tokenizer", "demo", "--out",
+                 str(out / "data" / "ds")),
+                ("convert", "hf-to-phi4", str(tmp_path / "in" / "hf"), str(out / "ckpt")),
+                ("convert", "phi4-to-hf", str(out / "ckpt"), str(out / "hf"))]
+    for argv in commands:
+        proc = phi4(*argv, env=env, umask=umask)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [p for p in out.rglob("*") if not p.is_symlink()]
+    assert {"ds.bin", "ds.idx", "tokenizer.json", "model.safetensors", "metadata.json"} <= {
+        p.name for p in written}
+    wrong = []
+    for path in written:
+        mode = path.stat().st_mode
+        full = 0o777 if stat.S_ISDIR(mode) else 0o666
+        if mode & 0o777 != full & ~umask:
+            wrong.append(f"{oct(mode & 0o777)} {path.relative_to(out)}")
+    assert not wrong, wrong

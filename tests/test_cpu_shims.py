@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ def test_gpu_path_in_process_is_a_no_op(monkeypatch):
     assert (cpu_shims.is_applied(), torch.cuda.current_device, torch.Tensor.cuda) == state
 
 
+@pytest.mark.cpu_only
 def test_cpu_path_redirects_cuda_to_cpu():
     from phi4core.models import cpu_shims
 
@@ -61,6 +63,7 @@ def test_cpu_path_redirects_cuda_to_cpu():
     torch.cuda.synchronize()  # no-op, no error
 
 
+@pytest.mark.cpu_only
 def test_cpu_rng_tracker_forks_cpu_state():
     from megatron.core import tensor_parallel
 
@@ -78,3 +81,29 @@ def test_cpu_rng_tracker_forks_cpu_state():
     with tensor_parallel.get_cuda_rng_tracker().fork():
         b = torch.rand(3)
     assert torch.equal(a, b)  # same seed, same tensor-parallel stream
+
+
+def test_importing_the_model_code_sets_up_nothing():
+    """Nothing happens at import: the shims and warning filters come from runtime.init()."""
+    code = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import phi4core.models.decoder, phi4core.interop.hf, phi4core.train.loop
+        from phi4core.models import cpu_shims
+        assert not cpu_shims.is_applied(), "the shims were applied at import"
+        assert torch._C._len_torch_function_stack() == 0, "a TorchFunctionMode was pushed"
+        ours = lambda: [f for f in warnings.filters if "Transformer Engine" in str(f[1])]
+        assert not ours(), "warning filters set at import"
+        from phi4core import runtime
+        runtime.init()
+        assert cpu_shims.is_applied() == (not torch.cuda.is_available())
+        assert ours()
+        print("ok")
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -72,6 +72,18 @@ def test_data_files_are_fingerprinted_by_content(tmp_path: Path) -> None:
         "fingerprint"] != first
 
 
+def test_knobs_that_change_no_result_keep_the_fingerprint(tmp_path: Path) -> None:
+    """Loader processes and the skipped-step limit never change what a stage produces."""
+    def fingerprint(*sets: str) -> str:
+        args = [a for kv in sets for a in ("--set", kv)]
+        return plan_json(REPO / "recipes/text_pretrain.yaml", tmp_path / "store", "--profile",
+                         "tiny", *args)["text_pretrain"]["fingerprint"]
+
+    base = fingerprint()
+    assert fingerprint("data.num_workers=3", "train.max_skipped_steps=2") == base
+    assert fingerprint("train.steps=41") != base
+
+
 def test_plan_text_shows_verdicts_reasons_inputs_and_commands(tmp_path: Path) -> None:
     pipeline = make_pipeline(tmp_path)
     store = tmp_path / "store"

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from phi4core.data.files import sha256_file
 from phi4core.data.report import DataError
 from phi4core.data.text import manifest_path, prepare_text
 from phi4core.data.tokenizer import get_demo_tokenizer
+from phi4core.files import sha256_file
 
 TEXTS = ["12 + 7 = 19.", "the red cat sees the big dog.", "count by 2: 4 6 8 10.",
          "ünïcödé text <|endoftext|> inside"]

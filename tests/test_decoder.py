@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from phi4core.config import PRESETS, preset
+from phi4core.config import PRESETS, Precision, preset
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def test_model_info_multimodal_and_tiny(single):
         model_info("nope")
 
 
+@pytest.mark.cpu_only
 def test_model_structure(single):
     from phi4core.models.decoder import build_model
     from phi4core.models.rope import LongRopeRotaryEmbedding
@@ -102,10 +103,13 @@ def test_longrope_module_choice_and_attention_factor(single):
     assert cfg.apply_rope_fusion is False
 
 
+@pytest.mark.cpu_only
 def test_fp8_requires_gpu_and_te(single):
+    from pydantic import ValidationError
+
+    from phi4core.config import Precision
     from phi4core.models.decoder import (
         FP8UnavailableError,
-        PrecisionSettings,
         build_model,
         check_fp8,
         fp8_autocast,
@@ -113,11 +117,12 @@ def test_fp8_requires_gpu_and_te(single):
         transformer_config,
     )
 
-    check_fp8(PrecisionSettings())  # no fp8: fine
-    with fp8_autocast(PrecisionSettings()):
+    check_fp8(Precision())  # no fp8: fine
+    check_fp8(None)
+    with fp8_autocast(Precision()):
         pass
     for recipe in ("delayed", "tensorwise", "mxfp8"):
-        p = PrecisionSettings(params="bf16", fp8="hybrid", fp8_recipe=recipe)
+        p = Precision(params="bf16", fp8="hybrid", fp8_recipe=recipe)
         with pytest.raises(FP8UnavailableError, match="GPU"):
             check_fp8(p)
         with pytest.raises(FP8UnavailableError):
@@ -125,15 +130,16 @@ def test_fp8_requires_gpu_and_te(single):
         with pytest.raises(FP8UnavailableError):
             fp8_autocast(p)
     with pytest.raises(FP8UnavailableError, match="fp8='e4m3'"):
-        build_model(preset("phi4_mini_tiny"), None, {"params": "bf16", "fp8": "e4m3"})
+        build_model(preset("phi4_mini_tiny"), None, Precision(params="bf16", fp8="e4m3"))
     with pytest.raises(FP8UnavailableError):
-        transformer_config(preset("phi4_mini_tiny"), None, PrecisionSettings(fp8="hybrid"))
-    with pytest.raises(ValueError, match="fp8_recipe"):
-        PrecisionSettings(fp8="hybrid", fp8_recipe="nope")
-    with pytest.raises(ValueError, match="precision.fp8"):
-        PrecisionSettings(fp8="e5m2")
+        transformer_config(preset("phi4_mini_tiny"), None, Precision(fp8="hybrid"))
+    with pytest.raises(ValidationError, match="fp8_recipe"):
+        Precision(fp8="hybrid", fp8_recipe="nope")
+    with pytest.raises(ValidationError, match="fp8"):
+        Precision(fp8="e5m2")
 
 
+@pytest.mark.cpu_only
 def test_parallel_features_needing_te_are_refused_on_cpu(single):
     from phi4core.models.decoder import transformer_config
     from phi4core.parallel import ParallelSettings
@@ -221,6 +227,7 @@ def test_backward_and_sgd_step_reduce_loss(single):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.cpu_only
 def test_gpu_flavoured_config_validates(single, monkeypatch):
     """The settings chosen for a GPU pass megatron's validation (checked here on CPU)."""
     from phi4core.models import decoder
@@ -229,8 +236,7 @@ def test_gpu_flavoured_config_validates(single, monkeypatch):
     decoder.te_importable.cache_clear()
     try:
         assert decoder.te_importable() is False  # TE is not installed here
-        cfg = decoder.transformer_config(preset("phi4_mini"), None,
-                                         decoder.PrecisionSettings(params="bf16"))
+        cfg = decoder.transformer_config(preset("phi4_mini"), None, Precision(params="bf16"))
         assert cfg.bf16 and cfg.params_dtype == torch.bfloat16
         assert cfg.pipeline_dtype == torch.bfloat16
         assert cfg.use_cpu_initialization is False and cfg.batch_p2p_comm is True

@@ -151,15 +151,16 @@ def _same_folder_tensors(a: Path, b: Path) -> int:
 def test_hf_phi4_hf_round_trip_bit_exact(single, tmp_path, tie, dtype, shard):
     from transformers import Phi3ForCausalLM
 
-    from phi4core.checkpoint_io import hf_to_phi4, phi4_to_hf, read_checkpoint_config
+    from phi4core.interop.convert import hf_to_phi4, phi4_to_hf
     from phi4core.interop.hf import SAFE_INDEX, model_config_from_hf, read_hf_config
+    from phi4core.model_weights import read_model_config
 
     hf = tiny_phi3(seed=3, tie=tie, dtype=dtype)
     src = tmp_path / "src"
     hf.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
     assert (src / SAFE_INDEX).is_file() == bool(shard)
     ck = hf_to_phi4(src, tmp_path / "ckpt")
-    assert read_checkpoint_config(ck) == model_config_from_hf(read_hf_config(src))
+    assert read_model_config(ck) == model_config_from_hf(read_hf_config(src))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # renamed into place
     out = phi4_to_hf(ck, tmp_path / "out")
     n = _same_folder_tensors(src, out)
@@ -186,7 +187,7 @@ def test_save_hf_sharded_index_and_reload(single, tmp_path, hf_folder):
 
 
 def test_checkpoint_save_load_single_process(single, tmp_path):
-    from phi4core.checkpoint_io import load_checkpoint, read_checkpoint_meta, save_checkpoint
+    from phi4core.model_weights import load_model_weights, read_model_meta, save_model_weights
     from phi4core.models.decoder import build_model
 
     mc = preset("phi4_mini_tiny")
@@ -194,16 +195,16 @@ def test_checkpoint_save_load_single_process(single, tmp_path):
     torch.manual_seed(99)
     b = build_model(mc)
     assert not torch.equal(a.embedding.word_embeddings.weight, b.embedding.word_embeddings.weight)
-    save_checkpoint(a, tmp_path / "c")
-    save_checkpoint(a, tmp_path / "c")  # over an existing one: replaced atomically
-    meta = read_checkpoint_meta(tmp_path / "c")
+    save_model_weights(a, tmp_path / "c")
+    save_model_weights(a, tmp_path / "c")  # over an existing one: replaced atomically
+    meta = read_model_meta(tmp_path / "c")
     assert meta["model_config"]["name"] == "phi4_mini_tiny" and meta["saved_layout"]["tp"] == 1
-    load_checkpoint(b, tmp_path / "c")
+    load_model_weights(b, tmp_path / "c")
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
-    with pytest.raises(FileNotFoundError, match="not a phi4core checkpoint"):
-        load_checkpoint(b, tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a phi4 checkpoint"):
+        load_model_weights(b, tmp_path)
 
 
 # ------------------------------------------------------------------------------- errors

@@ -13,6 +13,8 @@ import pytest
 from phi4core.train.testing import tiny_spec, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
+# Two ranks on one machine (gloo), and TP=2 equal to DP=2 only with CPU initialisation.
+pytestmark = pytest.mark.cpu_only
 
 
 def _torchrun(spec, path: Path, cache: Path) -> dict:

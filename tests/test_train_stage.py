@@ -139,7 +139,7 @@ def test_frozen_checksums_match_and_mismatch_fails(work):
                      "phi4core.train.testing", "embedding.")
     assert rc == 0, out[-3000:]
     sums = json.loads((Path(spec.output_dir) / "model" / "frozen_checksums.json").read_text())
-    assert sums["match"] and sums["before"] == sums["after"]
+    assert set(sums) == {"before", "after"} and sums["before"] == sums["after"]
     assert any(k.startswith("embedding.word_embeddings.weight") for k in sums["before"]["tensors"])
     assert not any(k.startswith("decoder.") for k in sums["before"]["tensors"])
 
@@ -149,6 +149,34 @@ def test_frozen_checksums_match_and_mismatch_fails(work):
     assert rc == 1, out[-3000:]
     assert "frozen weights changed during training" in out
     assert not (Path(bad.output_dir) / "model").exists()
+
+
+def test_loader_workers_train_bit_identical(pretrained, work):
+    """data.num_workers reads the same batches in loader processes: the same weights."""
+    spec = tiny_spec(work, "workers", steps=30, save_interval=10)
+    spec.data.num_workers = 2
+    rc, out = _train(write_spec(spec, work / "workers.json"), work / "cache")
+    assert rc == 0, out[-3000:]
+    assert _summary(spec)["weights_sha256"] == _summary(pretrained)["weights_sha256"]
+
+
+def test_skipped_steps_in_a_row_survive_a_resume(work):
+    """At lr 1e30 step 0 is taken, then every step's gradients are NaN and it is skipped. The
+    stage fails at the same step whether or not it was resumed from a checkpoint taken inside
+    the run of skipped steps."""
+    spec = tiny_spec(work, "diverged", steps=8, lr=1e30, warmup_steps=0, save_interval=2,
+                     max_skipped_steps=3)
+    path = write_spec(spec, work / "diverged.json")
+    rc, out = _train(path, work / "cache")
+    assert rc == 1 and "4 optimizer step(s) in a row skipped (steps 1-4" in out, out[-3000:]
+    assert "gradient norm is nan" in out and "nothing is published" in out
+    assert not (Path(spec.output_dir) / "model").exists()
+    records = [json.loads(x) for x in (Path(spec.stage_dir) / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, True, True, True]
+    assert records[-1]["skipped_steps"] == 4 and records[-1]["grad_norm"] is None
+    rc, out = _train(path, work / "cache")  # resumes from step_4, three skipped in a row
+    assert rc == 1 and "from step 4" in out and "(steps 1-4" in out, out[-3000:]
 
 
 def test_corrupt_newest_checkpoint_falls_back(pretrained, work):

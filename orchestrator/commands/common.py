@@ -63,10 +63,11 @@ def report_config_errors(fn: Callable) -> Callable:
 
 
 def quiet_megatron() -> None:
-    """Commands that import megatron need not print its dozen CPU fallback warnings."""
-    import warnings
+    """Commands that load models: phi4core's explicit set-up (megatron's dozen CPU fallback
+    warnings hidden, the CPU shims applied where there is no GPU)."""
+    from phi4core import runtime
 
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    runtime.init()
 
 
 def config_options(fn: Callable) -> Callable:

@@ -62,7 +62,7 @@ def _conversion(fn, src: Path, out: Path) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 def hf_to_phi4_cmd(hf_dir: Path, out: Path) -> None:
     """HF folder -> a phi4 checkpoint, usable as a stage input `{path: OUT}`."""
-    from phi4core.checkpoint_io import hf_to_phi4
+    from phi4core.interop.convert import hf_to_phi4
 
     _conversion(hf_to_phi4, hf_dir, out)
 
@@ -72,6 +72,6 @@ def hf_to_phi4_cmd(hf_dir: Path, out: Path) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 def phi4_to_hf_cmd(ckpt: Path, out: Path) -> None:
     """A phi4 checkpoint (e.g. a stage's `model` artifact) -> an HF folder."""
-    from phi4core.checkpoint_io import phi4_to_hf
+    from phi4core.interop.convert import phi4_to_hf
 
     _conversion(phi4_to_hf, ckpt, out)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from phi4core.data.files import iter_jsonl
+from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.packing import build_packed_item, pack_lengths
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import (

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi4core.data.files import write_jsonl
+from phi4core.data.jsonl import write_jsonl
 
 
 @dataclass(frozen=True)

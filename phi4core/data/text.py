@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phi4core.data.files import iter_jsonl, sha256_file, temp_path_beside, write_json
+from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import PhiTokenizer
+from phi4core.files import sha256_file, temp_path_beside, write_json
 
 log = logging.getLogger("phi4core.data")
 

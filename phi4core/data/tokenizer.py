@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from phi4core.data.files import atomic_output, sha256_file, write_json
+from phi4core.files import atomic_output, sha256_file, temp_dir_beside, write_json
 
 if TYPE_CHECKING:
     from phi4core.config import ModelConfig
@@ -248,7 +247,7 @@ def get_demo_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 512) -> P
     if (final / "tokenizer.json").is_file():
         return PhiTokenizer.from_dir(final)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    tmp = temp_dir_beside(final)
     try:
         log.info("training the demo tokenizer (vocab %d) into %s", vocab_size, final)
         train_demo_tokenizer(tmp, vocab_size)

@@ -1,11 +1,13 @@
 """Conversions from the command line (single process, or collectively under torchrun):
 
     python -m phi4core.interop hf-to-phi4 HF_DIR CKPT_DIR [--params-dtype fp32] [--tp N --pp N]
-    python -m phi4core.interop phi4-to-hf CKPT_DIR HF_DIR [--dtype bfloat16]
+    python -m phi4core.interop phi4-to-hf SRC HF_DIR [--dtype bfloat16]
     python -m phi4core.interop model-info PRESET
 
-(The `phi4` CLI wires the same functions; this entry point has the main guard that
-checkpoint saving needs, since its writer re-imports __main__.)
+SRC: a phi4 checkpoint, a stage folder or a training checkpoint step_N. What cannot be
+converted exits 2 with one line saying why. (The `phi4` CLI wires the same functions; this
+entry point has the main guard that checkpoint saving needs, since its writer re-imports
+__main__.)
 """
 
 from __future__ import annotations
@@ -34,22 +36,30 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("preset")
     args = ap.parse_args(argv)
 
+    from phi4core import exitcodes, runtime
+
+    runtime.init()
     if args.cmd == "model-info":
         from phi4core.info import model_info
 
         print(json.dumps(model_info(args.preset), indent=2))
         return 0
 
-    from phi4core.checkpoint_io import hf_to_phi4, phi4_to_hf
+    from phi4core.interop.convert import hf_to_phi4, phi4_to_hf
+    from phi4core.interop.hf import ConversionError
     from phi4core.parallel import ParallelSettings
 
     par = ParallelSettings(tp=args.tp, pp=args.pp)
-    if args.cmd == "hf-to-phi4":
-        out = hf_to_phi4(args.src, args.dst, params_dtype=args.params_dtype, parallel=par)
-    else:
-        out = phi4_to_hf(args.src, args.dst, dtype=args.dtype, parallel=par)
+    try:
+        if args.cmd == "hf-to-phi4":
+            out = hf_to_phi4(args.src, args.dst, params_dtype=args.params_dtype, parallel=par)
+        else:
+            out = phi4_to_hf(args.src, args.dst, dtype=args.dtype, parallel=par)
+    except ConversionError as err:
+        print(f"cannot convert {args.src}: {err}", file=sys.stderr)
+        return exitcodes.BAD_SPEC
     print(out)
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

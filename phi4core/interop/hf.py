@@ -18,26 +18,21 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from phi4core.config import LongRopeConfig, ModelConfig
-from phi4core.data.files import replace_dir
+from phi4core import dtypes
+from phi4core.config import LongRopeConfig, ModelConfig, Precision
+from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
+from phi4core.models.chunks import as_chunks, unwrap
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
-_NAME_DTYPES.update({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16})
+# A tokenizer folder's files, as transformers writes them (whichever are present are copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 class ConversionError(ValueError):
@@ -183,8 +178,7 @@ def hf_config_from_model_config(mc: ModelConfig, dtype: torch.dtype | str = "flo
         raise ConversionError(
             f"model {mc.name!r} has multimodal towers: export the decoder with a text-only config"
         )
-    dtype_name = dtype if isinstance(dtype, str) else _DTYPE_NAMES[dtype]
-    dtype_name = _DTYPE_NAMES.get(_NAME_DTYPES.get(dtype_name, None), dtype_name)
+    dtype_name = dtypes.long_name(dtype)
     rs = mc.rope_scaling
     max_pos = rs.max_position_embeddings if rs else 4096
     cfg: dict[str, Any] = {
@@ -455,17 +449,11 @@ def _tp_slice(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tens
     return full  # norms are replicated
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
 def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
                     model_cfg: ModelConfig | None = None) -> None:
     """Copy an HF checkpoint into this rank's model chunk(s), each taking its TP shard of the
     layers it holds. Shapes are checked against both the config and the model."""
-    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    chunks = as_chunks(model_or_chunks)
     ck = HFCheckpoint(hf_dir)
     if model_cfg is None:
         model_cfg = model_config_from_hf(read_hf_config(hf_dir))
@@ -485,7 +473,7 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
 def _params_by_kind(chunks):
     """(name, parameter, kind, global layer number or None) for every parameter of the chunks."""
     for chunk in chunks:
-        m = _unwrap(chunk)
+        m = unwrap(chunk)
         layer_no = _layer_numbers(m)
         for name, p in m.named_parameters():
             kind, local = _param_kind(name)
@@ -520,7 +508,7 @@ def _gather_tp(kind: str, t: torch.Tensor) -> torch.Tensor:
 def hf_state_dict(model_or_chunks, model_cfg: ModelConfig,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """This rank's layers as full (TP-gathered) HF tensors. Collective over the TP group."""
-    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    chunks = as_chunks(model_or_chunks)
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for _, p, kind, layer in _params_by_kind(chunks):
@@ -546,13 +534,15 @@ def _gather_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    from phi4core import parallel
+
+    if parallel.world_size() == 1:
         return local
     send = local if (ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
                      and ps.get_context_parallel_rank() == 0) else {}
-    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore
+    gathered: list[Any] | None = [None] * parallel.world_size() if parallel.rank() == 0 else None
     dist.gather_object(send, gathered, dst=0)
-    if dist.get_rank() != 0:
+    if parallel.rank() != 0:
         return None
     merged: dict[str, torch.Tensor] = {}
     for part in gathered:
@@ -560,19 +550,32 @@ def _gather_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
     return merged
 
 
+def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> list[str]:
+    """Copy the tokenizer files found in folder `src` into `dst`; returns their names."""
+    if src is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def write_hf_folder(
     tensors: dict[str, torch.Tensor],
     hf_config: dict,
     out_dir: str | os.PathLike,
     max_shard_bytes: int = 5 * 1024**3,
+    tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes) into a
-    temporary sibling folder and rename it into place."""
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes), and the
+    tokenizer files of `tokenizer_dir`, into a temporary sibling folder and rename it into
+    place."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         names = sorted(tensors, key=_hf_sort_key)
         shards: list[list[str]] = [[]]
@@ -596,13 +599,16 @@ def write_hf_folder(
                 weight_map.update({n: fname for n in group})
             total_size = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / SAFE_INDEX).write_text(
-                json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
-                           indent=2)
+                json_text({"metadata": {"total_size": total_size}, "weight_map": weight_map},
+                          indent=2)
             )
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "config.json").write_text(json_text(hf_config, indent=2))
         gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        (tmp / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True},
-                                                               indent=2))
+        (tmp / "generation_config.json").write_text(json_text({**gen, "_from_model_config": True},
+                                                              indent=2))
+        copy_tokenizer(tokenizer_dir, tmp)
+        for written in tmp.glob("*.safetensors"):
+            follow_umask(written)  # safetensors writes its files 0600
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -623,27 +629,26 @@ def save_hf(
     model_cfg: ModelConfig | None = None,
     dtype: torch.dtype | str | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path | None:
-    """Write the model as a Phi3ForCausalLM folder. Collective: every rank calls it; global
-    rank 0 writes. ``dtype`` defaults to the parameters' dtype."""
-    import torch.distributed as dist
+    """Write the model (and the tokenizer files of `tokenizer_dir`, if given) as a
+    Phi3ForCausalLM folder. Collective: every rank calls it; global rank 0 writes. ``dtype``
+    defaults to the parameters' dtype."""
+    from phi4core import parallel
 
-    chunks = model_or_chunks if isinstance(model_or_chunks, (list, tuple)) else [model_or_chunks]
+    chunks = as_chunks(model_or_chunks)
     if model_cfg is None:
-        model_cfg = _unwrap(chunks[0]).model_cfg
-    if isinstance(dtype, str):
-        dtype = _NAME_DTYPES[dtype]
-    if dtype is None:
-        dtype = next(_unwrap(chunks[0]).parameters()).dtype
+        model_cfg = unwrap(chunks[0]).model_cfg
+    dtype = dtypes.to_dtype(dtype if dtype is not None
+                            else next(unwrap(chunks[0]).parameters()).dtype)
     hf_cfg = hf_config_from_model_config(model_cfg, dtype)
     local = hf_state_dict(chunks, model_cfg, dtype)
     merged = _gather_to_rank0(local)
     result = None
     if merged is not None:
         _check_complete(merged, model_cfg)
-        result = write_hf_folder(merged, hf_cfg, out_dir, max_shard_bytes)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+        result = write_hf_folder(merged, hf_cfg, out_dir, max_shard_bytes, tokenizer_dir)
+    parallel.barrier()
     return result if result is not None else Path(out_dir)
 
 
@@ -692,30 +697,17 @@ def load_hf_model(
     Initialises single-process distributed + parallel state when none exists (with
     ``parallel`` given, that layout instead; PP must be 1 to produce logits in one forward).
     """
-    from phi4core.models.decoder import PrecisionSettings, build_model
-    from phi4core.parallel import (
-        ParallelSettings,
-        current_settings,
-        init_parallel,
-        init_single_process,
-    )
+    from phi4core.models.decoder import build_model
+    from phi4core.parallel import ParallelSettings, ensure_parallel
 
     mc = model_config_from_hf(read_hf_config(path))
-    par = init_parallel(parallel) if parallel is not None else init_single_process()
-    par = current_settings() or par
+    par = ensure_parallel(parallel)
     if par.pp != 1:
         raise ValueError("load_hf_model gives logits in one forward: it needs pp=1")
-    if isinstance(dtype, str):
-        dtype = _NAME_DTYPES[dtype]
-    prec = PrecisionSettings(params=_DTYPE_NAMES[dtype])
+    prec = Precision(params=dtypes.short_name(dtype))
     model = build_model(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
                         parallel_output=False, perform_initialization=False)
     load_hf_weights(model, path, mc)
     model.eval()
     return HFLoadedModel(model, mc)
 
-
-def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    ck = HFCheckpoint(path)
-    for k in ck.keys():
-        yield k, ck.get(k)

@@ -1,8 +1,10 @@
 """Model code (imports megatron-core: keep it out of the CLI's start-up path).
 
-decoder     build_model / build_model_chunks / build_meta_model, PrecisionSettings, FP8 helpers,
-            module groups for freezing
+decoder     build_model / build_model_chunks / build_meta_model (precision: config.Precision),
+            FP8 helpers, module groups for freezing
+chunks      a model as one module or virtual-pipeline chunks: as_chunks, unwrap
 rope        LongRoPE as a megatron RotaryEmbedding
 attention   SDPA core attention for the local (non-TE) layer spec
-cpu_shims   every CPU workaround megatron needs, applied only without a GPU
+cpu_shims   every CPU workaround megatron needs, applied only without a GPU (by
+            phi4core.runtime.init and phi4core.parallel.init_distributed, never at import)
 """

@@ -1,7 +1,7 @@
 """Every CPU workaround megatron-core needs, in one place, applied only when there is no GPU.
 
-megatron-core assumes CUDA in a handful of places (see shared/reference/dependencies.md). On a
-CPU-only torch these fail; the fixes below redirect them to the CPU:
+megatron-core assumes CUDA in a handful of places. On a CPU-only torch these fail; the fixes
+below redirect them to the CPU:
 
 * ``torch.cuda.current_device()`` returns the CPU device (rotary embedding, the attention's
   global memory buffer, the TP gather/scatter buffers, p2p shape exchange).

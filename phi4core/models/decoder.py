@@ -1,13 +1,16 @@
 """Phi-4-Mini as a megatron-core ``GPTModel``.
 
-    model = build_model(preset("phi4_mini_tiny"), ParallelSettings(tp=2), PrecisionSettings())
+    model = build_model(preset("phi4_mini_tiny"), ParallelSettings(tp=2), Precision(params="bf16"))
 
 GQA, SwiGLU (gated linear unit + SiLU), RMSNorm (eps from the config), no biases, tied
 embeddings, partial rotary (``rotary_percent``) with LongRoPE. The layer spec is Transformer
 Engine's when TE imports *and* a GPU is present, megatron's local (pure torch) spec otherwise.
 FP8 needs both; asking for it without them raises ``FP8UnavailableError``.
 
-Parallel state must be initialised first (``phi4core.parallel.init_parallel``).
+Precision is the stage spec's own ``phi4core.config.Precision`` (no second settings type);
+where none is given the model is built in fp32. Parallel state must be initialised first
+(``phi4core.parallel.init_parallel``). Importing this module changes nothing: the warning
+filters and the CPU shims are set up by the entry points (``phi4core.runtime.init``).
 """
 
 from __future__ import annotations
@@ -16,98 +19,40 @@ import contextlib
 import functools
 import importlib.util
 import logging
-import warnings as _warnings
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from phi4core.config import ModelConfig
-from phi4core.parallel import ParallelSettings, fields_from_any
-
-with _warnings.catch_warnings():  # megatron warns a dozen times that TE/apex are missing
-    _warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    _warnings.filterwarnings("ignore", message=".*[Aa]pex.*")
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-from phi4core.models import cpu_shims  # noqa: E402
-from phi4core.models.attention import use_sdpa_core_attention  # noqa: E402
-from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor  # noqa: E402
+from phi4core import dtypes
+from phi4core.config import ModelConfig, Precision
+from phi4core.models.attention import use_sdpa_core_attention
+from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
+from phi4core.parallel import ParallelSettings
 
 log = logging.getLogger(__name__)
-
-cpu_shims.apply()  # no-op with a GPU
 
 
 # ---------------------------------------------------------------------------------------------
 # Precision and FP8
 # ---------------------------------------------------------------------------------------------
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-FP8_FORMATS = ("hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "mxfp8")
-
 
 class FP8UnavailableError(RuntimeError):
     """FP8 was asked for where it cannot run (no GPU, or Transformer Engine not importable)."""
 
 
-@dataclass
-class PrecisionSettings:
-    """Numeric precision. ``params``: fp32 | bf16 | fp16. ``fp8``: None | 'hybrid' | 'e4m3'
-    (TE's Format.HYBRID: e4m3 forward, e5m2 gradients; or E4M3 everywhere). ``fp8_recipe``:
-    'delayed' (amax history), 'tensorwise' (current scaling) or 'mxfp8' (block scaling)."""
-
-    params: str = "fp32"
-    fp8: str | None = None
-    fp8_recipe: str = "delayed"
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
-
-    def __post_init__(self) -> None:
-        if self.params not in _DTYPES:
-            raise ValueError(
-                f"precision.params must be one of {sorted(_DTYPES)}, got {self.params!r}"
-            )
-        if self.fp8 in ("none", "None", "", False):
-            self.fp8 = None
-        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
-            raise ValueError(
-                f"precision.fp8 must be one of {FP8_FORMATS} or None, got {self.fp8!r}"
-            )
-        if self.fp8_recipe not in FP8_RECIPES:
-            raise ValueError(
-                f"precision.fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}"
-            )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _DTYPES[self.params]
-
-    @classmethod
-    def from_any(cls, obj: Any) -> PrecisionSettings:
-        """A PrecisionSettings, a mapping, or any object with these attribute names."""
-        if obj is None or isinstance(obj, cls):
-            return obj or cls()
-        return cls(**fields_from_any(cls, obj))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+def _precision(precision: Precision | None) -> Precision:
+    """The given settings, or fp32 without FP8 when none are given."""
+    return precision if precision is not None else Precision(params="fp32")
 
 
 def gpu_available() -> bool:
@@ -116,8 +61,9 @@ def gpu_available() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def te_importable() -> bool:
-    """Transformer Engine's torch bindings import. Only tried with a GPU: on CPU machines a
-    half-installed TE crashes at import (see dependencies.md), so it is treated as absent."""
+    """Transformer Engine's torch bindings import. Only tried with a GPU: on a CPU machine a
+    TE install cannot load its CUDA libraries and fails with more than ImportError, so there
+    it is treated as absent without trying."""
     if not gpu_available() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
@@ -132,10 +78,10 @@ def use_transformer_engine() -> bool:
     return gpu_available() and te_importable()
 
 
-def check_fp8(precision: PrecisionSettings | Any) -> None:
+def check_fp8(precision: Precision | None) -> None:
     """Raise FP8UnavailableError when FP8 is requested but cannot run here."""
-    p = PrecisionSettings.from_any(precision)
-    if p.fp8 is None:
+    p = _precision(precision)
+    if p.fp8 == "off":
         return
     missing = []
     if not gpu_available():
@@ -145,17 +91,17 @@ def check_fp8(precision: PrecisionSettings | Any) -> None:
     if missing:
         raise FP8UnavailableError(
             f"FP8 training (fp8={p.fp8!r}, recipe={p.fp8_recipe!r}) needs a CUDA GPU and "
-            f"Transformer Engine, but {' and '.join(missing)}. Set precision.fp8 to null to "
+            f"Transformer Engine, but {' and '.join(missing)}. Set precision.fp8 to off to "
             f"train in {p.params}."
         )
 
 
-def fp8_recipe(precision: PrecisionSettings | Any):
+def fp8_recipe(precision: Precision):
     """The Transformer Engine recipe for these settings (raises FP8UnavailableError without
     TE/GPU, ValueError when fp8 is off)."""
-    p = PrecisionSettings.from_any(precision)
-    if p.fp8 is None:
-        raise ValueError("fp8_recipe() called with precision.fp8 unset")
+    p = _precision(precision)
+    if p.fp8 == "off":
+        raise ValueError("fp8_recipe() called with precision.fp8 off")
     check_fp8(p)
     from transformer_engine.common import recipe as te_recipe
 
@@ -163,22 +109,22 @@ def fp8_recipe(precision: PrecisionSettings | Any):
     if p.fp8_recipe == "delayed":
         return te_recipe.DelayedScaling(
             fp8_format=fmt,
-            amax_history_len=p.fp8_amax_history_len,
-            amax_compute_algo=p.fp8_amax_compute_algo,
+            amax_history_len=p.amax_history,
+            amax_compute_algo=p.amax_compute,
         )
     if p.fp8_recipe == "tensorwise":
         return te_recipe.Float8CurrentScaling(fp8_format=fmt)
     return te_recipe.MXFP8BlockScaling(fp8_format=fmt)
 
 
-def fp8_autocast(precision: PrecisionSettings | Any, group=None):
+def fp8_autocast(precision: Precision | None, group=None):
     """A context manager running TE modules in FP8 (a null context when fp8 is off).
 
     megatron's TransformerBlock already enters FP8 per layer when the TransformerConfig has
     fp8 set (``transformer_config`` does that); this is for code outside the block.
     """
-    p = PrecisionSettings.from_any(precision)
-    if p.fp8 is None:
+    p = _precision(precision)
+    if p.fp8 == "off":
         return contextlib.nullcontext()
     recipe = fp8_recipe(p)
     import transformer_engine.pytorch as te
@@ -196,7 +142,7 @@ def fp8_autocast(precision: PrecisionSettings | Any, group=None):
 def transformer_config(
     model_cfg: ModelConfig,
     parallel: ParallelSettings | Any = None,
-    precision: PrecisionSettings | Any = None,
+    precision: Precision | None = None,
     *,
     use_cpu_initialization: bool | None = None,
     perform_initialization: bool = True,
@@ -206,7 +152,7 @@ def transformer_config(
     """Megatron TransformerConfig for the Phi-3-family decoder (``overrides`` win: e.g.
     recompute_granularity='full', gradient_accumulation_fusion=True on GPU)."""
     par = ParallelSettings.from_any(parallel)
-    prec = PrecisionSettings.from_any(precision)
+    prec = _precision(precision)
     check_fp8(prec)
     te = use_transformer_engine()
     if not te:
@@ -221,7 +167,7 @@ def transformer_config(
             )
     if use_cpu_initialization is None:
         use_cpu_initialization = not gpu_available()
-    dtype = prec.dtype
+    dtype = dtypes.to_dtype(prec.params)
     kwargs: dict[str, Any] = dict(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -259,12 +205,12 @@ def transformer_config(
         batch_p2p_comm=gpu_available(),
         cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
     )
-    if prec.fp8 is not None:
+    if prec.fp8 != "off":
         kwargs.update(
             fp8=prec.fp8,
             fp8_recipe=prec.fp8_recipe,
-            fp8_amax_history_len=prec.fp8_amax_history_len,
-            fp8_amax_compute_algo=prec.fp8_amax_compute_algo,
+            fp8_amax_history_len=prec.amax_history,
+            fp8_amax_compute_algo=prec.amax_compute,
         )
     kwargs.update(overrides)
     cfg = TransformerConfig(**kwargs)
@@ -335,7 +281,7 @@ class Phi4Decoder(GPTModel):
 def build_model(
     model_cfg: ModelConfig,
     parallel: ParallelSettings | Any = None,
-    precision: PrecisionSettings | Any = None,
+    precision: Precision | None = None,
     *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
@@ -354,7 +300,7 @@ def build_model(
     layout starts from the same weights for the same seed.
     """
     par = ParallelSettings.from_any(parallel)
-    prec = PrecisionSettings.from_any(precision)
+    prec = _precision(precision)
     _check_parallel_state(par)
     if par.vpp is not None and vp_stage is None:
         raise ValueError("virtual pipelining: pass vp_stage, or use build_model_chunks()")
@@ -384,7 +330,7 @@ def build_model(
 def build_model_chunks(
     model_cfg: ModelConfig,
     parallel: ParallelSettings | Any = None,
-    precision: PrecisionSettings | Any = None,
+    precision: Precision | None = None,
     **kwargs: Any,
 ) -> list[Phi4Decoder]:
     """One model chunk per virtual pipeline stage (a list of one without vpp): the shape
@@ -422,7 +368,7 @@ def _check_parallel_state(par: ParallelSettings) -> None:
 def build_meta_model(
     model_cfg: ModelConfig,
     parallel: ParallelSettings | Any = None,
-    precision: PrecisionSettings | Any = None,
+    precision: Precision | None = None,
     **kwargs: Any,
 ) -> Phi4Decoder:
     """The same modules with every parameter on the meta device: no memory, no init time.

@@ -5,18 +5,24 @@ consumed samples: a resumed run continues exactly where the checkpoint left it, 
 DP size. Text sources (synthetic text, text_jsonl, indexed) become megatron's blended, packed
 GPTDataset; chat sources (synthetic chat, chat_jsonl) become packed ChatDataset sequences with
 assistant-only loss and block-causal masks.
+
+`StepBatches` reads and collates the micro-batches in `data.num_workers` loader processes
+(0: in the training process). Which samples make a micro-batch depends on the step alone, and
+a sample on its index alone, so the batches are the same whatever the worker count.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from phi4core.config import StageSpec
+from phi4core.parallel import rank0_first
 
 log = logging.getLogger("phi4core.train")
 
@@ -27,27 +33,12 @@ class DataSpecError(ValueError):
     """Sources this trainer cannot read (mixed text/chat, multimodal)."""
 
 
-def _rank0_first(fn):
-    """Run fn on rank 0, then on the others after a barrier (shared files, built once)."""
-    import torch.distributed as dist
-
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    if not multi:
-        return fn()
-    if dist.get_rank() == 0:
-        out = fn()
-        dist.barrier()
-        return out
-    dist.barrier()
-    return fn()
-
-
 def tokenizer_for(spec: StageSpec):
     from phi4core.data.tokenizer import PhiTokenizer, check_tokenizer_matches, get_demo_tokenizer
 
     if spec.tokenizer in (None, "demo"):
         cache = Path(os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4")
-        tok = _rank0_first(lambda: get_demo_tokenizer(cache))
+        tok = rank0_first(lambda: get_demo_tokenizer(cache))
     else:
         tok = PhiTokenizer.from_dir(spec.tokenizer)
     check_tokenizer_matches(tok, spec.model)
@@ -103,7 +94,7 @@ class TextSamples:
                 blend.append((prefix, s.weight))
             return blend
 
-        blend = _rank0_first(prefixes)
+        blend = rank0_first(prefixes)
         self.dataset = build_pretrain_dataset(
             blend, spec.train.seq_length, num_samples, spec.train.seed, tokenizer,
             cache_dir=data_dir / "index_cache", create_attention_mask=False).train
@@ -150,7 +141,7 @@ class ChatSamples:
                            else Path(s.path))
             return out
 
-        paths = _rank0_first(files)
+        paths = rank0_first(files)
         seed = spec.train.seed
         self.sources = [
             _Epochs(ChatDataset(path, tokenizer, spec.train.seq_length, pack=True, seed=seed + k,
@@ -179,20 +170,77 @@ def build_samples(spec: StageSpec, tokenizer, num_samples: int):
     return ChatSamples(spec, tokenizer, num_samples)
 
 
-def micro_batches(samples, step: int, global_batch: int, micro: int, dp_rank: int, dp: int,
-                  block_mask: bool) -> list[dict]:
-    """This DP rank's micro-batches of optimizer step `step`: global samples
-    [step*G, (step+1)*G) split into contiguous per-rank slices, then micro-batches."""
-    from phi4core.data.packing import PackedCollator
+class _MicroBatchIndices:
+    """Global sample indices of this DP rank's micro-batches, step after step: step s covers
+    samples [s*G, (s+1)*G), split into contiguous per-rank slices, then micro-batches."""
 
-    per_rank = global_batch // dp
-    start = step * global_batch + dp_rank * per_rank
-    collate = PackedCollator(attention_mask=block_mask)
-    out = []
-    for m in range(per_rank // micro):
-        items = [samples[start + m * micro + k] for k in range(micro)]
+    def __init__(self, first_step: int, last_step: int, global_batch: int, micro: int,
+                 dp_rank: int, dp: int) -> None:
+        self.steps = range(first_step, last_step)
+        self.global_batch, self.micro = global_batch, micro
+        self.per_rank = global_batch // dp
+        self.offset = dp_rank * self.per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in self.steps:
+            start = step * self.global_batch + self.offset
+            for m in range(self.per_rank // self.micro):
+                yield [start + m * self.micro + k for k in range(self.micro)]
+
+    def __len__(self) -> int:
+        return len(self.steps) * (self.per_rank // self.micro)
+
+
+class _Collate:
+    """Stacked tensors; packed items (with cu_seqlens) through PackedCollator."""
+
+    def __init__(self, block_mask: bool) -> None:
+        from phi4core.data.packing import PackedCollator
+
+        self.packed = PackedCollator(attention_mask=block_mask)
+
+    def __call__(self, items: list[dict]) -> dict:
         if "cu_seqlens" in items[0]:
-            out.append(collate(items))
-        else:
-            out.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
-    return out
+            return self.packed(items)
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """Loader processes ignore Ctrl-C and the preemption signals: the trainer decides what a
+    signal means (a checkpoint, then exit) and stops them itself; they also end with it."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StepBatches:
+    """This DP rank's micro-batches for steps [first_step, last_step), in order.
+
+    With `num_workers` > 0 they are read and collated by that many loader processes (forked
+    once, ahead of the training loop), which prefetch while the model computes. A signal sent
+    to the whole process group (Ctrl-C in a terminal, Slurm's TERM) leaves them running."""
+
+    def __init__(self, samples, first_step: int, last_step: int, global_batch: int, micro: int,
+                 dp_rank: int, dp: int, block_mask: bool, num_workers: int = 0) -> None:
+        from torch.utils.data import DataLoader
+
+        self.num_micro = global_batch // dp // micro
+        self.loader = DataLoader(
+            samples,
+            batch_sampler=_MicroBatchIndices(first_step, last_step, global_batch, micro,
+                                             dp_rank, dp),
+            collate_fn=_Collate(block_mask),
+            num_workers=num_workers,
+            multiprocessing_context="fork" if num_workers else None,
+            worker_init_fn=_quiet_worker if num_workers else None,
+        )
+        self._it = iter(self.loader)
+
+    def next_step(self) -> list[dict]:
+        """The micro-batches of the next step."""
+        return [next(self._it) for _ in range(self.num_micro)]
+
+    def close(self) -> None:
+        """Stop the loader processes (also done when the object is collected)."""
+        self._it = None

@@ -1,4 +1,5 @@
-"""Freezing by module group, and checksums proving frozen weights never moved."""
+"""Freezing by module group, and checksums of weights: the frozen ones never move, and the
+whole model's hash (bit-identity of runs)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,39 @@ def apply_freezing(chunks: list, trainable: Iterable[str],
     return counts
 
 
-def _tensor_sha(t: torch.Tensor) -> str:
-    data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's exact bytes (what every weight checksum hashes)."""
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _all_ranks(local):
+    """[local value of every rank] (collective); [local] in one process."""
+    from phi4core import parallel
+
+    if parallel.world_size() == 1:
+        return [local]
+    import torch.distributed as dist
+
+    parts: list = [None] * parallel.world_size()
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def weights_sha256(chunks: list) -> str:
+    """Hash of every rank's parameters (bit-identity checks); collective under torchrun."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            h.update(name.encode())
+            h.update(tensor_bytes(p))
+    per_rank = _all_ranks(h.hexdigest())
+    return per_rank[0] if len(per_rank) == 1 else hashlib.sha256(
+        "".join(per_rank).encode()).hexdigest()
 
 
 def frozen_checksums(chunks: list) -> dict:
     """{"tensors": {name[shard]: sha256}, "combined": sha256} over every frozen tensor of every
     rank (collective). Shard keys carry the tp/pp rank; DP replicas agree and coincide."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     shard = f"tp{ps.get_tensor_model_parallel_rank()}.pp{ps.get_pipeline_model_parallel_rank()}"
@@ -48,12 +73,8 @@ def frozen_checksums(chunks: list) -> dict:
         for name, p in chunk.named_parameters():
             if not p.requires_grad:
                 key = f"{name}[{shard}.vp{i}]" if len(chunks) > 1 else f"{name}[{shard}]"
-                local[key] = _tensor_sha(p)
-    merged = dict(local)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
-        merged = {k: v for part in parts for k, v in part.items()}
+                local[key] = hashlib.sha256(tensor_bytes(p)).hexdigest()
+    merged = {k: v for part in _all_ranks(local) for k, v in part.items()}
     tensors = dict(sorted(merged.items()))
     listing = "".join(f"{k}:{v}\n" for k, v in tensors.items())
     combined = hashlib.sha256(listing.encode()).hexdigest()

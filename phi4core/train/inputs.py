@@ -41,7 +41,7 @@ def model_inputs(spec: StageSpec) -> list[tuple[str, object]]:
 
 def load_inputs(spec: StageSpec, chunks: list) -> list[str]:
     """Load the model input (if any) into `chunks` (collective). Returns what was loaded."""
-    from phi4core.checkpoint_io import load_checkpoint, read_checkpoint_config
+    from phi4core.model_weights import load_model_weights, read_model_config
 
     loaded = []
     for name, inp in model_inputs(spec):
@@ -54,8 +54,8 @@ def load_inputs(spec: StageSpec, chunks: list) -> list[str]:
             _check_shapes(spec, model_config_from_hf(read_hf_config(path)), f"{name!r} ({path})")
             load_hf_weights(chunks, path, spec.model)
         else:
-            _check_shapes(spec, read_checkpoint_config(path), f"{name!r} ({path})")
-            load_checkpoint(chunks, path)
+            _check_shapes(spec, read_model_config(path), f"{name!r} ({path})")
+            load_model_weights(chunks, path)
         log.info("input %s loaded from %s (%s)", name, path, inp.source)
         loaded.append(name)
     return loaded

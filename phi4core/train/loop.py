@@ -4,13 +4,16 @@ run(spec) -> exit code. Steps: distributed + megatron state, model (+ inputs), f
 frozen checksums, megatron DDP + optimizer, data addressed by consumed samples, resume from the
 newest intact checkpoint, the step loop (LR from `lr_at`, grad accumulation through megatron's
 forward-backward schedule, global-norm clipping), periodic and preemption checkpoints, and the
-artifacts (`output_dir/model`: phi4 checkpoint + frozen_checksums.json + train_summary.json).
+artifacts (`output_dir/model`: phi4 weights + tokenizer/ + frozen_checksums.json +
+train_summary.json).
+
+A step whose loss or gradients are not finite (or that fp16's loss scaler rejects) is skipped
+and counted (`skipped` in metrics.jsonl); more than `train.max_skipped_steps` in a row fail the
+stage (exit 1), and weights that are not finite are never written as the artifact.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import resource
@@ -23,6 +26,7 @@ import torch
 
 from phi4core import exitcodes
 from phi4core.config import StageSpec
+from phi4core.files import json_text
 from phi4core.train.schedules import lr_at
 
 log = logging.getLogger("phi4core.train")
@@ -30,6 +34,10 @@ log = logging.getLogger("phi4core.train")
 
 class SpecError(ValueError):
     """The spec cannot be trained here (exit code 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row were skipped for non-finite values (exit code 1)."""
 
 
 @dataclass
@@ -60,36 +68,10 @@ def check_spec(spec: StageSpec) -> None:
                         f"micro_batch_size*dp = {t.micro_batch_size}*{dp}")
 
 
-def _precision(spec: StageSpec):
-    from phi4core.models.decoder import PrecisionSettings
-
-    p = spec.precision
-    return PrecisionSettings(params=p.params, fp8=None if p.fp8 == "off" else p.fp8,
-                             fp8_recipe=p.fp8_recipe, fp8_amax_history_len=p.amax_history,
-                             fp8_amax_compute_algo=p.amax_compute)
-
-
 def _peak_mem_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def weights_sha256(chunks: list) -> str:
-    """Hash of every rank's parameters (bit-identity checks); collective under torchrun."""
-    import torch.distributed as dist
-
-    h = hashlib.sha256()
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    local = h.hexdigest()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    per_rank: list = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, local)
-    return hashlib.sha256("".join(per_rank).encode()).hexdigest()
 
 
 class Trainer:
@@ -126,13 +108,12 @@ class Trainer:
         self.samples = tdata.build_samples(spec, self.tokenizer,
                                            t.total_steps * t.global_batch_size)
 
-        chunks = build_model_chunks(spec.model, spec.parallel, _precision(spec),
+        chunks = build_model_chunks(spec.model, spec.parallel, spec.precision,
                                     calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
-        counts = apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
+        apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
         if not any(p.requires_grad for c in chunks for p in c.parameters()):
             raise SpecError(f"nothing to train: trainable groups {spec.trainable} are empty")
-        self.trainable_counts = counts
         self.raw_chunks = chunks
         self.checksums_before = frozen_checksums(chunks)
         self.model = wrap_ddp(chunks, self.on_gpu)
@@ -175,17 +156,16 @@ class Trainer:
 
         return out, loss_func
 
-    def train_step(self, step: int) -> dict:
+    def train_step(self, step: int, batches: list[dict]) -> dict:
+        """Forward, backward and the optimizer step (or its skip) over `batches`, this rank's
+        micro-batches of `step`."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from phi4core.train import data as tdata
-        from phi4core.train.optim import clip_and_step, set_lr
+        from phi4core.train import optim
 
         t = self.spec.train
-        batches = tdata.micro_batches(self.samples, step, t.global_batch_size, t.micro_batch_size,
-                                      self.dp_rank, self.dp, block_mask=not self.on_gpu)
         lr = lr_at(step, t)
-        set_lr(self.optimizer, lr)
+        optim.set_lr(self.optimizer, lr)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -199,12 +179,10 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             forward_only=False,
         )
-        if self.on_gpu:
-            ok, grad_norm, _ = self.optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        else:
-            grad_norm = clip_and_step(self.optimizer, t.grad_clip)
-        return {"loss": self._global_loss(reduced), "lr": lr, "grad_norm": grad_norm}
+        loss = self._global_loss(reduced)
+        outcome = optim.step(self.optimizer, t.grad_clip, loss, self.on_gpu)
+        return {"loss": loss, "lr": lr, "grad_norm": outcome.grad_norm,
+                "skipped": not outcome.applied, "skipped_because": outcome.skipped_because}
 
     def _global_loss(self, reduced: list) -> float:
         """Token-weighted mean loss over all micro-batches and DP ranks (last stage, tp 0)."""
@@ -223,7 +201,9 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------
 
     def run(self) -> int:
-        from phi4core.train import checkpointing as ckpt
+        from phi4core import model_weights
+        from phi4core.train import resume_checkpoints as ckpt
+        from phi4core.train.data import StepBatches
         from phi4core.train.freezing import check_unchanged, frozen_checksums
         from phi4core.train.metrics import MetricsWriter
         from phi4core.train.signals import PreemptionFlag, die_with_launcher
@@ -234,90 +214,150 @@ class Trainer:
         self.setup()
         stage_dir, ckpt_root = Path(spec.stage_dir), Path(spec.stage_dir) / "checkpoints"
         start, consumed, first_loss, last_loss = 0, 0, None, None
+        skips = SkippedSteps(t.max_skipped_steps)
         resume = ckpt.newest_intact(ckpt_root)
         if resume is not None:
             progress = ckpt.load(resume, self.model, self.optimizer)
             start, consumed = progress["step"], progress["consumed_samples"]
             first_loss, last_loss = progress.get("first_loss"), progress.get("last_loss")
+            skips.restore(progress)
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
         metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
+        batches = StepBatches(self.samples, start, t.total_steps, t.global_batch_size,
+                              t.micro_batch_size, self.dp_rank, self.dp,
+                              block_mask=not self.on_gpu, num_workers=spec.data.num_workers)
         if self.rank == 0:
             print(f"stage {spec.name}: peak lr {t.peak_lr:.6g} ({t.schedule}), "
                   f"{t.total_steps} steps from step {start}", flush=True)
+        meta = model_weights.model_meta(self.raw_chunks, spec.model)
 
         def progress(step: int) -> dict:
-            return {"step": step, "consumed_samples": consumed, "lr_step": step,
-                    "first_loss": first_loss, "last_loss": last_loss, "seed": t.seed}
+            return {"step": step, "consumed_samples": consumed, "first_loss": first_loss,
+                    "last_loss": last_loss, "seed": t.seed, **skips.state()}
+
+        def save(step: int) -> None:
+            ckpt.save(ckpt_root, step, self.model, self.optimizer, progress(step), t.keep_last,
+                      meta)
 
         tokens_per_step = t.global_batch_size * t.seq_length
         try:
             for step in range(start, t.total_steps):
                 began = time.perf_counter()
-                out = self.train_step(step)
+                out = self.train_step(step, batches.next_step())
                 consumed += t.global_batch_size
                 elapsed = time.perf_counter() - began
                 first_loss = out["loss"] if first_loss is None else first_loss
                 last_loss = out["loss"]
-                metrics.log(step, {**out, "tokens_per_s": tokens_per_step / elapsed,
+                skips.record(step, out["skipped_because"], self.rank == 0)
+                metrics.log(step, {**out, "skipped_steps": skips.total,
+                                   "tokens_per_s": tokens_per_step / elapsed,
                                    "step_time_s": elapsed, "peak_mem_mb": _peak_mem_mb(),
                                    "consumed_samples": consumed})
                 if self.rank == 0 and (step % spec.logging.interval == 0
                                        or step + 1 == t.total_steps):
                     metrics.progress(step, out["loss"], out["lr"])
+                skips.check()
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(step, self.raw_chunks)
                 done = step + 1
                 saved = done % t.save_interval == 0 and done < t.total_steps
                 if saved:
-                    ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
-                              t.keep_last)
+                    save(done)
                 # Asked after the periodic save: a signal that came while it was written
                 # needs no second checkpoint of the same step.
                 if flag.agreed():
                     if not saved:
-                        ckpt.save(ckpt_root, done, self.model, self.optimizer, progress(done),
-                                  t.keep_last)
+                        save(done)
                     if self.rank == 0:
                         print(f"preempted (signal {flag.signum}): checkpoint at step {done}",
                               flush=True)
                     return exitcodes.PREEMPTED
             if start < t.total_steps or resume is None:
-                ckpt.save(ckpt_root, t.total_steps, self.model, self.optimizer,
-                          progress(t.total_steps), t.keep_last)
+                save(t.total_steps)
         finally:
+            batches.close()
             metrics.close()
         after = frozen_checksums(self.raw_chunks)
-        checksums = {"before": self.checksums_before, "after": after,
-                     "match": after["combined"] == self.checksums_before["combined"]}
         check_unchanged(self.checksums_before, after)
-        self.write_artifacts(checksums, first_loss, last_loss, start)
+        self.write_artifacts({"before": self.checksums_before, "after": after},
+                             first_loss, last_loss, start, skips.total)
         return exitcodes.OK
 
-    def write_artifacts(self, checksums: dict, first_loss, last_loss, start: int) -> None:
-        from phi4core.checkpoint_io import save_checkpoint
-
-        spec, t = self.spec, self.spec.train
+    def write_artifacts(self, checksums: dict, first_loss, last_loss, start: int,
+                        skipped: int) -> None:
+        """`output_dir/model`: the weights (refused when not finite) with the tokenizer,
+        frozen_checksums.json and train_summary.json."""
+        from phi4core.interop.hf import copy_tokenizer
+        from phi4core.model_weights import save_model_weights
+        from phi4core.train.freezing import weights_sha256
         from phi4core.train.signals import shielded_helpers
 
+        spec, t = self.spec, self.spec.train
         out = Path(spec.output_dir) / "model"
+
+        def add_tokenizer(folder: Path) -> None:
+            (folder / "tokenizer").mkdir()
+            copy_tokenizer(self.tokenizer.path, folder / "tokenizer")
+
         with shielded_helpers():
-            save_checkpoint(self.raw_chunks, out, spec.model,
-                            extra={"stage": spec.name, "fingerprint": spec.fingerprint})
+            save_model_weights(self.raw_chunks, out, spec.model, add_files=add_tokenizer,
+                               extra={"stage": spec.name, "fingerprint": spec.fingerprint})
         weights = weights_sha256(self.raw_chunks)
         if self.rank == 0:
-            (out / "frozen_checksums.json").write_text(json.dumps(checksums, indent=1))
+            (out / "frozen_checksums.json").write_text(json_text(checksums, indent=1))
             summary = {
                 "stage": spec.name, "fingerprint": spec.fingerprint, "steps": t.total_steps,
                 "resumed_from_step": start, "tokens": t.total_steps * t.tokens_per_step,
                 "first_loss": first_loss, "last_loss": last_loss, "peak_lr": t.peak_lr,
-                "inputs": self.loaded_inputs, "weights_sha256": weights,
+                "skipped_steps": skipped, "inputs": self.loaded_inputs,
+                "weights_sha256": weights,
             }
-            (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            (out / "train_summary.json").write_text(json_text(summary, indent=1))
+
+
+class SkippedSteps:
+    """Skipped optimizer steps: in all, and in a row (the stage fails past `limit`). Kept in
+    the resume checkpoints, so a resumed run fails or not exactly as an uninterrupted one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.in_a_row = 0
+        self.last_reason: str | None = None
+        self.last_step = -1
+
+    def state(self) -> dict:
+        return {"skipped_steps": self.total, "skipped_in_a_row": self.in_a_row}
+
+    def restore(self, progress: dict) -> None:
+        self.total = progress.get("skipped_steps", 0)
+        self.in_a_row = progress.get("skipped_in_a_row", 0)
+
+    def record(self, step: int, reason: str | None, report: bool) -> None:
+        if reason is None:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        self.last_reason, self.last_step = reason, step
+        if report:
+            log.warning("step %d skipped: %s (%d in a row, %d in all; the stage fails after "
+                        "%d in a row)", step, reason, self.in_a_row, self.total, self.limit)
+
+    def check(self) -> None:
+        if self.in_a_row > self.limit:
+            first = self.last_step - self.in_a_row + 1
+            steps = f"steps {first}-{self.last_step}" if self.in_a_row > 1 else f"step {first}"
+            raise TrainingDiverged(
+                f"{self.in_a_row} optimizer step(s) in a row skipped ({steps}; last: "
+                f"{self.last_reason}), more than train.max_skipped_steps ({self.limit}): the "
+                "loss or gradients are not finite; lower train.lr or check the inputs and data")
 
 
 def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     """Train one stage; returns the process exit code (see phi4core.exitcodes)."""
+    from phi4core.model_weights import NonFiniteWeights
     from phi4core.train.data import DataSpecError
     from phi4core.train.freezing import FrozenWeightsChanged
     from phi4core.train.inputs import InputError
@@ -328,6 +368,6 @@ def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     except (SpecError, DataSpecError, InputError) as e:
         log.error("cannot train stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
-    except FrozenWeightsChanged as e:
-        log.error("stage %s failed: %s", spec.name, e)
+    except (FrozenWeightsChanged, NonFiniteWeights, TrainingDiverged) as e:
+        log.error("stage %s failed: %s; nothing is published", spec.name, e)
         return exitcodes.FAILURE

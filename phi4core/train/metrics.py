@@ -1,12 +1,16 @@
-"""Per-step telemetry: metrics.jsonl (read by `phi4 status`), TensorBoard, a progress line."""
+"""Per-step telemetry: metrics.jsonl (read by `phi4 status`), TensorBoard, a progress line.
+
+metrics.jsonl is strict JSON: a loss or norm that is not finite is written as null.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from phi4core.files import json_text
 
 
 class MetricsWriter:
@@ -34,7 +38,7 @@ class MetricsWriter:
         if self.first_step is None:
             self.first_step = step
         record = {"step": step, "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_text(record) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

@@ -1,11 +1,20 @@
-"""megatron's DDP wrapper and optimizer for a stage, and global-norm clipping on CPU."""
+"""megatron's DDP wrapper and optimizer for a stage, and the optimizer step with its checks.
+
+`step` takes or skips one optimizer step: skipped, with the reason, when fp16's loss scale
+overflowed or the loss or the global gradient norm is not finite, so a non-finite value never
+reaches the weights. The trainer counts skipped steps and fails the stage after too many in a
+row (`train.max_skipped_steps`). Global-norm clipping is done here on CPU and GPU alike, after
+the norm is known to be finite.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from phi4core import dtypes
 from phi4core.config import StageSpec
 
 
@@ -25,8 +34,8 @@ def wrap_ddp(chunks: list, on_gpu: bool) -> list:
 
 
 def build_optimizer(spec: StageSpec, ddp_chunks: list, on_gpu: bool):
-    """AdamW with the recipe's betas/eps/weight decay. On CPU megatron's clipping asserts CUDA
-    tensors, so clip_grad=0 there and `clip_and_norm` clips instead."""
+    """AdamW with the recipe's betas/eps/weight decay. megatron's own `step()` (which clips
+    inside, with CUDA-only code) is never called: `step` below clips, so clip_grad is 0 here."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t, p = spec.train, spec.precision
@@ -38,11 +47,10 @@ def build_optimizer(spec: StageSpec, ddp_chunks: list, on_gpu: bool):
         adam_beta1=t.betas[0],
         adam_beta2=t.betas[1],
         adam_eps=t.eps,
-        clip_grad=t.grad_clip if on_gpu else 0.0,
+        clip_grad=0.0,
         bf16=p.params == "bf16",
         fp16=p.params == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
-                      "fp16": torch.float16}[p.params],
+        params_dtype=dtypes.to_dtype(p.params),
         use_distributed_optimizer=on_gpu,
     )
     return get_megatron_optimizer(cfg, ddp_chunks)
@@ -76,16 +84,34 @@ def global_grad_norm(optimizer) -> float:
     return math.sqrt(total.item())
 
 
-def clip_and_step(optimizer, max_norm: float) -> float:
-    """One optimizer step with our clipping (CPU path); returns the pre-clip grad norm."""
-    if optimizer.prepare_grads():  # fp16 overflow: megatron skips the step
-        return float("nan")
-    norm = global_grad_norm(optimizer)
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for opt in sub_optimizers(optimizer):
-            for g in opt.get_parameters():
-                if g.grad is not None:
-                    g.grad.mul_(scale)
+@dataclass
+class StepOutcome:
+    applied: bool
+    grad_norm: float  # before clipping; NaN when fp16's overflow check stopped the step first
+    skipped_because: str | None = None
+
+
+def clip_grads(optimizer, max_norm: float, norm: float) -> None:
+    """Scale the main gradients by max_norm / norm when the norm is above max_norm."""
+    if max_norm <= 0 or norm <= max_norm:
+        return
+    grads = [g.grad for opt in sub_optimizers(optimizer) for g in opt.get_parameters()
+             if g.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+
+
+def step(optimizer, max_norm: float, loss: float, on_gpu: bool) -> StepOutcome:
+    """One optimizer step with global-norm clipping, or a skipped one (collective: every rank
+    reaches the same decision, from the all-reduced loss and norm)."""
+    if optimizer.prepare_grads():  # fp16: inf/NaN in the unscaled gradients
+        return StepOutcome(False, float("nan"), "fp16 loss-scale overflow")
+    # megatron's norm is CUDA code; on CPU the same sum is taken in float64 here.
+    norm = float(optimizer.get_grad_norm()) if on_gpu else global_grad_norm(optimizer)
+    if not math.isfinite(loss):
+        return StepOutcome(False, norm, f"loss is {loss}")
+    if not math.isfinite(norm):
+        return StepOutcome(False, norm, f"gradient norm is {norm}")
+    clip_grads(optimizer, max_norm, norm)
     optimizer.step_with_ready_grads()
-    return norm
+    return StepOutcome(True, norm)

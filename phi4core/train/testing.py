@@ -47,9 +47,11 @@ def write_spec(spec: StageSpec, path: str | Path) -> Path:
 def _main(argv: list[str]) -> int:
     import logging
 
+    from phi4core import runtime
     from phi4core.train.loop import Hooks, load_spec, run
 
     logging.basicConfig(level=logging.INFO)
+    runtime.init()
     spec = load_spec(argv[0])
     prefix = argv[1] if len(argv) > 1 else None
     corrupt_at = int(argv[2]) if len(argv) > 2 else None

@@ -1,7 +1,12 @@
-"""Resumable training checkpoints: model + optimizer + progress, with rotation and fallback.
+"""The trainer's resume checkpoints: model + optimizer + RNG + progress, rotated, with fallback.
+
+Not the published model (that is `phi4core.model_weights`, weights and config only); these are
+what a stopped stage resumes from.
 
     <stage_dir>/checkpoints/tmp.step_N/   written by every rank (megatron dist checkpoint)
     <stage_dir>/checkpoints/step_N/       renamed by rank 0 after a barrier
+    <stage_dir>/checkpoints/step_N/phi4_model.json   the model config and dtype, as a weights
+                                          folder has it: a step_N converts and loads as one
     <stage_dir>/checkpoints/step_N/meta.json   written last: the completeness mark, with every
                                           file's size and sha256 so a garbled one is noticed
 Resume takes the newest complete, intact checkpoint; a broken newer one is skipped with a
@@ -10,7 +15,6 @@ warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,47 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phi4core import parallel
+from phi4core.files import json_text, sha256_file
+
 log = logging.getLogger("phi4core.train")
 
 META = "meta.json"
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d and d.get_world_size() > 1:
-        d.barrier()
-
-
-def _broadcast(obj):
-    d = _dist()
-    if not d or d.get_world_size() == 1:
-        return obj
-    box = [obj]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_table(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
+                                               "sha256": sha256_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
@@ -92,41 +66,46 @@ def set_rng_state(state: dict) -> None:
 
 
 def _sharded_state(chunks: list, optimizer, is_loading: bool) -> dict:
-    from phi4core.checkpoint_io import sharded_model_state_dict
+    from phi4core.model_weights import sharded_model_state_dict
 
     state = sharded_model_state_dict(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading)
     return state
 
 
-def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_last: int) -> Path:
-    """Collective. `progress`: step, consumed_samples, lr... (plain JSON-able values)."""
+def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_last: int,
+         model_meta: dict) -> Path:
+    """Collective. `progress`: step, consumed_samples, losses... (plain JSON-able values);
+    `model_meta`: what `phi4core.model_weights.model_meta` gives for the chunks."""
     from megatron.core import dist_checkpointing
 
+    from phi4core.model_weights import write_model_meta
     from phi4core.train.signals import shielded_helpers
 
     root = Path(root)
     tmp, final = root / f"tmp.step_{step}", root / f"step_{step}"
-    if _rank() == 0:
+    if parallel.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    parallel.barrier()
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["progress"] = dict(progress)
     state["rng"] = _rng_entry(rng_state())
     with shielded_helpers():  # a Ctrl-C or scancel reaching its writers must not break it
         dist_checkpointing.save(state, str(tmp))
-    _barrier()
-    if _rank() == 0:
+    if parallel.rank() == 0:
+        write_model_meta(tmp, model_meta)
+    parallel.barrier()
+    if parallel.rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
         meta = {"step": step, "progress": progress, "files": _file_table(final)}
         part = final / f".{META}.part"
-        part.write_text(json.dumps(meta, indent=1))
+        part.write_text(json_text(meta, indent=1))
         os.rename(part, final / META)
         _prune(root, keep_last)
-    _barrier()
+    parallel.barrier()
     return final
 
 
@@ -161,7 +140,7 @@ def problem(folder: Path) -> str | None:
         f = folder / name
         if not f.is_file():
             return f"{name} missing"
-        if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+        if f.stat().st_size != want["bytes"] or sha256_file(f) != want["sha256"]:
             return f"{name} corrupt (size or sha256 differs)"
     return None
 
@@ -169,14 +148,14 @@ def problem(folder: Path) -> str | None:
 def newest_intact(root: Path) -> Path | None:
     """Rank 0 picks (warning about each broken newer one); every rank gets the same answer."""
     choice = None
-    if _rank() == 0:
+    if parallel.rank() == 0:
         for _, folder in _steps(root):
             why = problem(folder)
             if why is None:
                 choice = str(folder)
                 break
             log.warning("checkpoint %s skipped: %s; falling back to an older one", folder, why)
-    choice = _broadcast(choice)
+    choice = parallel.broadcast_object(choice)
     return Path(choice) if choice else None
 
 
@@ -188,13 +167,9 @@ def load(folder: Path, chunks: list, optimizer) -> dict:
     state["progress"] = None
     state["rng"] = _rng_entry(None)
     loaded = dist_checkpointing.load(state, str(folder))
-    from phi4core.checkpoint_io import _unwrap
+    from phi4core.model_weights import load_model_state
 
-    if len(chunks) == 1:
-        _unwrap(chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            _unwrap(c).load_state_dict(loaded[f"model{i}"])
+    load_model_state(chunks, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
     set_rng_state(loaded["rng"])
     return loaded["progress"]
