@@ -31,7 +31,7 @@ from phi4core.models.conformer import (
     RelativeAttentionBias,
     subsampled_length,
 )
-from phi4core.models.tower_common import count, projector_config
+from phi4core.models.tower_common import count, projector_config, tp_group
 
 __all__ = ["AudioEncoder", "AudioTower", "extract_features", "log_mel", "num_audio_tokens"]
 
@@ -113,8 +113,10 @@ class AudioTower(nn.Module):
         self.encoder = AudioEncoder(ac).to(dtype)
         pcfg = projector_config(out_hidden, F.gelu, params_dtype=dtype, **config_overrides)
         sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-        self.projector_speech = MLP(pcfg, sub, input_size=ac.attention_dim)
-        self.projector_vision_speech = MLP(pcfg, sub, input_size=ac.attention_dim)
+        self.projector_speech = MLP(pcfg, sub, input_size=ac.attention_dim,
+                                    ffn_hidden_size=out_hidden, tp_group=tp_group())
+        self.projector_vision_speech = MLP(pcfg, sub, input_size=ac.attention_dim,
+                                    ffn_hidden_size=out_hidden, tp_group=tp_group())
 
     def parameter_counts(self) -> dict[str, int]:
         """The reference table's rows for this tower (full sizes at TP=1)."""

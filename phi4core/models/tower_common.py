@@ -14,7 +14,12 @@ from torch import nn
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
 __all__ = ["BufferTree", "base_config_kwargs", "count", "projector_config",
-           "use_transformer_engine"]
+           "tp_group", "use_transformer_engine"]
+
+
+def tp_group():
+    """The tensor-parallel group (None before megatron's parallel state is set up)."""
+    return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
 
 
 def _tp() -> int:

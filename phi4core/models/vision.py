@@ -42,6 +42,7 @@ from phi4core.models.tower_common import (
     base_config_kwargs,
     count,
     projector_config,
+    tp_group,
     use_transformer_engine,
 )
 
@@ -157,7 +158,8 @@ class VisionTower(nn.Module):
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, h, dtype=dtype))
         pcfg = projector_config(out_hidden, F.gelu, params_dtype=dtype, **config_overrides)
         self.projector = MLP(pcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                 linear_fc2=RowParallelLinear), input_size=h)
+                                                 linear_fc2=RowParallelLinear),
+                             input_size=h, ffn_hidden_size=out_hidden, tp_group=tp_group())
 
     def parameter_counts(self) -> dict[str, int]:
         """The reference table's rows for this tower (full sizes at TP=1)."""
