@@ -422,3 +422,37 @@ def test_long_inputs_run_as_independent_chunks(audio_pair, tiny):
         # the first chunk equals the encoder run on its own frames
         y3, _ = enc(x[:, : 8 * chunk])
         assert (y3[:, : chunk - 1] - y[:, : chunk - 1]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallelism (2 gloo processes)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only  # full CPU initialisation split over ranks, gloo
+def test_towers_tp2_match_tp1(tmp_path, tiny):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(root / "tests" / "mp_towers_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    # really split over the two ranks
+    assert res["qkv_shard_rows"] == 3 * tiny.vision.hidden_size // 2
+    assert res["projector_fc1_shard_rows"] == tiny.hidden_size // 2
+    for key in ("vision", "audio", "grad_sub_GN", "grad_patch", "grad_rel_bias"):
+        assert res[f"{key}_scale"] > 0  # a real output / gradient
+        assert res[key] <= 1e-5 * max(1.0, res[f"{key}_scale"]), (key, res)  # float32 sums

@@ -81,3 +81,26 @@ class BufferTree(nn.Module):
                     node.add_module(part, nn.Module())
                 node = getattr(node, part)
             node.register_buffer(leaf, torch.zeros(shape, dtype=dtype), persistent=True)
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (TP=1) state dict into this rank's shards: a tensor-parallel parameter takes
+    its contiguous slice along megatron's ``partition_dim``, everything else loads whole. Right
+    for the towers, whose parallel linears are not gated (no interleaved [gate | up] rows);
+    megatron's ``_extra_state`` entries may be absent. Unknown or missing names raise."""
+    from megatron.core import parallel_state as ps
+
+    rank = ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    params = dict(module.named_parameters())
+    local: dict[str, torch.Tensor] = {}
+    for name, full in state.items():
+        p = params.get(name)
+        if p is not None and getattr(p, "tensor_model_parallel", False):
+            dim, size = p.partition_dim, p.shape[p.partition_dim]
+            full = full.narrow(dim, rank * size, size)
+        local[name] = full
+    missing, unexpected = module.load_state_dict(local, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise KeyError(f"state dict does not fit the module: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
