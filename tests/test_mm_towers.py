@@ -456,3 +456,18 @@ def test_towers_tp2_match_tp1(tmp_path, tiny):
     for key in ("vision", "audio", "grad_sub_GN", "grad_patch", "grad_rel_bias"):
         assert res[f"{key}_scale"] > 0  # a real output / gradient
         assert res[key] <= 1e-5 * max(1.0, res[f"{key}_scale"]), (key, res)  # float32 sums
+
+
+def test_hd_transform_accepts_tensors_arrays_and_pil():
+    from phi4core.models.hd_transform import hd_transform
+
+    img = _image(500, 300)
+    hwc = np.asarray(img)
+    ref = hd_transform(img)["pixel_values"]
+    assert torch.equal(hd_transform(hwc)["pixel_values"], ref)
+    assert torch.equal(hd_transform(torch.from_numpy(hwc).permute(2, 0, 1).contiguous())
+                       ["pixel_values"], ref)
+    assert torch.equal(hd_transform(img.convert("L"))["pixel_values"][:, 0],
+                       hd_transform(img.convert("L").convert("RGB"))["pixel_values"][:, 0])
+    with pytest.raises(TypeError, match="uint8"):
+        hd_transform(torch.zeros(3, 10, 10))

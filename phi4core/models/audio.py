@@ -7,10 +7,15 @@ blocks with a relative position bias, and the two projectors.
 
 Clips longer than ``chunk_frames`` (500) frames after subsampling run as independent chunks
 of 500 (the last one padded); padded frames, of a shorter clip in a batch or of the last
-chunk, are masked with -inf as keys. The projector is the speech one in SPEECH mode and the
-vision+speech one when an image is in the input (VISION_SPEECH); both are megatron MLPs
-(column- then row-parallel). ``num_audio_tokens`` and the log-Mel features live in the
-torch-only ``audio_features`` module and are re-exported here.
+chunk, are masked with -inf as keys. (The original model masks a last chunk's padding only in
+a batch with a padding mask; for a single clip it, like ``transformers``, lets that chunk
+attend to its zero padding. Here it is always masked, so a single clip of more than 500
+frames whose length is not a multiple of 500 differs from them in its last chunk.)
+
+The projector is the speech one in SPEECH mode and the vision+speech one when an image is in
+the input (VISION_SPEECH); both are megatron MLPs (column- then row-parallel).
+``num_audio_tokens`` and the log-Mel features live in the torch-only ``audio_features``
+module and are re-exported here.
 """
 
 from __future__ import annotations

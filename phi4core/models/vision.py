@@ -16,6 +16,11 @@ the model and counts in ``parameter_counts()``, but never runs and is never trai
 parameters it would get no gradient, which data-parallel training and "every trainable
 parameter has a gradient" both forbid).
 
+megatron's own ``CLIPViTModel`` (subtype "siglip") does not fit: fixed positions without patch
+masks, no key padding, features only after the last layer and its post-layernorm, and a
+``.cuda()`` at construction; its layer spec (``vit_layer_specs``) is used, with the mask type
+changed to padding.
+
 ``num_image_tokens`` (the processor's count) and the HD transform live in the torch-only
 ``hd_transform`` module and are re-exported here.
 """
