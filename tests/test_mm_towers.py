@@ -471,3 +471,30 @@ def test_hd_transform_accepts_tensors_arrays_and_pil():
                        hd_transform(img.convert("L").convert("RGB"))["pixel_values"][:, 0])
     with pytest.raises(TypeError, match="uint8"):
         hd_transform(torch.zeros(3, 10, 10))
+
+
+def test_towers_run_in_bf16(vision_pair, audio_pair, tiny):
+    """Built in bf16 (the training precision) from the same weights, both towers stay close
+    to fp32 and return bf16."""
+    from phi4core.models.audio import AudioTower, extract_features
+    from phi4core.models.hd_transform import process_images
+    from phi4core.models.vision import VisionTower
+
+    img = process_images([_image(500, 300)])
+    aud = extract_features([_clip(30_000)])
+    v32, a32 = vision_pair[1], audio_pair[1]
+    v16 = VisionTower(tiny.vision, tiny.hidden_size, dtype=torch.bfloat16).eval()
+    a16 = AudioTower(tiny.audio, tiny.hidden_size, dtype=torch.bfloat16).eval()
+    v16.load_state_dict(v32.state_dict())
+    a16.load_state_dict(a32.state_dict())
+    assert all(p.dtype == torch.bfloat16 for p in list(v16.parameters()) + list(a16.parameters()))
+    with torch.no_grad():
+        for m32, m16, args in (
+            (v32, v16, (img["image_pixel_values"], img["image_sizes"],
+                        img["image_attention_mask"])),
+            (a32, a16, (aud["audio_input_features"], aud["audio_embed_sizes"])),
+        ):
+            ref, got = m32(*args), m16(*args)
+            assert got.dtype == torch.bfloat16
+            rel = (got.float() - ref).norm() / ref.norm()
+            assert rel < 0.05, float(rel)

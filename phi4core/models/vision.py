@@ -165,6 +165,7 @@ class VisionTower(nn.Module):
         self.projector = MLP(pcfg, MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                  linear_fc2=RowParallelLinear),
                              input_size=h, ffn_hidden_size=out_hidden, tp_group=tp_group())
+        self.to(dtype)  # megatron's torch LayerNorms are created in float32 whatever the dtype
 
     def parameter_counts(self) -> dict[str, int]:
         """The reference table's rows for this tower (full sizes at TP=1)."""
