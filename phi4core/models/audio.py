@@ -36,7 +36,7 @@ from phi4core.models.conformer import (
     RelativeAttentionBias,
     subsampled_length,
 )
-from phi4core.models.tower_common import count, projector_config, tp_group
+from phi4core.models.tower_common import count, place_like_megatron, projector_config, tp_group
 
 __all__ = ["AudioEncoder", "AudioTower", "extract_features", "log_mel", "num_audio_tokens"]
 
@@ -122,6 +122,7 @@ class AudioTower(nn.Module):
                                     ffn_hidden_size=out_hidden, tp_group=tp_group())
         self.projector_vision_speech = MLP(pcfg, sub, input_size=ac.attention_dim,
                                     ffn_hidden_size=out_hidden, tp_group=tp_group())
+        place_like_megatron(self, pcfg)
 
     def parameter_counts(self) -> dict[str, int]:
         """The reference table's rows for this tower (full sizes at TP=1)."""

@@ -13,8 +13,8 @@ from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "base_config_kwargs", "count", "projector_config",
-           "tp_group", "use_transformer_engine"]
+__all__ = ["BufferTree", "base_config_kwargs", "count", "place_like_megatron",
+           "projector_config", "tp_group", "use_transformer_engine"]
 
 
 def tp_group():
@@ -60,6 +60,14 @@ def projector_config(out_hidden: int, activation: Callable, **overrides: Any) ->
               activation_func=activation, add_bias_linear=True)
     kw.update({k: v for k, v in overrides.items() if k not in ("params_dtype",)})
     return TransformerConfig(**kw)
+
+
+def place_like_megatron(module: nn.Module, config: TransformerConfig) -> None:
+    """Without CPU initialisation megatron creates its weights on the current GPU: move the
+    tower's plain torch parts there too (as build_model does for the decoder)."""
+    if (not config.use_cpu_initialization and gpu_available()
+            and torch.empty(0).device.type == "cpu"):
+        module.cuda(torch.cuda.current_device())
 
 
 def count(module: nn.Module) -> int:

@@ -46,6 +46,7 @@ from phi4core.models.tower_common import (
     BufferTree,
     base_config_kwargs,
     count,
+    place_like_megatron,
     projector_config,
     tp_group,
     use_transformer_engine,
@@ -166,6 +167,7 @@ class VisionTower(nn.Module):
                                                  linear_fc2=RowParallelLinear),
                              input_size=h, ffn_hidden_size=out_hidden, tp_group=tp_group())
         self.to(dtype)  # megatron's torch LayerNorms are created in float32 whatever the dtype
+        place_like_megatron(self, self.config)
 
     def parameter_counts(self) -> dict[str, int]:
         """The reference table's rows for this tower (full sizes at TP=1)."""
