@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.vision.vit_layer_specs import (
     get_vit_layer_with_local_spec,
     get_vit_layer_with_transformer_engine_spec,
 )
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_block import TransformerBlock
@@ -78,11 +80,34 @@ def encoder_config(vc: VisionConfig, **overrides) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
+class PaddingSDPAAttention(DotProductAttention):
+    """megatron's core attention for a key padding mask ([b, 1, 1, s], True = hidden), through
+    torch SDPA instead of materialising, masking and softmaxing the scores step by step (the
+    local spec's attention; TE's fused attention takes the same mask on a GPU)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
+        s, b, heads, hn = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        keep = None if attention_mask is None else ~attention_mask
+        p = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p,
+                                                 scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, heads * hn)
+
+
 def encoder_layer_spec(use_te: bool):
     """Megatron's ViT layer spec with the attention bidirectional over a key padding mask."""
     spec = (get_vit_layer_with_transformer_engine_spec() if use_te
             else get_vit_layer_with_local_spec())
-    spec.submodules.self_attention.params = {"attn_mask_type": AttnMaskType.padding}
+    attn = spec.submodules.self_attention
+    attn.params = {"attn_mask_type": AttnMaskType.padding}
+    if not use_te:
+        attn.submodules.core_attention = PaddingSDPAAttention
     return spec
 
 
