@@ -70,32 +70,64 @@ class LoraConfig(Strict):
 
 
 class VisionConfig(Strict):
-    """SigLIP tower, dynamic multi-crop, 2x2 token compression and the 2-layer projector."""
+    """SigLIP tower, dynamic multi-crop (HD transform), 2x2 token compression and the 2-layer
+    projector. `num_layers` counts every layer of the checkpoint; features come from
+    `hidden_states[feature_layer]`, so the layers after it (and the post-layernorm and pooling
+    head) are carried but never run."""
 
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    patch_size: int
-    image_size: int
+    num_layers: int = Field(ge=2)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    image_size: int = Field(gt=0, description="side of a square crop in pixels (448)")
     layer_norm_eps: float = 1e-6
-    feature_layer: int = -2  # features from the second-to-last layer
-    max_crops: int = 9  # 1344x1344 = a 3x3 grid of 448 crops
+    feature_layer: int = Field(default=-2, lt=0, description="hidden_states index, from the end")
+    max_crops: int = Field(default=36, gt=0, description="the processor's dynamic_hd")
     pool: int = 2  # AvgPool2d(2,2): 32x32 patches -> 16x16 tokens per crop
+
+    @model_validator(mode="after")
+    def _check_vision(self) -> VisionConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+        if self.image_size % self.patch_size or (self.image_size // self.patch_size) % self.pool:
+            raise ValueError(f"vision image_size ({self.image_size}) must be a whole number of "
+                             f"patches ({self.patch_size} px), a multiple of pool ({self.pool})")
+        if -self.feature_layer > self.num_layers + 1:
+            raise ValueError(f"vision feature_layer {self.feature_layer} is outside the "
+                             f"{self.num_layers + 1} hidden states")
+        return self
+
+    @property
+    def used_layers(self) -> int:
+        """Layers that run: hidden_states has num_layers + 1 entries (the embeddings first)."""
+        return self.num_layers + 1 + self.feature_layer
 
 
 class AudioConfig(Strict):
-    """Conv subsampling + conformer encoder over 80-bin log-Mel features, and its projector."""
+    """Conv subsampling + conformer encoder over 80-bin log-Mel features, and its projectors."""
 
     num_mel_bins: int = 80
-    conv_channels: int
+    conv_channels: int = Field(gt=0)
     time_reduction: int = 8
-    num_blocks: int
-    attention_dim: int
-    num_heads: int
-    ffn_dim: int
-    conv_kernel: int = 3
-    relative_attention_max_distance: int = 500
+    num_blocks: int = Field(gt=0)
+    attention_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    conv_kernel: int = Field(default=3, gt=0)
+    relative_attention_max_distance: int = Field(default=500, gt=0)
+    chunk_frames: int = Field(default=500, gt=0, description="longer inputs (after "
+                              "subsampling) run as independent chunks of this many frames")
+
+    @model_validator(mode="after")
+    def _check_audio(self) -> AudioConfig:
+        if self.attention_dim % self.num_heads:
+            raise ValueError(f"audio attention_dim ({self.attention_dim}) must be a multiple of "
+                             f"num_heads ({self.num_heads})")
+        if self.time_reduction < 2 or self.time_reduction & (self.time_reduction - 1):
+            raise ValueError(f"audio time_reduction ({self.time_reduction}) must be a power of 2")
+        return self
 
 
 class ModelConfig(Strict):
@@ -224,9 +256,10 @@ _MM_FULL = dict(
 )
 
 _MM_TINY = dict(
+    # Real 448-pixel crops of 14-pixel patches, so token counts keep the released formula.
     vision=VisionConfig(
-        num_layers=2, hidden_size=32, intermediate_size=64, num_heads=2,
-        patch_size=4, image_size=32, max_crops=4,
+        num_layers=3, hidden_size=32, intermediate_size=64, num_heads=2,
+        patch_size=14, image_size=448,
     ),
     audio=AudioConfig(
         conv_channels=32, num_blocks=2, attention_dim=32, num_heads=2, ffn_dim=64,

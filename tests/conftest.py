@@ -10,6 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# PyPI's torchvision (a test-only reference for the image processor) imports beside the CPU
+# torch only through this shim; it is applied when something first imports torchvision.
+import _torchvision_shim  # noqa: E402
+
+_torchvision_shim.install()
+
 
 def pytest_collection_modifyitems(config, items):
     """`cpu_only` tests are skipped, and say why, where torch sees a GPU."""

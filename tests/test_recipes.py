@@ -61,7 +61,7 @@ def test_seed_numbers() -> None:
     assert (speech_post.steps, speech_post.lr) == (50000, 1e-4)
     mm = model_of(stage["vision_sft"])
     assert (mm.lora_vision.rank, mm.lora_speech.rank) == (256, 320)
-    assert mm.vision.image_size * 3 == 1344 and mm.vision.max_crops == 9
+    assert mm.vision.image_size == 448 and mm.vision.max_crops == 36  # the dynamic_hd released
     assert mm.rope_scaling.max_position_embeddings == 131072
 
 

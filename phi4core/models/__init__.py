@@ -5,6 +5,13 @@ decoder     build_model / build_model_chunks / build_meta_model (precision: conf
 chunks      a model as one module or virtual-pipeline chunks: as_chunks, unwrap
 rope        LongRoPE as a megatron RotaryEmbedding
 attention   SDPA core attention for the local (non-TE) layer spec
+vision      the SigLIP image tower (megatron layers), separators, projector; num_image_tokens
+hd_transform  the image processor's HD transform and token count (torch only)
+audio       the speech tower: normalisation, subsampling, conformer blocks, chunking, the two
+            projectors; num_audio_tokens
+audio_features  the feature extractor's log-Mel features (torch only)
+conformer   subsampling, relative bias and conformer block modules
+tower_common  megatron config defaults and helpers the towers share
 cpu_shims   every CPU workaround megatron needs, applied only without a GPU (by
             phi4core.runtime.init and phi4core.parallel.init_distributed, never at import)
 """

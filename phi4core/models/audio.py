@@ -1,0 +1,153 @@
+"""Phi-4-Multimodal's speech tower: input normalisation, x8 conv subsampling, the conformer
+blocks with a relative position bias, and the two projectors.
+
+    tower = AudioTower(model_cfg.audio, model_cfg.hidden_size)     # parallel state set up
+    embeds = tower(audio_input_features, audio_embed_sizes, audio_attention_mask,
+                   mode="speech")                                   # [tokens, hidden]
+
+Clips longer than ``chunk_frames`` (500) frames after subsampling run as independent chunks
+of 500 (the last one padded); padded frames, of a shorter clip in a batch or of the last
+chunk, are masked with -inf as keys. (The original model masks a last chunk's padding only in
+a batch with a padding mask; for a single clip it, like ``transformers``, lets that chunk
+attend to its zero padding. Here it is always masked, so a single clip of more than 500
+frames whose length is not a multiple of 500 differs from them in its last chunk.)
+
+The projector is the speech one in SPEECH mode and the vision+speech one when an image is in
+the input (VISION_SPEECH); both are megatron MLPs (column- then row-parallel).
+``num_audio_tokens`` and the log-Mel features live in the torch-only ``audio_features``
+module and are re-exported here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from torch import nn
+
+from phi4core.config import AudioConfig
+from phi4core.models.audio_features import extract_features, log_mel, num_audio_tokens
+from phi4core.models.conformer import (
+    ConformerBlock,
+    ConvSubsampling,
+    RelativeAttentionBias,
+    subsampled_length,
+)
+from phi4core.models.tower_common import count, place_like_megatron, projector_config, tp_group
+
+__all__ = ["AudioEncoder", "AudioTower", "extract_features", "log_mel", "num_audio_tokens"]
+
+ProjectionMode = Literal["speech", "vision_speech"]
+
+
+class MeanVarianceNorm(nn.Module):
+    """(x - global_mean) * global_invstd with the checkpoint's 80-value buffers."""
+
+    def __init__(self, bins: int) -> None:
+        super().__init__()
+        self.register_buffer("global_mean", torch.zeros(bins))
+        self.register_buffer("global_invstd", torch.ones(bins))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.global_mean) * self.global_invstd
+
+
+def _chunk(x: torch.Tensor, valid: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, t, d] and [b, t] -> [b * n, size, d] and [b * n, size]: independent chunks, the last
+    padded (its padding marked invalid)."""
+    b, t, d = x.shape
+    pad = -t % size
+    x = F.pad(x, (0, 0, 0, pad))
+    valid = F.pad(valid, (0, pad), value=False)
+    return x.reshape(-1, size, d), valid.reshape(-1, size)
+
+
+class AudioEncoder(nn.Module):
+    """Log-Mel features [b, frames, 80] -> conformer states [b, ceil(frames / 8), dim]."""
+
+    def __init__(self, ac: AudioConfig) -> None:
+        super().__init__()
+        self.ac = ac
+        self.encoder_embedding = MeanVarianceNorm(ac.num_mel_bins)
+        self.embed = ConvSubsampling(ac)
+        self.relative_attention_bias_layer = RelativeAttentionBias(ac)
+        self.encoders = nn.ModuleList(ConformerBlock(ac) for _ in range(ac.num_blocks))
+
+    def attention_bias(self, valid: torch.Tensor) -> torch.Tensor:
+        """[b, heads, t, t]: the relative bias plus -inf on padded keys. A chunk with no real
+        frame (only in a batch with a longer clip) attends to all of its padding instead:
+        its outputs are dropped, and an all -inf row would make NaNs."""
+        bias = self.relative_attention_bias_layer(valid.shape[1])
+        keys = valid | ~valid.any(dim=1, keepdim=True)
+        mask = torch.zeros(keys.shape, dtype=bias.dtype, device=bias.device)
+        mask = mask.masked_fill(~keys, float("-inf"))
+        return bias + mask[:, None, None, :]
+
+    def forward(self, features: torch.Tensor, frames: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [b, t, bins], frames [b] real frames per clip (None: all t) ->
+        (states [b, t', dim], real states per clip [b])."""
+        b, t, _ = features.shape
+        if frames is None:
+            frames = torch.full((b,), t, dtype=torch.long, device=features.device)
+        x = self.embed(self.encoder_embedding(features))
+        t_sub = x.shape[1]
+        lengths = subsampled_length(frames.to(x.device), self.ac.time_reduction)
+        valid = torch.arange(t_sub, device=x.device)[None, :] < lengths[:, None]
+        chunked = t_sub > self.ac.chunk_frames
+        if chunked:
+            x, valid = _chunk(x, valid, self.ac.chunk_frames)
+        bias = self.attention_bias(valid)
+        for block in self.encoders:
+            x = block(x, bias)
+        if chunked:
+            x = x.reshape(b, -1, x.shape[-1])[:, :t_sub]
+        return x, lengths
+
+
+class AudioTower(nn.Module):
+    """Features -> projected speech embeddings, clip after clip, `audio_embed_sizes` each."""
+
+    def __init__(self, ac: AudioConfig, out_hidden: int, *, dtype: torch.dtype = torch.float32,
+                 **config_overrides) -> None:
+        super().__init__()
+        self.ac = ac
+        self.encoder = AudioEncoder(ac).to(dtype)
+        pcfg = projector_config(out_hidden, F.gelu, params_dtype=dtype, **config_overrides)
+        sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        self.projector_speech = MLP(pcfg, sub, input_size=ac.attention_dim,
+                                    ffn_hidden_size=out_hidden, tp_group=tp_group())
+        self.projector_vision_speech = MLP(pcfg, sub, input_size=ac.attention_dim,
+                                    ffn_hidden_size=out_hidden, tp_group=tp_group())
+        place_like_megatron(self, pcfg)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """The reference table's rows for this tower (full sizes at TP=1)."""
+        enc = self.encoder
+        return {
+            "conv_subsampling": count(enc.embed),
+            "relative_bias": count(enc.relative_attention_bias_layer),
+            "conformer_blocks": count(enc.encoders),
+            "projector_speech": count(self.projector_speech),
+            "projector_vision_speech": count(self.projector_vision_speech),
+        }
+
+    def forward(self, audio_input_features: torch.Tensor,
+                audio_embed_sizes: torch.Tensor | None = None,
+                audio_attention_mask: torch.Tensor | None = None,
+                mode: ProjectionMode = "speech") -> torch.Tensor:
+        """[b, t, bins] features (the feature extractor's names) -> [sum of sizes, hidden]."""
+        if mode not in ("speech", "vision_speech"):
+            raise ValueError(f"audio projection mode must be 'speech' or 'vision_speech', "
+                             f"got {mode!r}")
+        frames = None if audio_attention_mask is None else audio_attention_mask.sum(dim=1)
+        dtype = self.encoder.embed.out.weight.dtype
+        states, lengths = self.encoder(audio_input_features.to(dtype), frames)
+        sizes = lengths if audio_embed_sizes is None else audio_embed_sizes
+        states = torch.cat([states[i, : int(sizes[i])] for i in range(states.shape[0])])
+        proj = self.projector_speech if mode == "speech" else self.projector_vision_speech
+        out, bias = proj(states)
+        return out + bias if bias is not None else out
