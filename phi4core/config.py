@@ -141,17 +141,10 @@ class ModelConfig(Strict):
 
     @property
     def module_groups(self) -> list[str]:
-        """Names a recipe may freeze or train (see orchestrator.config.schema)."""
-        groups = ["backbone"]
-        if self.vision is not None:
-            groups += ["vision.encoder", "vision.projector"]
-        if self.audio is not None:
-            groups += ["audio.encoder", "audio.projector"]
-        if self.lora_vision is not None:
-            groups.append("lora.vision")
-        if self.lora_speech is not None:
-            groups.append("lora.speech")
-        return groups
+        """Names a recipe may freeze or train (the table in phi4core.module_groups)."""
+        from phi4core.module_groups import groups_of
+
+        return groups_of(self)
 
 
 # The released Phi-4-mini LongRoPE factors (config.json of Phi-4-mini-instruct), 48 each.

@@ -36,6 +36,7 @@ from phi4core import dtypes
 from phi4core.config import ModelConfig, Precision
 from phi4core.models.attention import use_sdpa_core_attention
 from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
+from phi4core.module_groups import GROUP_NAMES, group_of
 from phi4core.parallel import ParallelSettings
 
 log = logging.getLogger(__name__)
@@ -389,31 +390,15 @@ def build_meta_model(
 # Module groups (freezing)
 # ---------------------------------------------------------------------------------------------
 
-# Ordered (name prefix or fragment, group) rules; the first match wins. The decoder's own
-# parameters are all "backbone"; the multimodal assembly adds its towers and adapters with
-# these prefixes.
-GROUP_RULES: list[tuple[str, str]] = [
-    ("lora_vision", "lora.vision"),
-    ("lora.vision", "lora.vision"),
-    ("lora_speech", "lora.speech"),
-    ("lora.speech", "lora.speech"),
-    ("vision.encoder.", "vision.encoder"),
-    ("vision.projector.", "vision.projector"),
-    ("audio.encoder.", "audio.encoder"),
-    ("audio.projector.", "audio.projector"),
-]
+# The groups and their parameter-name rules live in phi4core.module_groups (one table for the
+# schema, the model, freezing and model-info): the decoder's own parameters are "backbone", the
+# multimodal model adds its towers and LoRA adapters under the names that table gives.
 
 
 def module_group(param_name: str) -> str:
     """The module group ('backbone', 'vision.encoder', 'lora.vision', ...) of a parameter name
     as ``model.named_parameters()`` spells it (DDP's ``module.`` prefixes are ignored)."""
-    name = param_name
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    for fragment, group in GROUP_RULES:
-        if name.startswith(fragment) or f".{fragment}" in name:
-            return group
-    return "backbone"
+    return group_of(param_name)
 
 
 def param_groups(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -429,7 +414,7 @@ def set_trainable(model: torch.nn.Module, trainable: Iterable[str]) -> dict[str,
     group. Unknown group names raise ValueError."""
     trainable = set(trainable)
     known = set(model_groups_known(model))
-    unknown = trainable - known - {g for _, g in GROUP_RULES} - {"backbone"}
+    unknown = trainable - known - set(GROUP_NAMES)
     if unknown:
         raise ValueError(f"unknown module groups {sorted(unknown)}; known: {sorted(known)}")
     counts: dict[str, int] = {}
