@@ -290,9 +290,12 @@ def build_model(
     parallel_output: bool = True,
     use_te: bool | None = None,
     config_overrides: dict | None = None,
+    model_class: type[Phi4Decoder] | None = None,
+    model_kwargs: dict | None = None,
     **config_kwargs: Any,
 ) -> Phi4Decoder:
-    """Build this rank's piece of the decoder.
+    """Build this rank's piece of the decoder (or of ``model_class``, a Phi4Decoder subclass
+    given ``model_kwargs`` too: the multimodal model).
 
     ``pre_process``/``post_process`` default to "first/last pipeline stage" (taking
     ``vp_stage`` into account with virtual pipelining). The parallel state must already be
@@ -314,7 +317,7 @@ def build_model(
     elif use_te and not use_transformer_engine():
         raise RuntimeError("use_te=True but Transformer Engine or a GPU is missing")
     cfg = transformer_config(model_cfg, par, prec, **{**(config_overrides or {}), **config_kwargs})
-    model = Phi4Decoder(
+    model = (model_class or Phi4Decoder)(
         config=cfg,
         model_cfg=model_cfg,
         transformer_layer_spec=layer_spec(use_te),
@@ -322,6 +325,7 @@ def build_model(
         post_process=post_process,
         parallel_output=parallel_output,
         vp_stage=vp_stage,
+        **(model_kwargs or {}),
     )
     if not cfg.use_cpu_initialization and gpu_available() and _default_device_is_cpu():
         model.cuda(torch.cuda.current_device())

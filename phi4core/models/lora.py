@@ -63,7 +63,7 @@ ADAPTER_FOR_MODE: dict[InputMode, str | None] = {
 }
 
 
-def input_mode(value) -> InputMode:
+def to_input_mode(value) -> InputMode:
     """An InputMode from an int, a name ('vision') or an InputMode; ValueError otherwise."""
     if isinstance(value, str):
         try:
@@ -117,7 +117,7 @@ class LoraRouter:
         self.adapter: str | None = None
 
     def select(self, mode) -> str | None:
-        self.adapter = ADAPTER_FOR_MODE[input_mode(mode)]
+        self.adapter = ADAPTER_FOR_MODE[to_input_mode(mode)]
         return self.adapter
 
 
@@ -382,7 +382,7 @@ def set_adapter(model_or_chunks, mode) -> str | None:
     """Select the adapter of ``mode`` on the chunks' router; returns the adapter (or None)."""
     routers = {id(linear._lora_router): linear._lora_router
                for _, _, linear in lora_linears(model_or_chunks)}
-    chosen = ADAPTER_FOR_MODE[input_mode(mode)]
+    chosen = ADAPTER_FOR_MODE[to_input_mode(mode)]
     for router in routers.values():
         router.select(mode)
     return chosen
