@@ -329,39 +329,48 @@ def add_lora(model_or_chunks, adapters: dict[str, LoraConfig | None],
         unknown = sorted(set(cfg.targets) - set(TARGETS))
         if unknown:
             raise ValueError(f"LoRA {a}: unknown targets {unknown}; known: {', '.join(TARGETS)}")
-    from megatron.core import parallel_state as ps
-
     for chunk in as_chunks(model_or_chunks):
         m = unwrap(chunk)
         for layer in m.decoder.layers:
             for target in TARGETS.values():
-                mine = [a for a, cfg in adapters.items() if target.name in cfg.targets]
-                if not mine:
-                    continue
-                parent = getattr(layer, target.path[0])
-                linear = getattr(parent, target.path[1])
-                if getattr(linear, "gather_output", False):
-                    raise ValueError(f"{target.name}: a LoRA cannot wrap a column-parallel "
-                                     "linear that gathers its output")
-                if not isinstance(linear, LoraLinearMixin):
-                    linear.__class__ = lora_class(type(linear))
-                    linear._lora_router = router
-                    linear._lora_target = target
-                    linear._lora_adapters = ()
-                    linear._lora_merged = set()
-                out_local, in_local = linear.weight.shape
-                sp = bool(getattr(linear, "sequence_parallel", False))
-                for a in mine:
-                    factors = LoraFactors(adapters[a], in_local, out_local, target.parallel,
-                                          linear.weight.dtype, linear.weight.device)
-                    _set_tp_attributes(factors, sp)
-                    linear.add_module(adapter_module_name(a), factors)
-                    linear._lora_adapters += (a,)
-                    if linear.weight.device.type != "meta":
-                        _init_factors(factors, seed, layer.layer_number - 1, target, a,
-                                      ps.get_tensor_model_parallel_rank(),
-                                      ps.get_tensor_model_parallel_world_size())
+                mine = {a: cfg for a, cfg in adapters.items() if target.name in cfg.targets}
+                if mine:
+                    parent = getattr(layer, target.path[0])
+                    wrap_linear(getattr(parent, target.path[1]), target, mine, router, seed,
+                                layer.layer_number - 1)
     return router
+
+
+def wrap_linear(linear: nn.Module, target: Target, adapters: dict[str, LoraConfig],
+                router: LoraRouter, seed: int = 1234, layer: int = 0) -> nn.Module:
+    """Give one linear (megatron's or TE's, column- or row-parallel as ``target`` says) the
+    adapters, in place; ``layer`` (global, 0-based) and ``seed`` pick the initial factors."""
+    from megatron.core import parallel_state as ps
+
+    if getattr(linear, "gather_output", False):
+        raise ValueError(f"{target.name}: a LoRA cannot wrap a column-parallel linear that "
+                         "gathers its output")
+    if not isinstance(linear, LoraLinearMixin):
+        linear.__class__ = lora_class(type(linear))
+        linear._lora_router = router
+        linear._lora_target = target
+        linear._lora_adapters = ()
+        linear._lora_merged = set()
+    out_local, in_local = linear.weight.shape
+    sp = bool(getattr(linear, "sequence_parallel", False))
+    for a, cfg in adapters.items():
+        if a in linear._lora_adapters:
+            raise ValueError(f"{target.name} of layer {layer} already has a {a} LoRA")
+        factors = LoraFactors(cfg, in_local, out_local, target.parallel, linear.weight.dtype,
+                              linear.weight.device)
+        _set_tp_attributes(factors, sp)
+        linear.add_module(adapter_module_name(a), factors)
+        linear._lora_adapters += (a,)
+        if linear.weight.device.type != "meta":
+            _init_factors(factors, seed, layer, target, a,
+                          ps.get_tensor_model_parallel_rank(),
+                          ps.get_tensor_model_parallel_world_size())
+    return linear
 
 
 def _init_factors(factors: LoraFactors, seed: int, layer: int, target: Target, adapter: str,
