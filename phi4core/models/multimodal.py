@@ -141,8 +141,11 @@ class _ZeroGradsFor(torch.autograd.Function):
 
 
 def attach_zero_grads(x: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``x`` unchanged, its backward also giving each trainable one of ``params`` a zero
+    gradient; the output needs a gradient even where x does not (a text batch through a
+    frozen backbone: only the idle adapters and towers train)."""
     params = [p for p in params if p.requires_grad]
-    if not params or not x.requires_grad:
+    if not params:
         return x
     return _ZeroGradsFor.apply(x, *params)
 
