@@ -224,3 +224,28 @@ def test_router_reselected_before_recomputation(single):
     assert m.lora_router.adapter == "speech"
     out_vision.float().sum().backward()
     assert m.lora_router.adapter == "vision"
+
+
+def test_model_info_counts_the_tower_modules(single):
+    """Tower rows come from the tower modules: their own rows where they give them (the
+    stand-in audio tower), else their two groups."""
+    from phi4core.info import model_info
+
+    mc = preset("phi4_multimodal_tiny")
+    info = model_info(mc, towers=TOWERS)
+    assert info["not_built"] == []
+    h = mc.hidden_size
+    vision_enc, vision_rest = 8 * 16 + 16, 16 + (16 * h + h) + (h * h + h)
+    assert info["groups"]["vision.encoder"] == vision_enc
+    assert info["groups"]["vision.projector"] == vision_rest
+    rows = {r["name"]: (r["group"], r["parameters"]) for r in info["rows"]}
+    assert rows["vision.encoder"] == ("vision.encoder", vision_enc)
+    assert rows["audio encoder"] == ("audio.encoder", 8 * 16 + 16)
+    assert rows["audio projector (vision+speech)"] == ("audio.projector", 16 * h + h)
+    assert sum(r["parameters"] for r in info["rows"]) == info["total"]
+    r_v, r_a = mc.lora_vision.rank, mc.lora_speech.rank
+    per_layer_io = (h + (mc.num_attention_heads + 2 * mc.num_query_groups) * mc.kv_channels
+                    + mc.num_attention_heads * mc.kv_channels + h
+                    + h + 2 * mc.ffn_hidden_size + mc.ffn_hidden_size + h)
+    assert info["groups"]["lora.vision"] == r_v * mc.num_layers * per_layer_io
+    assert info["groups"]["lora.speech"] == r_a * mc.num_layers * per_layer_io
