@@ -269,32 +269,22 @@ def test_te_linears_wrapped_the_same_way(single):
     local spec's separate norm + plain linear, and merges the same way."""
     from types import SimpleNamespace
 
-    from phi4core.models.lora import (
-        TARGETS,
-        LoraFactors,
-        LoraRouter,
-        lora_class,
-        merge_adapter,
-    )
+    from phi4core.models.lora import TARGETS, LoraRouter, merge_adapter, wrap_linear
 
     cfg = SimpleNamespace(normalization="RMSNorm", layernorm_epsilon=1e-5,
                           layernorm_zero_centered_gamma=False)
-    lcfg = LoraConfig(rank=3, alpha=6)
     torch.manual_seed(0)
     col = _StandInTELayerNormColumn(cfg, 12, 20)
     row = _StandInTERow(cfg, 20, 12)
+    te_classes = (type(col), type(row))
     router = LoraRouter()
+    lcfg = {"vision": LoraConfig(rank=3, alpha=6)}
     for lin, target in ((col, TARGETS["qkv_proj"]), (row, TARGETS["down_proj"])):
-        lin.__class__ = lora_class(type(lin))
-        assert lin.__class__.__name__.startswith("Lora_StandInTE")
-        assert isinstance(lin, type(lin).__mro__[2])  # still an instance of the TE class
-        lin._lora_router, lin._lora_target = router, target
-        lin._lora_adapters, lin._lora_merged = ("vision",), set()
-        f = LoraFactors(lcfg, lin.weight.shape[1], lin.weight.shape[0], target.parallel,
-                        torch.float32, torch.device("cpu"))
-        torch.nn.init.normal_(f.A)
-        torch.nn.init.normal_(f.B)
-        lin.add_module("lora_vision", f)
+        wrap_linear(lin, target, lcfg, router)
+        with torch.no_grad():
+            lin.lora_vision.B.normal_()
+    assert type(col).__name__ == "Lora_StandInTELayerNormColumn"
+    assert isinstance(col, te_classes[0]) and isinstance(row, te_classes[1])
     x = torch.randn(5, 2, 12)
     router.select(0)
     base_col, _ = col(x)
@@ -322,3 +312,29 @@ def test_te_linears_wrapped_the_same_way(single):
         router.select(0)
         torch.testing.assert_close(col(x)[0], out_col, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(row(h)[0], out_row, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_te_fused_layernorm_variant(single, zero_centered):
+    """LayerNorm (with bias) and zero-centred gamma, as TE applies them, feed the adapter."""
+    from types import SimpleNamespace
+
+    from phi4core.models.lora import TARGETS, LoraRouter, wrap_linear
+
+    cfg = SimpleNamespace(normalization="LayerNorm", layernorm_epsilon=1e-6,
+                          layernorm_zero_centered_gamma=zero_centered)
+    col = _StandInTELayerNormColumn(cfg, 12, 20)
+    col.layer_norm_bias = torch.nn.Parameter(torch.randn(12))
+    router = LoraRouter()
+    wrap_linear(col, TARGETS["gate_up_proj"], {"speech": LoraConfig(rank=2, alpha=2)}, router)
+    with torch.no_grad():
+        col.lora_speech.B.normal_()
+    x = torch.randn(4, 1, 12)
+    router.select(2)
+    gamma = col.layer_norm_weight + (1 if zero_centered else 0)
+    normed = torch.nn.functional.layer_norm(x, (12,), gamma, col.layer_norm_bias, 1e-6)
+    router.select(0)
+    base, _ = col(x)
+    router.select(2)
+    f = col.lora_speech
+    torch.testing.assert_close(col(x)[0], base + normed @ f.A.t() @ f.B.t())
