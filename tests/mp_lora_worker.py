@@ -6,8 +6,9 @@
 A: TP=1 (every rank a full replica): the decoder with both adapters (B randomised), written as
    an HF folder + two PEFT adapter folders; logits in each mode; a few AdamW steps training
    LoRA_V only, in vision mode; the adapter after them.
-B: TP=2 from those folders: the same logits and steps; the adapter after them; a dist
-   checkpoint. C: PP=2 (1F1B): the same steps. D: the TP=2 checkpoint loaded at TP=1.
+B: TP=2 from those folders: the same logits (also with LoRA_V merged) and steps; the adapter
+   after them; a dist checkpoint. C: PP=2 (1F1B): the same steps. D: the TP=2 checkpoint
+   loaded at TP=1.
 E: sequence parallelism at TP=2 on a column (qkv-like) -> row (down-like) pair of wrapped
    linears, against TP=1: outputs and every factor's gradient (megatron's local layer spec
    cannot run sequence parallelism on CPU, so the pair is built on its own).
@@ -146,7 +147,7 @@ def main() -> None:
     from phi4core.interop.hf import load_hf_weights, save_hf
     from phi4core.interop.lora_adapters import adapter_state_dict, load_adapter, save_adapter
     from phi4core.model_weights import load_model_weights, save_model_weights
-    from phi4core.models.lora import lora_linears
+    from phi4core.models.lora import lora_linears, merge_adapter
     from phi4core.parallel import ParallelSettings, init_parallel
 
     mc = _model_cfg()
@@ -188,6 +189,16 @@ def main() -> None:
     logits = _logits(chunks, mc)
     res["tp2_logits_maxdiff"] = {m: (logits[m] - ref_logits[m]).abs().max().item()
                                  for m in MODES}
+    # merged at TP=2 (each rank its shard of W + scale * B A): language mode gives the
+    # unmerged vision logits of TP=1
+    merged = _build(mc, par, perform_initialization=False)
+    load(merged)
+    merge_adapter(merged, "vision")
+    with torch.no_grad():
+        got = merged[0](_tokens(mc.vocab_size), None, None, input_mode=0,
+                        runtime_gather_output=True).float()
+    res["tp2_merged_vision_maxdiff"] = (got - ref_logits[1]).abs().max().item()
+    del merged
     res["loss_tp2"] = _train_lora(chunks, mc, par)
     res["tp2_adapter_after_maxdiff"] = max_diff(adapter_state_dict(chunks, "vision"), ref_after)
     res["tp2_frozen_speech_maxdiff"] = max_diff(adapter_state_dict(chunks, "speech"), ref_speech)

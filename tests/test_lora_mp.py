@@ -45,6 +45,11 @@ def test_lora_tp2_matches_tp1(result):
 
 
 @pytest.mark.slow
+def test_lora_merged_at_tp2_gives_the_unmerged_logits(result):
+    assert result["tp2_merged_vision_maxdiff"] <= TOL
+
+
+@pytest.mark.slow
 def test_lora_pp2_matches_tp1(result):
     for a, b in zip(result["loss_tp1"], result["loss_pp2"], strict=True):
         assert abs(a - b) <= TOL, (result["loss_tp1"], result["loss_pp2"])
