@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from phi4core.module_groups import groups_of
+
 INT64_MAX = 2**63 - 1
 
 
@@ -142,8 +144,6 @@ class ModelConfig(Strict):
     @property
     def module_groups(self) -> list[str]:
         """Names a recipe may freeze or train (the table in phi4core.module_groups)."""
-        from phi4core.module_groups import groups_of
-
         return groups_of(self)
 
 
