@@ -61,26 +61,21 @@ def count_parameters(model) -> dict[str, Any]:
     return {"total": total, "parts": parts, "groups": groups, "per_layer": per_layer}
 
 
-def _count(params) -> int:
-    return sum(p.numel() for _, p in _unique((None, p) for p in params))
-
-
 def parameter_rows(model, groups: dict[str, int]) -> list[dict[str, Any]]:
     """The rows of the reference table, each counted from its modules: the backbone, each
-    tower's rows (its `info_rows()` where it has one, else its two groups), each adapter."""
+    tower's rows (its ``parameter_counts()`` where it has one: {row: count}, which may count
+    checkpoint tensors that are not trained, as SigLIP's unused tail; else its two groups),
+    each adapter."""
     rows = [{"name": "backbone", "group": "backbone", "parameters": groups.get("backbone", 0),
              "what": BY_NAME["backbone"].summary}]
     for tower, (encoder_group, rest_group) in TOWERS.items():
         module = getattr(model, tower, None)
         if module is None:
             continue
-        if hasattr(module, "info_rows"):
-            names = {id(p): f"{tower}.{n}" for n, p in module.named_parameters()}
-            for name, params in module.info_rows().items():
-                params = list(params)
-                group = sorted({group_of(names[id(p)]) for p in params if id(p) in names})
-                rows.append({"name": name, "group": ", ".join(group),
-                             "parameters": _count(params)})
+        if hasattr(module, "parameter_counts"):
+            for name, count in module.parameter_counts().items():
+                rows.append({"name": f"{tower}.{name}", "group": tower,
+                             "parameters": int(count)})
         else:
             for group in (encoder_group, rest_group):
                 rows.append({"name": group, "group": group,
@@ -106,7 +101,7 @@ def model_info(name: str | ModelConfig, towers: dict | None = None) -> dict[str,
         {"name": "phi4_mini", "total": 3836021760,
          "parts": {"embedding": ..., "decoder_layers": ..., "final_norm": ..., "output_layer": 0},
          "per_layer": 100669440, "num_layers": 32,      # the backbone's
-         "groups": {"backbone": 3836021760},             # module groups a recipe can freeze
+         "groups": {"backbone": 3836021760},             # trainable parameters per group
          "rows": [{"name": "backbone", "group": "backbone", "parameters": ...}, ...],
          "not_built": [],                                # groups without modules yet
          "config": {...}}                                # the architecture numbers
@@ -136,14 +131,17 @@ def model_info(name: str | ModelConfig, towers: dict | None = None) -> dict[str,
         model = build_meta_model(cfg, ParallelSettings())
     counts = count_parameters(model)
     per_layer = sorted(set(counts["per_layer"].values()))
+    rows = parameter_rows(model, counts["groups"])
     return {
         "name": cfg.name,
-        "total": counts["total"],
+        # the rows partition the checkpoint: the parameters, and any tensor a tower keeps
+        # without training it (then more than the sum of the groups)
+        "total": sum(r["parameters"] for r in rows),
         "parts": counts["parts"],
         "per_layer": per_layer[0] if len(per_layer) == 1 else counts["per_layer"],
         "num_layers": cfg.num_layers,
         "groups": counts["groups"],
-        "rows": parameter_rows(model, counts["groups"]),
+        "rows": rows,
         "not_built": [g for g in groups_of(cfg) if g not in counts["groups"]],
         "config": {
             "vocab_size": cfg.vocab_size,

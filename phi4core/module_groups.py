@@ -10,7 +10,8 @@ A parameter belongs to the first group whose rule matches its name (as
 
     lora.vision       any ``lora_vision`` module (a LoRA factor inside a decoder linear)
     lora.speech       any ``lora_speech`` module
-    vision.encoder    ``vision.encoder.*``  (the vision tower's encoder)
+    vision.encoder    ``vision.encoder.*``, ``vision.embeddings.*`` (the encoder; its patch and
+                      position embeddings)
     vision.projector  ``vision.*``          (the rest of the vision tower: separators, projector)
     audio.encoder     ``audio.encoder.*``
     audio.projector   ``audio.*``           (the rest of the audio tower: both projectors)
@@ -28,15 +29,15 @@ class ModuleGroup:
     name: str
     artifact: str  # the stage artifact kind that carries this group
     config_field: str | None  # the ModelConfig section that brings it (None: always there)
-    prefix: str | None = None  # parameter names starting with this (after wrappers)
+    prefixes: tuple[str, ...] = ()  # parameter names starting with one of these
     module: str | None = None  # or any parameter inside a submodule of this name
     summary: str = ""
 
     def matches(self, param_name: str) -> bool:
         if self.module is not None:
             return param_name.startswith(f"{self.module}.") or f".{self.module}." in param_name
-        if self.prefix is not None:
-            return param_name.startswith(self.prefix)
+        if self.prefixes:
+            return param_name.startswith(self.prefixes)
         return True
 
 
@@ -48,13 +49,14 @@ GROUPS: tuple[ModuleGroup, ...] = (
                 summary="LoRA_V on qkv, o, gate_up, down of every layer"),
     ModuleGroup("lora.speech", "speech", "lora_speech", module="lora_speech",
                 summary="LoRA_A on qkv, o, gate_up, down of every layer"),
-    ModuleGroup("vision.encoder", "vision", "vision", prefix="vision.encoder.",
+    ModuleGroup("vision.encoder", "vision", "vision",
+                prefixes=("vision.encoder.", "vision.embeddings."),
                 summary="SigLIP encoder"),
-    ModuleGroup("vision.projector", "vision", "vision", prefix="vision.",
+    ModuleGroup("vision.projector", "vision", "vision", prefixes=("vision.",),
                 summary="image separators and projector"),
-    ModuleGroup("audio.encoder", "speech", "audio", prefix="audio.encoder.",
+    ModuleGroup("audio.encoder", "speech", "audio", prefixes=("audio.encoder.",),
                 summary="conv subsampling, relative bias, conformer blocks"),
-    ModuleGroup("audio.projector", "speech", "audio", prefix="audio.",
+    ModuleGroup("audio.projector", "speech", "audio", prefixes=("audio.",),
                 summary="the speech and vision+speech projectors"),
 )
 

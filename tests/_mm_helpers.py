@@ -46,11 +46,14 @@ class StandInAudio(nn.Module):
         proj = self.projector[self._pick(input_mode)]
         return proj(self.encoder(audio_input_features)).reshape(-1, proj.out_features)
 
-    def info_rows(self):
+    def parameter_counts(self):
         """Rows for phi4 model-info (the real tower gives the reference table's)."""
-        return {"audio encoder": list(self.encoder.parameters()),
-                "audio projector (speech)": list(self.projector["speech"].parameters()),
-                "audio projector (vision+speech)": list(self.projector["vision"].parameters())}
+        def count(m):
+            return sum(p.numel() for p in m.parameters())
+
+        return {"encoder": count(self.encoder),
+                "projector_speech": count(self.projector["speech"]),
+                "projector_vision_speech": count(self.projector["vision"])}
 
     def unused_parameters(self, input_mode):
         other = "speech" if self._pick(input_mode) == "vision" else "vision"

@@ -227,8 +227,8 @@ def test_router_reselected_before_recomputation(single):
 
 
 def test_model_info_counts_the_tower_modules(single):
-    """Tower rows come from the tower modules: their own rows where they give them (the
-    stand-in audio tower), else their two groups."""
+    """Tower rows come from the tower modules: their own parameter_counts() where they have
+    one (the stand-in audio tower), else their two groups."""
     from phi4core.info import model_info
 
     mc = preset("phi4_multimodal_tiny")
@@ -240,8 +240,8 @@ def test_model_info_counts_the_tower_modules(single):
     assert info["groups"]["vision.projector"] == vision_rest
     rows = {r["name"]: (r["group"], r["parameters"]) for r in info["rows"]}
     assert rows["vision.encoder"] == ("vision.encoder", vision_enc)
-    assert rows["audio encoder"] == ("audio.encoder", 8 * 16 + 16)
-    assert rows["audio projector (vision+speech)"] == ("audio.projector", 16 * h + h)
+    assert rows["audio.encoder"] == ("audio", 8 * 16 + 16)
+    assert rows["audio.projector_vision_speech"] == ("audio", 16 * h + h)
     assert sum(r["parameters"] for r in info["rows"]) == info["total"]
     r_v, r_a = mc.lora_vision.rank, mc.lora_speech.rank
     per_layer_io = (h + (mc.num_attention_heads + 2 * mc.num_query_groups) * mc.kv_channels

@@ -16,10 +16,12 @@ keys and HF mapping) with
 
   ``inputs`` are the processor outputs named in ``TOWER_INPUTS`` (those given); the rows are
   the embeddings of every image (clip) of the batch in order: batch row first, then position.
-  Its ``encoder`` child is the group ``<tower>.encoder``, every other parameter
-  ``<tower>.projector`` (phi4core.module_groups). Optional: ``unused_parameters(input_mode)``,
-  the parameters a call in that mode leaves out (the audio projector the mode does not pick),
-  and ``info_rows()``, {row name: parameters} for ``phi4 model-info``.
+  Its ``encoder`` child (and ``embeddings``, for vision) is the group ``<tower>.encoder``,
+  every other parameter ``<tower>.projector`` (phi4core.module_groups). Optional:
+  ``unused_parameters(input_mode)``, the parameters a call in that mode leaves out (the audio
+  projector the mode does not pick), and ``parameter_counts()``, {row name: count} for
+  ``phi4 model-info`` (the reference table's rows, including checkpoint tensors it keeps
+  untrained).
 
 Assembly: every placeholder id (``image_token_id`` 200010, ``audio_token_id`` 200011) in
 ``input_ids`` takes the next row of its tower's output; the ids must already be expanded to
