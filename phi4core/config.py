@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from phi4core.module_groups import groups_of
+
 INT64_MAX = 2**63 - 1
 
 
@@ -173,17 +175,8 @@ class ModelConfig(Strict):
 
     @property
     def module_groups(self) -> list[str]:
-        """Names a recipe may freeze or train (see orchestrator.config.schema)."""
-        groups = ["backbone"]
-        if self.vision is not None:
-            groups += ["vision.encoder", "vision.projector"]
-        if self.audio is not None:
-            groups += ["audio.encoder", "audio.projector"]
-        if self.lora_vision is not None:
-            groups.append("lora.vision")
-        if self.lora_speech is not None:
-            groups.append("lora.speech")
-        return groups
+        """Names a recipe may freeze or train (the table in phi4core.module_groups)."""
+        return groups_of(self)
 
 
 # The released Phi-4-mini LongRoPE factors (config.json of Phi-4-mini-instruct), 48 each.

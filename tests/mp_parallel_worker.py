@@ -31,9 +31,10 @@ def batch_for(step: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
 
 
-def run_steps(chunks, model_cfg, par) -> list[float]:
+def run_steps(chunks, model_cfg, par, **forward_kwargs) -> list[float]:
     """STEPS AdamW steps with megatron's forward/backward schedule; the loss of each step
-    (mean token cross-entropy over the batch, before the update), on every rank."""
+    (mean token cross-entropy over the batch, before the update), on every rank.
+    ``forward_kwargs`` go to every model call (the multimodal model's input_mode)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -51,7 +52,7 @@ def run_steps(chunks, model_cfg, par) -> list[float]:
 
         def forward_step(data_iterator, m):
             x, y = next(data_iterator)
-            out = m(x, None, None, labels=y)
+            out = m(x, None, None, labels=y, **forward_kwargs)
 
             def loss_func(per_token):
                 loss = per_token.float().mean()

@@ -30,6 +30,43 @@ def test_model_info_reports_the_reference_total() -> None:
     assert info["parts"]["embedding"] == 614_596_608
 
 
+# The reference table (phi4_multimodal.md) summed per module group.
+MULTIMODAL_GROUPS = {
+    "backbone": 3_836_021_760,
+    "vision.encoder": 398_085_280 + 30_480_160,  # used part + unused tail
+    "vision.projector": 2_304 + 12_982_272,  # separators + projector
+    "audio.encoder": 12_616_704 + 16_000 + 428_605_440,  # conv, relative bias, conformer
+    "audio.projector": 2 * 12_589_056,  # speech; vision+speech
+    "lora.vision": 369_098_752,
+    "lora.speech": 461_373_440,
+}
+
+
+def test_model_info_multimodal_counts_every_built_group_exactly() -> None:
+    """Every group counted from its modules equals the reference; the groups whose modules do
+    not exist yet are listed, not guessed; with all of them the total is the published one."""
+    assert sum(MULTIMODAL_GROUPS.values()) == 5_574_460_224
+    proc = phi4("model-info", "phi4_multimodal", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert {"backbone", "lora.vision", "lora.speech"} <= set(info["groups"])
+    assert set(info["groups"]) | set(info["not_built"]) == set(MULTIMODAL_GROUPS)
+    assert not set(info["groups"]) & set(info["not_built"])
+    for group, count in info["groups"].items():
+        if group == "vision.encoder" and count == MULTIMODAL_GROUPS[group] - 30_480_160:
+            continue  # SigLIP's unused tail kept as untrained checkpoint tensors: a row, no group
+        assert count == MULTIMODAL_GROUPS[group], group
+    assert info["total"] == sum(MULTIMODAL_GROUPS[g] for g in info["groups"])
+    assert sum(r["parameters"] for r in info["rows"]) == info["total"]
+    rows = {r["name"]: r["parameters"] for r in info["rows"]}
+    assert rows["lora.vision"] == 369_098_752 and rows["lora.speech"] == 461_373_440
+    if not info["not_built"]:
+        assert info["total"] == 5_574_460_224
+    text = phi4("model-info", "phi4_multimodal")
+    assert text.returncode == 0 and "lora.speech" in text.stdout
+    assert "461,373,440" in text.stdout
+
+
 def test_model_info_unknown_preset_is_a_clear_error() -> None:
     proc = phi4("model-info", "phi4_mni")
     assert proc.returncode == 2 and "did you mean 'phi4_mini'?" in proc.stderr

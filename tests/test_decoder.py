@@ -36,10 +36,12 @@ def test_model_info_multimodal_and_tiny(single):
 
     mm = model_info("phi4_multimodal")
     assert mm["groups"]["backbone"] == 3_836_021_760
-    assert set(mm["not_built"]) == {
-        "vision.encoder", "vision.projector", "audio.encoder", "audio.projector",
-        "lora.vision", "lora.speech",
-    }
+    assert mm["groups"]["lora.vision"] == 369_098_752
+    assert mm["groups"]["lora.speech"] == 461_373_440
+    assert mm["parts"]["decoder_layers"] == 32 * 100_669_440  # the backbone's, LoRA apart
+    assert mm["per_layer"] == 100_669_440
+    towers = {"vision.encoder", "vision.projector", "audio.encoder", "audio.projector"}
+    assert set(mm["not_built"]) == towers - set(mm["groups"])
     tiny = model_info("phi4_mini_tiny")
     mc = PRESETS["phi4_mini_tiny"]
     # Reckoned by hand: embedding + layers (qkv, o, gate_up, down, 2 norms) + final norm.

@@ -30,13 +30,16 @@ def model_info_cmd(preset: str, fmt: str) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"{preset}: {info['total']:,} parameters")
-    for section in ("parts", "groups"):
-        for name, count in (info.get(section) or {}).items():
-            if count:
-                click.echo(f"  {section[:-1]:>5} {name:<18} {count:>15,}")
+    for row in info["rows"]:
+        what = f"  {row['what']}" if row.get("what") else ""
+        click.echo(f"  {row['name']:<34} {row['parameters']:>15,}{what}")
+        if row["name"] == "backbone":
+            for part, count in info["parts"].items():
+                if count:
+                    click.echo(f"    {part:<32} {count:>15,}")
     if info.get("not_built"):
-        click.echo(f"  not counted: {', '.join(info['not_built'])} (no modules for these "
-                   "groups yet: the multimodal towers and LoRAs are not built by phi4core)")
+        click.echo(f"  not counted: {', '.join(info['not_built'])} (their modules do not "
+                   "exist yet)")
 
 
 @click.group()

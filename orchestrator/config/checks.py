@@ -12,9 +12,10 @@ import fnmatch
 import math
 
 from phi4core.config import INT64_MAX, PRESETS, LearningRate, ModelConfig, preset
+from phi4core.module_groups import ARTIFACT_GROUPS
 
 from .errors import Loc, Origin, Positions, Problem, did_you_mean, origin_of
-from .schema import ARTIFACT_GROUPS, MODULE_GROUPS, Recipe
+from .schema import MODULE_GROUPS, Recipe
 
 _TRAIN_ONLY = ("model", "tokenizer", "trainable", "frozen", "data", "train")
 # Optimizer steps are counted in C ints by the trainer's libraries.

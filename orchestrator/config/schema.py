@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from phi4core.config import Data, Logging, Parallel, Precision, Strict, Train
+from phi4core.module_groups import GROUP_NAMES
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names become store folders (with a fingerprint beside them) and Slurm job names.
@@ -23,23 +24,9 @@ MAX_NAME_CHARS = 64
 # Variables phi4 sets for every stage (PHI4_STAGE_DIR, PHI4_INPUT_<NAME>, ...) and reads.
 RESERVED_ENV_PREFIX = "PHI4_"
 
-# Module groups a recipe can freeze or train; entries may be globs over these (`lora.*`, `*`).
-MODULE_GROUPS = (
-    "backbone",
-    "lora.vision",
-    "lora.speech",
-    "vision.encoder",
-    "vision.projector",
-    "audio.encoder",
-    "audio.projector",
-)
-
-# Which module groups each artifact kind carries; a stage's outputs are named after these.
-ARTIFACT_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("backbone",),  # the decoder (a multimodal `model` also carries the towers)
-    "vision": ("vision.encoder", "vision.projector", "lora.vision"),
-    "speech": ("audio.encoder", "audio.projector", "lora.speech"),
-}
+# Module groups a recipe can freeze or train (entries may be globs over these: `lora.*`, `*`),
+# and the groups each artifact kind carries: one table, in phi4core.module_groups.
+MODULE_GROUPS = GROUP_NAMES
 
 
 def is_identifier(value: str) -> bool:

@@ -27,6 +27,7 @@ from phi4core import dtypes
 from phi4core.config import LongRopeConfig, ModelConfig, Precision
 from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
 from phi4core.models.chunks import as_chunks, unwrap
+from phi4core.module_groups import group_of as module_group
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -471,11 +472,14 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
 
 
 def _params_by_kind(chunks):
-    """(name, parameter, kind, global layer number or None) for every parameter of the chunks."""
+    """(name, parameter, kind, global layer number or None) for every backbone parameter of
+    the chunks."""
     for chunk in chunks:
         m = unwrap(chunk)
         layer_no = _layer_numbers(m)
         for name, p in m.named_parameters():
+            if module_group(name) != "backbone":
+                continue  # LoRA adapters and towers: not in a Phi3ForCausalLM folder
             kind, local = _param_kind(name)
             yield name, p, kind, (layer_no[local] if local is not None else None)
 

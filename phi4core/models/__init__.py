@@ -1,7 +1,11 @@
 """Model code (imports megatron-core: keep it out of the CLI's start-up path).
 
 decoder     build_model / build_model_chunks / build_meta_model (precision: config.Precision),
-            FP8 helpers, module groups for freezing
+            FP8 helpers, module groups for freezing (names from phi4core.module_groups)
+lora        the Mixture of LoRAs: TP-aware adapters on qkv/o/fc1/fc2, routing by input_mode,
+            merge (saving and loading: phi4core.interop.lora_adapters)
+multimodal  MultimodalModel: the decoder with its LoRAs and pluggable towers, placeholder
+            assembly, zero-weighted gradients for idle trainable modules
 chunks      a model as one module or virtual-pipeline chunks: as_chunks, unwrap
 rope        LongRoPE as a megatron RotaryEmbedding
 attention   SDPA core attention for the local (non-TE) layer spec

@@ -36,6 +36,7 @@ from phi4core import dtypes
 from phi4core.config import ModelConfig, Precision
 from phi4core.models.attention import use_sdpa_core_attention
 from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
+from phi4core.module_groups import GROUP_NAMES, group_of
 from phi4core.parallel import ParallelSettings
 
 log = logging.getLogger(__name__)
@@ -289,9 +290,12 @@ def build_model(
     parallel_output: bool = True,
     use_te: bool | None = None,
     config_overrides: dict | None = None,
+    model_class: type[Phi4Decoder] | None = None,
+    model_kwargs: dict | None = None,
     **config_kwargs: Any,
 ) -> Phi4Decoder:
-    """Build this rank's piece of the decoder.
+    """Build this rank's piece of the decoder (or of ``model_class``, a Phi4Decoder subclass
+    given ``model_kwargs`` too: the multimodal model).
 
     ``pre_process``/``post_process`` default to "first/last pipeline stage" (taking
     ``vp_stage`` into account with virtual pipelining). The parallel state must already be
@@ -313,7 +317,7 @@ def build_model(
     elif use_te and not use_transformer_engine():
         raise RuntimeError("use_te=True but Transformer Engine or a GPU is missing")
     cfg = transformer_config(model_cfg, par, prec, **{**(config_overrides or {}), **config_kwargs})
-    model = Phi4Decoder(
+    model = (model_class or Phi4Decoder)(
         config=cfg,
         model_cfg=model_cfg,
         transformer_layer_spec=layer_spec(use_te),
@@ -321,6 +325,7 @@ def build_model(
         post_process=post_process,
         parallel_output=parallel_output,
         vp_stage=vp_stage,
+        **(model_kwargs or {}),
     )
     if not cfg.use_cpu_initialization and gpu_available() and _default_device_is_cpu():
         model.cuda(torch.cuda.current_device())
@@ -389,31 +394,15 @@ def build_meta_model(
 # Module groups (freezing)
 # ---------------------------------------------------------------------------------------------
 
-# Ordered (name prefix or fragment, group) rules; the first match wins. The decoder's own
-# parameters are all "backbone"; the multimodal assembly adds its towers and adapters with
-# these prefixes.
-GROUP_RULES: list[tuple[str, str]] = [
-    ("lora_vision", "lora.vision"),
-    ("lora.vision", "lora.vision"),
-    ("lora_speech", "lora.speech"),
-    ("lora.speech", "lora.speech"),
-    ("vision.encoder.", "vision.encoder"),
-    ("vision.projector.", "vision.projector"),
-    ("audio.encoder.", "audio.encoder"),
-    ("audio.projector.", "audio.projector"),
-]
+# The groups and their parameter-name rules live in phi4core.module_groups (one table for the
+# schema, the model, freezing and model-info): the decoder's own parameters are "backbone", the
+# multimodal model adds its towers and LoRA adapters under the names that table gives.
 
 
 def module_group(param_name: str) -> str:
     """The module group ('backbone', 'vision.encoder', 'lora.vision', ...) of a parameter name
     as ``model.named_parameters()`` spells it (DDP's ``module.`` prefixes are ignored)."""
-    name = param_name
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    for fragment, group in GROUP_RULES:
-        if name.startswith(fragment) or f".{fragment}" in name:
-            return group
-    return "backbone"
+    return group_of(param_name)
 
 
 def param_groups(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -429,7 +418,7 @@ def set_trainable(model: torch.nn.Module, trainable: Iterable[str]) -> dict[str,
     group. Unknown group names raise ValueError."""
     trainable = set(trainable)
     known = set(model_groups_known(model))
-    unknown = trainable - known - {g for _, g in GROUP_RULES} - {"backbone"}
+    unknown = trainable - known - set(GROUP_NAMES)
     if unknown:
         raise ValueError(f"unknown module groups {sorted(unknown)}; known: {sorted(known)}")
     counts: dict[str, int] = {}
