@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoints import resume_text
 from .config import ConfigError, LoadedRecipe, Problem
 from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
 from .graph import Graph
@@ -225,7 +226,7 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
             if status is not None and state in UNFINISHED:
                 why = status.error or (f"exit code {status.exit_code}"
                                        if status.exit_code is not None else "")
-                notes = [f"attempt {status.attempt} {state}" + (f" ({why})" if why else "")
+                notes = [f"attempt {status.number} {state}" + (f" ({why})" if why else "")
                          + "; the artifact published before it still verifies and is used"]
     else:
         reasons += _why_not_done(plan, sp, problem)
@@ -260,9 +261,8 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
         if old is None:
             return ["new"]
         return describe_changes(old, sp.fields) or ["new fingerprint (same fields?)"]
-    state, n = folder.state(status), status.attempt
-    resume = ("will resume from checkpoints/" if _has_files(folder.checkpoints)
-              else "will start over")
+    state, n = folder.state(status), status.number
+    resume = resume_text(folder.checkpoints)
     if status.executor == "slurm" and state in (State.PENDING, State.RUNNING):
         return [f"{state} as Slurm job {status.job_id}"]
     if state == State.RUNNING:
@@ -273,21 +273,15 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     if state == State.PREEMPTED:
         return [f"preempted (attempt {n}, exit {status.exit_code}); {resume}"]
     if state == State.CANCELLED:
-        return [f"cancelled (attempt {n}); {resume}"]
+        began = "" if status.began else ", before it started"
+        return [f"cancelled (attempt {n}{began}); {resume}"]
     if state == State.FAILED:
         why = status.error or f"exit code {status.exit_code}"
         return [f"last attempt failed ({why})"
-                + ("; will resume from checkpoints/" if _has_files(folder.checkpoints) else "")]
+                + (f"; {resume}" if resume != "will start over" else "")]
     if state == State.BLOCKED:
         return [f"was blocked: {status.error or 'upstream failed'}"]
     return [problem]
-
-
-def _has_files(folder: Path) -> bool:
-    try:
-        return any(folder.iterdir())
-    except OSError:
-        return False
 
 
 def resolve_or_raise(plan: Plan) -> None:

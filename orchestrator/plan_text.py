@@ -6,6 +6,7 @@ import shlex
 from typing import Any
 
 from .plan import BLOCKED, RUN, SKIP, UP_TO_DATE, Plan
+from .words import count
 
 
 def plan_json(plan: Plan, source: str) -> dict[str, Any]:
@@ -30,7 +31,7 @@ def summary(plan: Plan) -> dict[str, int]:
 
 
 def plan_text(plan: Plan, title: str) -> str:
-    lines = [f"{title}: {len(plan.stages)} stages, store {plan.store.root}"]
+    lines = [f"{title}: {count(len(plan.stages), 'stage')}, store {plan.store.root}"]
     for name, sp in plan.stages.items():
         fp = f"  {sp.fingerprint}" if sp.fingerprint else ""
         lines.append(f"{sp.verdict:>12}  {name}{fp}")

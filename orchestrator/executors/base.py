@@ -20,6 +20,7 @@ from ..config.cluster import LoadedCluster, stage_problems
 from ..plan import UP_TO_DATE, Plan, resolve_or_raise
 from ..records import State
 from ..store import Store
+from ..words import count
 from .outcomes import Outcome, exit_status, summary
 
 
@@ -97,8 +98,9 @@ class Executor(ABC):
     def headline(self, verb: str = State.RUNNING, where: str = "") -> str:
         """The line that starts a run: "pipeline P: running 2 of 3 stages (store S)"."""
         todo = self.plan.to_run()
-        return (f"{self.options.title}: {verb} {len(todo)} of {len(self.plan.stages)} stages"
-                f"{where} (store {self.plan.store.root})")
+        total = count(len(self.plan.stages), "stage")
+        return (f"{self.options.title}: {verb} {len(todo)} of {total}{where} "
+                f"(store {self.plan.store.root})")
 
     @abstractmethod
     def submit(self) -> list[Submission]:
@@ -117,7 +119,7 @@ class Executor(ABC):
 
 
 def nothing_to_run(plan: Plan) -> str:
-    return (f"nothing to run: {plan.count(UP_TO_DATE)} stages up to date "
+    return (f"nothing to run: {count(plan.count(UP_TO_DATE), 'stage')} up to date "
             f"(store {plan.store.root})")
 
 

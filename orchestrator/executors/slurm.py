@@ -26,6 +26,7 @@ from ..plan import Plan
 from ..records import LIVE, StageStatus, State
 from ..status import StatusRow
 from ..store import Store
+from ..words import count
 from . import slurm_cli, slurm_status
 from .base import Executor, ExecutorError, RunOptions, Say, Submission, nothing_to_run
 from .outcomes import Outcome
@@ -177,19 +178,14 @@ class SlurmExecutor(Executor):
         live = {n: s.job_id for n, s in statuses.items() if s is not None and
                 s.executor == self.name and s.job_id and s.state in LIVE}
         try:
-            jobs = slurm_cli.query([s.job_id for s in statuses.values()
-                                    if s is not None and s.executor == self.name and s.job_id])
+            jobs = slurm_cli.query(list(live.values()))
         except slurm_cli.SlurmUnavailable as err:
-            if not live:
-                raise
             raise ExecutorError(_unknown_jobs(live, str(err))) from None
         job_of: dict[str, str] = {}
         fresh: set[str] = set()
         done: list[Submission] = []
         for name in todo:
-            status = statuses[name]
-            job = jobs.get(status.job_id or "") if status is not None and \
-                status.executor == self.name else None
+            job = jobs.get(live.get(name) or "")  # a finished attempt's job is not kept
             if job is not None and job.active:
                 ups = {e.upstream for e in self.plan.graph.inputs_of(name)}
                 stale = job.state == "PENDING" and (job.never_runs or bool(ups & fresh))
@@ -201,11 +197,11 @@ class SlurmExecutor(Executor):
                     continue
                 # Replaced: a requeue must not bring the old job back beside the new one.
                 slurm_cli.cancel([job.job_id])
-                why = "its upstream is resubmitted" if stale else \
-                    f"it was ending ({job.state.lower()})"
+                kind, why = ("stale", "its upstream is resubmitted") if stale else \
+                    ("ending", f"it was {job.state.lower()}; a new job replaces it")
                 self.plan.stages[name].stage_dir.end(
-                    State.CANCELLED, error=f"job {job.job_id} replaced: {why}")
-                self.say(f"replaced   {name}: job {job.job_id} "
+                    State.CANCELLED, error=f"{kind} job {job.job_id} cancelled: {why}")
+                self.say(f"cancelled  {name}: {kind} job {job.job_id} "
                          f"({job.reason or job.state.lower()})")
             dependency = self.dependency(name, job_of)
             job_id = self._submit_one(name, dependency, job_of)
@@ -257,7 +253,7 @@ class SlurmExecutor(Executor):
             except slurm_cli.SlurmUnavailable as err:
                 if outage is None:  # once per outage: the jobs run on without us
                     self.note(f"Slurm is not answering ({err}); still following "
-                              f"{len(left)} job(s), Ctrl-C stops following (not the jobs)")
+                              f"{count(len(left), 'job')}, Ctrl-C stops following (not the jobs)")
                 outage = str(err)
                 time.sleep(self.options.poll)
                 continue

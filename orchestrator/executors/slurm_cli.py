@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..words import count
+
 # States in which a job may still run (or is finishing): never submit a second one then.
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
@@ -109,7 +111,8 @@ def _with_retries(what: str, attempt):
         except (SlurmUnavailable, _Garbled) as err:
             problem = str(err)
         if time.monotonic() + pause > deadline:
-            raise SlurmUnavailable(f"{what} failed {tries} time(s) in a row; last: {problem}")
+            raise SlurmUnavailable(f"{what} failed {count(tries, 'time')} in a row; "
+                                   f"last: {problem}")
         time.sleep(pause)
         pause = min(pause * 2, 10.0)
 
