@@ -98,6 +98,9 @@ class Plan:
     store: Store
     selection: Selection
     stages: dict[str, StagePlan]  # topological order
+    # Data not on this machine, tolerated for a look at what a cluster would run (make_plan's
+    # `data_elsewhere`): the stages reading it have provisional fingerprints.
+    absent_data: list[Problem] = field(default_factory=list)
 
     def count(self, verdict: str) -> int:
         return sum(1 for s in self.stages.values() if s.verdict == verdict)
@@ -110,18 +113,22 @@ class Plan:
 
 
 def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
-              rerun_args: list[str] = ()) -> Plan:
-    """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands."""
+              rerun_args: list[str] = (), data_elsewhere: bool = False) -> Plan:
+    """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands. With
+    `data_elsewhere` (a look at what a cluster would run, from a machine without its data),
+    data paths and tokenizers that are not here go into `absent_data` instead of blocking their
+    stages, whose fingerprints are then provisional (the content is not known)."""
     selection = selection or Selection()
     chosen = selection.chosen(graph)
     plan = Plan(graph, store, selection, {})
     for name in graph.order:
         sp = StagePlan(name, graph.stages[name], name in chosen)
         plan.stages[name] = sp
-        reasons = _resolve(plan, sp, list(rerun_args))
+        reasons = _resolve(plan, sp, list(rerun_args), data_elsewhere)
         sp.fields, missing = stage_fields(sp.loaded, _input_fields(sp), store.hashes)
         for loc, text in missing:
-            sp.problems.append(Problem(sp.loaded.origin(loc), loc, text))
+            problem = Problem(sp.loaded.origin(loc), loc, text)
+            (plan.absent_data if data_elsewhere else sp.problems).append(problem)
         reasons += [p.message + (f"; {p.hint}" if p.hint else "") for p in sp.problems]
         if reasons:
             _block(sp, list(dict.fromkeys(reasons)))
@@ -132,7 +139,8 @@ def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
     return plan
 
 
-def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
+def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str], data_elsewhere: bool = False
+             ) -> list[str]:
     """Find each input's folder. Inputs that cannot be found become problems (root causes);
     returns the other reasons the stage is blocked (blocked upstream stages)."""
     recipe = sp.loaded.recipe
@@ -143,9 +151,11 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
             where = inp.path or inp.hf or ""
             digest = content_digest(where, plan.store.hashes)
             if digest is None:
-                sp.problems.append(Problem(sp.loaded.origin(loc), loc,
-                                           f"no file or folder at {where}"))
-                continue
+                problem = Problem(sp.loaded.origin(loc), loc, f"no file or folder at {where}")
+                if not data_elsewhere:
+                    sp.problems.append(problem)
+                    continue
+                plan.absent_data.append(problem)
             sp.inputs[name] = ResolvedInput("path" if inp.path else "hf", where, inp.frozen,
                                             fingerprint=digest)
             continue

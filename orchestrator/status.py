@@ -53,7 +53,8 @@ def row_for(folder: StageDir) -> StatusRow | None:
         note = failure_note(folder, note, status.exit_code)
     if state == State.INTERRUPTED:
         note = "the run died"
-    resume = resume_text(folder.checkpoints) if state in UNFINISHED else ""
+    # A failure's note is its error line; where a rerun resumes, `phi4 plan` says.
+    resume = resume_text(folder.checkpoints) if state in UNFINISHED - {State.FAILED} else ""
     if state == State.INTERRUPTED or (resume and resume != "will start over"):
         note += ("; " if note else "") + f"rerun {resume}"
     try:

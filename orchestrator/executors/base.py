@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import ConfigError
-from ..config.cluster import LoadedCluster, stage_problems
+from ..config.cluster import Cluster, LoadedCluster, stage_problems
 from ..plan import UP_TO_DATE, Plan, resolve_or_raise
 from ..records import State
+from ..shell import shell_words
 from ..store import Store
 from ..words import count
 from .outcomes import Outcome, exit_status, summary
@@ -61,11 +62,17 @@ class Executor(ABC):
         self.say = say
         self.note = note
         self.stop_signal: int | None = None  # set when a signal stopped the run
+        self.cluster: Cluster | None = None  # where the stages run, when not on this machine
 
     @classmethod
     def check_options(cls, options: RunOptions) -> None:
         """Flags that do not go with this executor, before anything is planned."""
         return None  # every flag goes with an executor that does not say otherwise
+
+    @classmethod
+    def runs_elsewhere(cls, options: RunOptions) -> bool:
+        """Whether the stages run on other machines (whose data this one may not have)."""
+        return False
 
     @classmethod
     def sync(cls, store: Store) -> None:
@@ -90,6 +97,15 @@ class Executor(ABC):
                     for p in stage_problems(self.plan.stages[n].loaded, lc)]
         if problems:
             raise ConfigError(problems)
+
+    def command(self, name: str) -> list[str]:
+        """What each of the stage's processes runs, laid out for where this executor runs it."""
+        return list(self.plan.stages[name].launcher(self.cluster).layout().argv)
+
+    def launch_lines(self, name: str) -> list[str]:
+        """The exact launch of a (not blocked) stage, as `phi4 plan` shows it: the command
+        run first, then, for a scheduler, what its job runs."""
+        return [shell_words(self.command(name))]
 
     @abstractmethod
     def dry_run(self) -> str:

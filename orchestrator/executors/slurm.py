@@ -24,6 +24,7 @@ from ..config.cluster import load_cluster, stage_time
 from ..exitcodes import PREEMPTED
 from ..plan import Plan
 from ..records import LIVE, StageStatus, State
+from ..shell import shell_words
 from ..status import StatusRow
 from ..store import Store
 from ..words import count
@@ -53,6 +54,10 @@ class SlurmExecutor(Executor):
     def check_options(cls, options: RunOptions) -> None:
         if options.cluster_file is None:
             raise ExecutorError("--executor slurm needs --cluster FILE (e.g. clusters/local.yaml)")
+
+    @classmethod
+    def runs_elsewhere(cls, options: RunOptions) -> bool:
+        return True
 
     @classmethod
     def sync(cls, store: Store) -> None:
@@ -144,14 +149,25 @@ class SlurmExecutor(Executor):
         if not todo:
             return nothing_to_run(self.plan) + "\n"
         out = []
-        placeholders = {n: f"<job of {n}>" for n in todo}
         for name in todo:
-            dep = self.dependency(name, placeholders)
-            script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
-            out.append(f"# ===== {name}: sbatch --parsable"
-                       f"{f' --dependency={dep}' if dep else ''} {script}\n")
+            out.append(f"# ===== {name}: {self._sbatch_line(name)}\n")
             out.append(self.script(name))
         return "".join(out)
+
+    def _sbatch_line(self, name: str) -> str:
+        """How the stage is submitted; upstream jobs named by stage (their ids come later)."""
+        dep = self.dependency(name, {n: f"<job of {n}>" for n in self.plan.to_run()})
+        script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
+        return f"sbatch --parsable{f' --dependency={dep}' if dep else ''} {script}"
+
+    def launch_lines(self, name: str) -> list[str]:
+        """sbatch, what the script asks of Slurm (its #SBATCH lines, bookkeeping left out),
+        and the srun step it runs."""
+        job = self.batch_script(name)
+        asks = " ".join(option + ("" if value is None else f"={directive_value(value)}")
+                        for option, value in job.directives
+                        if option not in ("--job-name", "--output", "--error", "--open-mode"))
+        return [self._sbatch_line(name), f"#SBATCH {asks}", shell_words(job.step)]
 
     def headline(self) -> str:
         return super().headline("submitting", f" to {self.cluster.name}")
