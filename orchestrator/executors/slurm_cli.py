@@ -98,11 +98,10 @@ class _Garbled(Exception):
     """A command answered, but not in the format asked for."""
 
 
-def _with_retries(what: str, attempt):
+def _with_retries(what: str, attempt, deadline: float):
     """`attempt()` until it answers, with backoff (0.5 s doubling, at most 10 s between
-    tries) while `retry_budget()` seconds last; then SlurmUnavailable with the last problem.
+    tries) until the `time.monotonic()` deadline; then SlurmUnavailable with the last problem.
     `attempt` raises SlurmUnavailable or _Garbled for an answer not to be trusted."""
-    deadline = time.monotonic() + retry_budget()
     pause, tries = 0.5, 0
     while True:
         tries += 1
@@ -153,18 +152,20 @@ def has_accounting() -> bool:
     return r.returncode == 0
 
 
-def query(job_ids: list[str]) -> dict[str, Job]:
-    """What Slurm knows of each job; "UNKNOWN" for jobs it has forgotten."""
+def query(job_ids: list[str], budget: float | None = None) -> dict[str, Job]:
+    """What Slurm knows of each job; "UNKNOWN" for jobs it has forgotten. SlurmUnavailable
+    when Slurm gave no trustworthy answer within `budget` seconds (default retry_budget())."""
     ids = sorted({j for j in job_ids if j and j.isdigit()}, key=int)
     if not ids:
         return {}
-    jobs = _with_retries("squeue", lambda: _squeue(ids))
+    deadline = time.monotonic() + (retry_budget() if budget is None else budget)
+    jobs = _with_retries("squeue", lambda: _squeue(ids), deadline)
     ended = [j for j in ids if j not in jobs or not jobs[j].active]
     if ended:
         if has_accounting():
-            details = _with_retries("sacct", lambda: _sacct(ended))
+            details = _with_retries("sacct", lambda: _sacct(ended), deadline)
         else:
-            details = {j: _with_retries("scontrol show job", lambda j=j: _scontrol(j))
+            details = {j: _with_retries("scontrol show job", lambda j=j: _scontrol(j), deadline)
                        for j in ended}
         for job_id in ended:
             found = details.get(job_id)
