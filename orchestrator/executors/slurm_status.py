@@ -92,7 +92,8 @@ def describe(store: Store, folder: StageDir, jobs: dict[str, slurm_cli.Job]
     if job.state != "PENDING":
         state = State.RUNNING if job.state in ("RUNNING", "CONFIGURING", "COMPLETING") \
             else job.state.lower()
-        return state, f"Slurm job {job.job_id} {job.state.lower()}"
+        ending = " (ending: a rerun replaces it)" if job.ending else ""
+        return state, f"Slurm job {job.job_id} {job.state.lower()}{ending}"
 
     def active(job_id: str | None) -> bool:
         known = jobs.get(job_id or "")
