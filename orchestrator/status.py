@@ -78,7 +78,7 @@ def failure_note(folder: StageDir, error: str, code: int | None) -> str:
     if error and error != describe(code if code is not None else 1):
         return error
     said = last_line(folder.log_file)
-    base = error or (describe(code) if code is not None else "failed")
+    base = error or (describe(code) if code is not None else State.FAILED)
     return f"{base}: {said}" if said else base
 
 

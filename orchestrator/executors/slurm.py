@@ -213,12 +213,12 @@ class SlurmExecutor(Executor):
                     continue
                 # Replaced: a requeue must not bring the old job back beside the new one.
                 slurm_cli.cancel([job.job_id])
-                kind, why = ("stale", "its upstream is resubmitted") if stale else \
-                    ("ending", f"it was {job.state.lower()}; a new job replaces it")
-                self.plan.stages[name].stage_dir.end(
-                    State.CANCELLED, error=f"{kind} job {job.job_id} cancelled: {why}")
-                self.say(f"cancelled  {name}: {kind} job {job.job_id} "
-                         f"({job.reason or job.state.lower()})")
+                what = f"stale job {job.job_id}" if stale else f"ending job {job.job_id}"
+                why = "its upstream is resubmitted" if stale else \
+                    f"it was {job.state.lower()}; a new job replaces it"
+                self.plan.stages[name].stage_dir.end(State.CANCELLED,
+                                                     error=f"{what} cancelled: {why}")
+                self.say(f"cancelled  {name}: {what} ({job.reason or job.state.lower()})")
             dependency = self.dependency(name, job_of)
             job_id = self._submit_one(name, dependency, job_of)
             job_of[name] = job_id
