@@ -75,7 +75,7 @@ def row_for(folder: StageDir) -> StatusRow | None:
 def failure_note(folder: StageDir, error: str, code: int | None) -> str:
     """A failure's note says what went wrong: when the record holds only the exit code (as
     records written before error lines were kept do), the stage log's error line is added."""
-    if error and error != describe(code if code is not None else 1):
+    if error and (code is None or error != describe(code)):
         return error
     said = last_line(folder.log_file)
     base = error or (describe(code) if code is not None else State.FAILED)
