@@ -127,3 +127,18 @@ def test_wait_follows_its_jobs_through_an_outage(chain) -> None:
     assert proc.returncode == 0, out + err
     assert "Slurm answers again" in err and "1 succeeded" in err
     assert "Traceback" not in err
+
+
+def test_a_forced_rerun_is_not_mistaken_for_the_finished_job_still_completing(chain) -> None:
+    """Stage a's job recorded success and is still listed as completing: a forced rerun
+    submits a new job, leaves the finished one alone, never marks that attempt cancelled."""
+    pipeline, store, slurm = chain
+    fps = _fingerprints(pipeline, store, slurm.env)
+    folder = _queued(store, "a", fps["a"], "101", running=True)
+    folder.end(State.SUCCEEDED, exit_code=0)
+    slurm.add_job("101", "COMPLETING")
+    out = phi4("run", str(pipeline), *SLURM, "--only", "a", "--force", store=store,
+               extra_env=slurm.env, check=0)
+    assert len(slurm.submitted) == 1 and slurm.cancelled == [], out.stdout
+    a = folder.status()
+    assert a is not None and (a.state, a.number, a.error) == (State.PENDING, 2, None)
