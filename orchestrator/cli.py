@@ -20,6 +20,7 @@ from .commands.common import FiniteFloat, UsageProblem, config_options, report_c
 from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
 from .config.checks import data_parallel_size
 from .exitcodes import BAD_INPUT
+from .words import count
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +50,7 @@ def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, 
             continue
         if isinstance(loaded, LoadedPipeline):
             click.echo(f"ok  {path}  (pipeline {loaded.pipeline.name}, "
-                       f"{len(loaded.stages)} stages)")
+                       f"{count(len(loaded.stages), 'stage')})")
         elif isinstance(loaded, LoadedRecipe):
             click.echo(f"ok  {path}  (stage {loaded.recipe.name})")
         else:

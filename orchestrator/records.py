@@ -111,6 +111,18 @@ class StageStatus(_Record):
         return self.state == State.SUCCEEDED or self.start_over
 
     @property
+    def began(self) -> bool:
+        """Whether this record's attempt started (a submission still queued, or cancelled or
+        blocked before it started, did not: its metrics and times are an earlier attempt's)."""
+        return self.started is not None and self.state not in (State.PENDING, State.BLOCKED)
+
+    @property
+    def number(self) -> int:
+        """Which attempt this record describes: `attempt` counts the attempts that started, so
+        one that never did is the next."""
+        return self.attempt if self.began else self.attempt + 1
+
+    @property
     def input_digests(self) -> dict[str, str | None]:
         return {name: record.digest for name, record in self.inputs.items()}
 

@@ -105,6 +105,7 @@ def end(path: str | Path, code: int) -> int:
 
 def _job_state(job_id: str) -> str:
     try:
-        return slurm_cli.query([job_id])[job_id].state
+        # Briefly: Slurm's KillWait (30 s by default) is all a cancelled job has left.
+        return slurm_cli.query([job_id], budget=5)[job_id].state
     except slurm_cli.SlurmError:
         return "UNKNOWN"

@@ -44,21 +44,25 @@ def record_exit(folder: StageDir, outputs: list[str], code: int, *, cancelled: b
     if code == PREEMPTED:
         folder.end(State.PREEMPTED, exit_code=code, error=preempted_note)
         return Outcome(State.PREEMPTED, preempted_note, code)
-    folder.end(State.FAILED, exit_code=code, error=describe(code))
     said = last_line(folder.log_file)
-    return Outcome(State.FAILED, f"{describe(code)}{f': {said}' if said else ''}; "
-                   f"log: {folder.log_file}", code)
+    error = f"{describe(code)}{f': {said}' if said else ''}"
+    folder.end(State.FAILED, exit_code=code, error=error)
+    return Outcome(State.FAILED, f"{error}; log: {folder.log_file}", code)
+
+
+# Lines the stage did not write: phi4's and Slurm's bookkeeping around it in the same log.
+_NOT_THE_STAGES = ("=== phi4", "srun: ", "slurmstepd: ")
 
 
 def last_line(log: Path, limit: int = 160) -> str:
     """The stage's last words (usually the error), for the failure line."""
     try:
         with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
+            f.seek(max(0, f.seek(0, 2) - 16384))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return ""
-    last = next((ln for ln in reversed(lines) if ln), "")
+    last = next((ln for ln in reversed(lines) if ln and not ln.startswith(_NOT_THE_STAGES)), "")
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 
