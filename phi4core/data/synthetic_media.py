@@ -59,7 +59,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 195, 20),
 }
 SHAPES = ("square", "circle", "triangle")
-MIN_SIDE, MAX_SIDE = 96, 2 * CROP
+MIN_SIDE = 96
+MAX_ASPECT = 4
+# The fewest tokens an image of the sampled sizes takes: 4:1, one crop, mostly padding.
+MIN_IMAGE_TOKENS = num_image_tokens(CROP, CROP // MAX_ASPECT)
 
 
 def _plural(n: int, word: str) -> str:
@@ -68,17 +71,19 @@ def _plural(n: int, word: str) -> str:
 
 def _image_size(rng: random.Random, max_tokens: int) -> tuple[int, int]:
     """A width x height covering 1-4 crops, usually padded, within the token budget."""
-    for _ in range(64):
+    if max_tokens < MIN_IMAGE_TOKENS:
+        raise ValueError(f"max_image_tokens {max_tokens} leaves no image size: the smallest "
+                         f"synthetic images take {MIN_IMAGE_TOKENS} tokens")
+    for _ in range(1000):
         gw, gh = rng.choice([(1, 1), (1, 1), (2, 1), (1, 2), (2, 2)])
         if rng.random() < 0.15:  # exactly the grid: no padding
             w, h = gw * CROP, gh * CROP
         else:
             w = rng.randint(MIN_SIDE if gw == 1 else CROP + 1, gw * CROP)
             h = rng.randint(MIN_SIDE if gh == 1 else CROP + 1, gh * CROP)
-        if max(w / h, h / w) <= 4 and num_image_tokens(w, h) <= max_tokens:
+        if max(w / h, h / w) <= MAX_ASPECT and num_image_tokens(w, h) <= max_tokens:
             return w, h
-    raise ValueError(f"max_image_tokens {max_tokens} leaves no image size: the smallest images "
-                     f"take {num_image_tokens(CROP, CROP // 4)} tokens")
+    return CROP, CROP // MAX_ASPECT  # a budget that only the thinnest images meet
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
