@@ -146,15 +146,17 @@ SOUNDS = ("beep", "chirp")  # steady tone; a rising sweep of an octave
 
 def synth_pulses(duration: float, count: int, pitch: str, sound: str,
                  rng: random.Random) -> np.ndarray:
-    """A clip of `count` separate pulses, each in its own slot of the clip, with faint noise."""
+    """A clip of `count` separate pulses, each inside its own slot of the clip, with faint
+    noise."""
     n = int(round(duration * SAMPLE_RATE))
     noise = np.random.default_rng(rng.getrandbits(63))
     clip = noise.normal(0.0, 0.005, n)
     slot = n // count
     base = rng.uniform(*PITCHES[pitch])
     for k in range(count):
-        length = int(slot * rng.uniform(0.3, 0.5))
-        start = k * slot + rng.randint(0, slot - length)
+        # 15% of the slot clear at each end: pulses are at least 30% of a slot apart
+        length = int(slot * rng.uniform(0.4, 0.55))
+        start = k * slot + rng.randint(int(0.15 * slot), int(0.85 * slot) - length)
         t = np.arange(length) / SAMPLE_RATE
         if sound == "beep":
             phase = 2 * np.pi * base * t
