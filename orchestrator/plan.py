@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import ConfigError, LoadedRecipe, Problem
-from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
+from .fingerprint import describe_changes, digest_or_problem, fingerprint, stage_fields
 from .graph import Graph
 from .launch import Launcher, ResolvedInput, environment
 from .records import UNFINISHED, InputRecord, State
@@ -140,10 +140,10 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
         loc = ("inputs", name, inp.stage and "stage" or ("path" if inp.path else "hf"))
         if inp.stage is None:
             where = inp.path or inp.hf or ""
-            digest = content_digest(where, plan.store.hashes)
+            digest, why = digest_or_problem(where, plan.store.hashes)
             if digest is None:
                 sp.problems.append(Problem(sp.loaded.origin(loc), loc,
-                                           f"no file or folder at {where}"))
+                                           why or f"no file or folder at {where}"))
                 continue
             sp.inputs[name] = ResolvedInput("path" if inp.path else "hf", where, inp.frozen,
                                             fingerprint=digest)
@@ -254,6 +254,11 @@ def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     folder = sp.stage_dir
     status = folder.status()
+    damage = folder.damaged_status() if status is None else None
+    if damage is not None:
+        return [f"its record is damaged ({damage}); a new attempt is recorded"
+                + ("; will resume from checkpoints/" if _has_files(folder.checkpoints)
+                   else "")]
     if status is None:
         previous = plan.store.latest(sp.name)
         old = previous.fields() if previous and previous.fingerprint != sp.fingerprint else None

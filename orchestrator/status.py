@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -36,17 +35,16 @@ class StatusRow:
 def row_for(folder: StageDir) -> StatusRow | None:
     status = folder.status()
     if status is None:
-        return None
+        damage = folder.damaged_status()
+        return None if damage is None else _damaged_row(folder, damage)
     state = folder.state(status)
     end = status.ended or (time.time() if state == State.RUNNING else None)
     record = last_record(folder.metrics) or {}
     note = status.error or ""  # for `blocked`: "upstream X failed"
     if state == State.INTERRUPTED:
         note = "the run died; rerun resumes"
-    try:
-        artifacts = sorted(os.listdir(folder.artifacts))
-    except OSError:
-        artifacts = []
+    manifest = folder.manifest()
+    artifacts = sorted(manifest.artifacts) if manifest is not None else []
     loss = record.get("loss")
     return StatusRow(
         stage=folder.name, fingerprint=folder.fingerprint, state=state,
@@ -55,6 +53,16 @@ def row_for(folder: StageDir) -> StatusRow | None:
         exit_code=status.exit_code, step=steps_done(record),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
         note=note, path=str(folder.path), executor=status.executor, job=status.job_id)
+
+
+def _damaged_row(folder: StageDir, damage: str) -> StatusRow:
+    """A stage whose status.json cannot be read is shown, not hidden: the next run starts a
+    new attempt (keeping its checkpoints/) and writes a new record."""
+    return StatusRow(
+        stage=folder.name, fingerprint=folder.fingerprint, state=State.DAMAGED, attempt=0,
+        started=None, ended=None, duration=None, exit_code=None, step=None, loss=None,
+        artifacts=[], note=f"{damage}; a rerun records a new attempt (checkpoints/ kept)",
+        path=str(folder.path))
 
 
 def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:

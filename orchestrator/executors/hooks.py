@@ -53,6 +53,13 @@ def begin(path: str | Path) -> int:
         print(f"=== phi4: {name} cannot start: upstream {missing} has no published artifact",
               flush=True)
         return FAILURE
+    corrupt = folder.input_problem(inputs)
+    if corrupt is not None:  # published, then changed: verified before the stage reads it
+        if job:
+            folder.record_job(job)
+        folder.end(State.FAILED, error=corrupt)
+        print(f"=== phi4: {name} cannot start: {corrupt}", flush=True)
+        return FAILURE
     record = folder.begin(
         (queued.executor if queued else None) or "slurm",
         command=queued.command if queued else [], reasons=queued.reasons if queued else [],
@@ -69,7 +76,7 @@ def _missing_input(folder: StageDir, inputs: dict[str, InputRecord]) -> str | No
         if record.source != "stage" or not record.stage or not record.fingerprint:
             continue
         upstream = folder.store.stage_dir(record.stage, record.fingerprint)
-        if upstream.artifact_problem([record.artifact or ""]) is not None:
+        if upstream.published_version() is None or upstream.manifest() is None:
             return record.stage
     return None
 
