@@ -92,7 +92,7 @@ def read_json(path: Path) -> Any:
     try:
         with open(path, "rb", opener=_regular_opener) as f:
             return json.loads(f.read(64 << 20))
-    except (OSError, ValueError, mf.UnreadableFile):
+    except (OSError, ValueError, RecursionError, mf.UnreadableFile):
         return None
 
 
@@ -738,8 +738,8 @@ def _not_a_folder(root: Path) -> str | None:
     for path in (root, *root.parents):
         try:
             st = os.stat(path)
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # the first part that exists says
         except OSError as err:
             return f"cannot be used: {err.strerror or err}"
         if stat.S_ISDIR(st.st_mode):
