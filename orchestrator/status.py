@@ -56,12 +56,13 @@ def row_for(folder: StageDir) -> StatusRow | None:
 
 
 def _damaged_row(folder: StageDir, damage: str) -> StatusRow:
-    """A stage whose status.json cannot be read is shown, not hidden: the next run starts a
-    new attempt (keeping its checkpoints/) and writes a new record."""
+    """A stage whose status.json cannot be read is shown, not hidden: a published artifact
+    that verifies is still used; the next attempt, if one runs, keeps its checkpoints/ and
+    writes a new record."""
     return StatusRow(
         stage=folder.name, fingerprint=folder.fingerprint, state=State.DAMAGED, attempt=0,
         started=None, ended=None, duration=None, exit_code=None, step=None, loss=None,
-        artifacts=[], note=f"{damage}; a rerun records a new attempt (checkpoints/ kept)",
+        artifacts=[], note=f"{damage}; its next attempt writes a new record (checkpoints/ kept)",
         path=str(folder.path))
 
 

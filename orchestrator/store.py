@@ -623,7 +623,7 @@ def damage_of(model: type[BaseModel], path: Path) -> str:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(record)"
-        return f"{path.name}: {where}: {first['msg']}"
+        return f"{path.name}: {where}: {first['msg'].removeprefix('Value error, ')}"
     return f"{path.name} is damaged"
 
 

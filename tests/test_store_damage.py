@@ -22,7 +22,7 @@ from orchestrator.store import Store, StoreError
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    """a published; b failed after checkpointing (its rerun resumes: `resumed_b`). Kept as
+    """Stage a published; b failed after checkpointing (its rerun resumes: `resumed_b`). Kept as
     store.orig: fingerprints hash the recipes' paths, so every test reuses this folder."""
     root = tmp_path_factory.mktemp("pristine")
     make_pipeline(root, {"a": [], "b": ["a"]})
@@ -85,7 +85,7 @@ VALUES = {"drop": _DROP, "null": None, "list": [1], "string": "x", "negative": -
 
 
 def _damages() -> dict[str, tuple[str, object]]:
-    """name -> (which record, damage): whole-file replacements and one key at a time."""
+    """Each case: name -> (which record, damage): whole-file replacements and one key at a time."""
     out: dict[str, tuple[str, object]] = {}
     for record in ("status", "manifest"):
         for kind, text in WHOLE.items():
