@@ -294,24 +294,25 @@ class StageDir:
                        f"{name}" + ("" if problem == "missing" else f"/{problem}")
         return None
 
-    def input_problem(self, inputs: dict[str, InputRecord]) -> str | None:
-        """Why this stage's stage inputs are not what it was given: an upstream artifact
-        that no longer matches its manifest (a stage wrote into it: published files are
-        read-only, yet not to root), or one republished since the attempt began (`digest`
-        of the lineage record). None when every input verifies."""
+    def input_problem(self, inputs: dict[str, InputRecord]) -> tuple[str, str] | None:
+        """(upstream stage, why) when this stage's stage inputs are not what it was given:
+        an upstream artifact that no longer matches its manifest (a stage wrote into it:
+        published files are read-only, yet not to root), or one republished since the
+        attempt began (`digest` of the lineage record). None when every input verifies."""
         for name, record in sorted(inputs.items()):
             if record.source != "stage" or not record.stage or not record.fingerprint:
                 continue
             upstream = self.store.stage_dir(record.stage, record.fingerprint)
             problem = upstream.artifact_problem([record.artifact or ""])
             if problem is not None:
-                return (f"input {name} (stage {record.stage}): {problem}; published "
-                        f"artifacts are read-only to the stages that read them, and the next "
-                        f"run rebuilds {record.stage}")
+                return record.stage, (
+                    f"input {name} (stage {record.stage}): {problem}; published artifacts "
+                    f"are read-only to the stages that read them, and the next run rebuilds "
+                    f"{record.stage}")
             now = upstream.artifact_digest(record.artifact or "")
             if record.digest is not None and now != record.digest:
-                return (f"input {name} (stage {record.stage}) was republished while this "
-                        "stage ran")
+                return record.stage, (f"input {name} (stage {record.stage}) was republished "
+                                      "while this stage ran")
         return None
 
     def artifact_digest(self, artifact: str) -> str | None:

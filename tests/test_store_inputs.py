@@ -109,7 +109,7 @@ def test_a_consumer_does_not_start_on_an_input_changed_before(tmp_path: Path) ->
     done = phi4("run", str(pipeline), "--keep-going", store=store)
     assert done.returncode == 1
     assert _ran(tmp_path) == ["a", "b"]
-    assert "c" in done.stdout and "input a (stage a): artifact corrupt" in done.stdout
+    assert "c: blocked  input a (stage a): artifact corrupt" in done.stdout, done.stdout
 
 
 def test_stage_hooks_verify_inputs_before_and_after(tmp_path: Path) -> None:
@@ -134,8 +134,8 @@ def test_stage_hooks_verify_inputs_before_and_after(tmp_path: Path) -> None:
     assert hooks.end(down.path, 0) == FAILURE
     assert down.status().state == State.FAILED and down.published_version() is None
     assert "input a (stage a): artifact corrupt: out/f" in down.status().error
-    # A job starting on it now is refused before its step runs.
+    # A job starting on it now is refused before its step runs: blocked by the upstream.
     down.queue("slurm", force=False, command=["true"], reasons=["new"], inputs=inputs)
     assert hooks.begin(down.path) == FAILURE
-    assert down.status().state == State.FAILED
-    assert "artifact corrupt" in down.status().error
+    assert (down.status().state, down.status().blocked_by) == (State.BLOCKED, "a")
+    assert "input a (stage a): artifact corrupt: out/f" in down.status().error

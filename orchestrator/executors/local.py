@@ -221,12 +221,16 @@ class LocalExecutor(Executor):
         argv = list(layout.argv)
         lineage = sp.lineage_records()
         try:
-            # An input changed since it was published (a stage wrote into it) is not read.
+            # An input changed since it was published (a stage wrote into it) is not read:
+            # blocked by that upstream, which the next run rebuilds.
             corrupt = folder.input_problem(lineage)
             if corrupt is not None:
-                folder.end(State.FAILED, error=corrupt)
+                lock.release()
+                folder.end(State.BLOCKED, blocked_by=corrupt[0], error=corrupt[1])
                 self.plan.store.set_latest(name, folder.fingerprint)
-                raise StoreError(corrupt)
+                self._finish_event(name, Outcome(State.BLOCKED, corrupt[1],
+                                                 blocked_by=corrupt[0]))
+                return
             folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
             record = folder.begin(self.name, command=argv, reasons=sp.reasons, inputs=lineage)
         except StoreError as err:

@@ -35,10 +35,10 @@ def record_exit(folder: StageDir, outputs: list[str], code: int, *, cancelled: b
         status = folder.status()
         # It read what it was given: a stage that changed (or saw republished) an input
         # publishes nothing, so nothing is ever up to date on a tampered input.
-        problem = folder.input_problem(status.inputs) if status is not None else None
-        if problem is not None:
-            problem = f"exited 0 but its inputs changed while it ran: {problem}; nothing " \
-                      "published"
+        changed = folder.input_problem(status.inputs) if status is not None else None
+        if changed is not None:
+            problem = f"exited 0 but its inputs changed while it ran: {changed[1]}; " \
+                      "nothing published"
         else:
             problem = folder.publish(outputs)
         if problem is None:
