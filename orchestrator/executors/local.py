@@ -82,9 +82,6 @@ class LocalExecutor(Executor):
     def check(self) -> None:
         super().check()
         for name in self.plan.to_run():
-            problem = self.plan.stages[name].stage_dir.record_problem()
-            if problem is not None:
-                raise ExecutorError(f"stage {name}: {problem}")
             nodes = self.plan.stages[name].loaded.recipe.resources.nodes
             if nodes > 1:
                 raise ExecutorError(f"stage {name} needs {nodes} nodes; the local executor "
