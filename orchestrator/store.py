@@ -445,6 +445,22 @@ class StageDir:
                 if version != current:
                     self._discard(version)
 
+    def tidy(self) -> None:
+        """collect_leftovers, if no one holds the stage lock now (else its holder will):
+        what a run does for every stage of its plan, the up-to-date ones included."""
+        if not self.path.is_dir() or record_file_problem(self.lock().path) is not None:
+            return
+        if self.state() in (State.RUNNING, State.PENDING):
+            return  # a job elsewhere (its lock may be on another node's view) owns it
+        lock = self.lock()
+        if lock.try_acquire():
+            try:
+                self.collect_leftovers()
+            except OSError:
+                pass  # tidying is best effort; the stage's next publish tries again
+            finally:
+                lock.release()
+
     def _point_at(self, version: Path) -> None:
         """The one atomic switch of publish: `artifacts` -> versions/<id>."""
         tmp = self.path / f".artifacts.{os.getpid()}.link"

@@ -120,7 +120,10 @@ def test_forced_rerun_killed_in_publish_keeps_the_old_artifact_end_to_end(tmp_pa
     assert len(list((a_dir / "versions").iterdir())) == 2  # the unswitched one is left over
     plan = plan_json(pipeline, store)
     assert plan["a"]["verdict"] == plan["b"]["verdict"] == "up to date"
-    # The forced rerun, done this time, collects the leftover and republishes.
+    # A plain run has nothing to do, yet collects the leftover.
+    assert "nothing to run" in phi4("run", str(pipeline), store=store, check=0).stdout
+    assert len(list((a_dir / "versions").iterdir())) == 1
+    # The forced rerun, done this time, republishes.
     phi4("run", str(pipeline), "--force", "a", store=store, check=0)
     assert (a_dir / "artifacts" / "out" / "data.txt").read_text() == "a:v2"
     assert len(list((a_dir / "versions").iterdir())) == 1

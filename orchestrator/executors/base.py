@@ -133,6 +133,9 @@ def run(executor: Executor, *, dry_run: bool = False) -> int:
         executor.say(executor.dry_run().rstrip("\n"))
         return 0
     executor.check()
+    for stage in plan.stages.values():  # what killed publishes left, up-to-date stages too
+        if stage.stage_dir is not None:
+            stage.stage_dir.tidy()
     if not plan.to_run():
         executor.say(nothing_to_run(plan))
         return 0
