@@ -35,7 +35,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import stat
@@ -47,6 +46,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from . import manifest as mf
+from .artifact_tree import ArtifactError, make_read_only, remove_tree, settle_links
 from .records import InputRecord, ManifestRecord, StageStatus, State
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -61,10 +61,6 @@ KILL_AT_ENV = "PHI4_TEST_PUBLISH_KILL_AT"
 class StoreError(Exception):
     """The store cannot be used as it is (a damaged record, an unusable --store): one line
     for the user, exit 2."""
-
-
-class ArtifactError(Exception):
-    """An output cannot be published as it is (a link leaving it, a FIFO): the stage fails."""
 
 
 def resolve_root(path: str | Path | None) -> Path:
@@ -526,106 +522,6 @@ def _kill_point(step: int) -> None:
     """Tests only: die by SIGKILL just before publish step `step` (KILL_AT_ENV)."""
     if os.environ.get(KILL_AT_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def make_read_only(root: Path) -> None:
-    """Clear every write bit under `root` (files and folders): a stage that reads a
-    published artifact cannot change it by accident (root can; verification catches it)."""
-    for folder, dirs, files in os.walk(root):
-        for name in [*files, *dirs, ""]:
-            path = os.path.join(folder, name) if name else folder
-            st = os.lstat(path)
-            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o222:
-                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
-
-
-def remove_tree(path: Path) -> None:
-    """shutil.rmtree, also of read-only published folders (write bits restored first)."""
-    if not os.path.lexists(path):
-        return
-    if path.is_symlink() or not path.is_dir():
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return
-    for folder, dirs, _ in os.walk(path):
-        for name in ["", *dirs]:
-            target = os.path.join(folder, name) if name else folder
-            with contextlib.suppress(OSError):
-                if not os.path.islink(target):
-                    os.chmod(target, stat.S_IMODE(os.lstat(target).st_mode) | 0o700)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def settle_links(root: Path, name: str) -> None:
-    """Apply the rule for links in an output folder: a link that resolves inside it becomes
-    a copy of what it points at (a hard link for a file, a folder copied for a folder), so
-    the published artifact holds regular files and folders only; a link that leaves it
-    (absolute into staging/, to /dev/zero), a dangling link, a loop, a FIFO, a device or a
-    socket raises ArtifactError. Nothing is opened but regular files."""
-    top = os.path.realpath(root)
-    # (folder, the real folders its content was copied from: a link back into one is a loop)
-    stack: list[tuple[Path, frozenset[str]]] = [(root, frozenset())]
-    while stack:
-        folder, origins = stack.pop()
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            path = Path(entry.path)
-            rel = f"{name}/{path.relative_to(root).as_posix()}"
-            st = os.lstat(path)
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((path, origins))
-            elif stat.S_ISLNK(st.st_mode):
-                stack += _settle_link(path, rel, top, origins)
-            elif not stat.S_ISREG(st.st_mode):
-                raise ArtifactError(f"{rel} {mf.kind_problem(st.st_mode)}")
-
-
-def _settle_link(link: Path, rel: str, top: str, origins: frozenset[str]
-                 ) -> list[tuple[Path, frozenset[str]]]:
-    target = os.path.realpath(link)
-    shown = os.readlink(link)
-    if not os.path.lexists(target):
-        raise ArtifactError(f"{rel} is a dangling link (to {shown})")
-    if os.path.commonpath([top, target]) != top:
-        raise ArtifactError(f"{rel} is a link to {shown}, outside its artifact")
-    st = os.lstat(target)
-    where = os.path.realpath(link.parent)
-    if stat.S_ISREG(st.st_mode):
-        tmp = link.with_name(f".{link.name}.settle")
-        try:
-            os.link(target, tmp)
-        except OSError:
-            shutil.copyfile(target, tmp)  # regular: cannot block
-        os.replace(tmp, link)
-        return []
-    if not stat.S_ISDIR(st.st_mode):
-        raise ArtifactError(f"{rel} is a link to {shown}, which {mf.kind_problem(st.st_mode)}")
-    if target in origins or os.path.commonpath([target, where]) == target:
-        raise ArtifactError(f"{rel} is a loop of links (to {shown})")
-    tmp = link.with_name(f".{link.name}.settle")
-    _copy_tree(Path(target), tmp, rel)
-    link.unlink()
-    os.rename(tmp, link)
-    return [(link, origins | {target})]
-
-
-def _copy_tree(source: Path, dest: Path, rel: str) -> None:
-    """Copy a folder keeping links as links (settled when the walk reaches them); a FIFO,
-    device or socket in it raises ArtifactError before anything opens it."""
-    dest.mkdir()
-    for entry in sorted(os.scandir(source), key=lambda e: e.name):
-        st = os.lstat(entry.path)
-        to = dest / entry.name
-        if stat.S_ISDIR(st.st_mode):
-            _copy_tree(Path(entry.path), to, f"{rel}/{entry.name}")
-        elif stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(entry.path), to)
-        elif stat.S_ISREG(st.st_mode):
-            try:
-                os.link(entry.path, to)
-            except OSError:
-                shutil.copyfile(entry.path, to)
-        else:
-            raise ArtifactError(f"{rel}/{entry.name} {mf.kind_problem(st.st_mode)}")
 
 
 def damage_of(model: type[BaseModel], path: Path) -> str:
