@@ -91,7 +91,7 @@ def _entry_text(key: str, digest: str) -> str:
 
 def _read_entry(entry: Path, key: str) -> str | None:
     try:
-        with open(entry, "rb", opener=_opener) as f:
+        with open(entry, "rb", opener=regular_opener) as f:
             text = f.read(200).decode("ascii")
     except (OSError, UnicodeDecodeError, UnreadableFile):
         return None
@@ -109,7 +109,7 @@ def _write_entry(entry: Path, key: str, digest: str) -> None:
         pass  # a cache that cannot be written only costs a re-hash next time
 
 
-def _opener(path: str, flags: int) -> int:
+def regular_opener(path: str, flags: int) -> int:
     """open() for a file lstat said is regular: non-blocking, and refused (fstat) if it was
     swapped for something else meanwhile."""
     fd = os.open(path, _OPEN_FLAGS)
@@ -133,7 +133,7 @@ def _lstat(path: Path, rel: str) -> os.stat_result:
 def hash_file(path: Path, rel: str | None = None) -> str:
     h = hashlib.sha256()
     try:
-        with open(path, "rb", opener=_opener) as f:
+        with open(path, "rb", opener=regular_opener) as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     except UnreadableFile as err:

@@ -96,7 +96,7 @@ def _regular_opener(path: str, flags: int) -> int:
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         raise mf.UnreadableFile(os.path.basename(path), "is not a regular file")
-    return mf._opener(path, flags)
+    return mf.regular_opener(path, flags)
 
 
 def record_file_problem(path: Path) -> str | None:
@@ -470,8 +470,11 @@ class StageDir:
         until the switch of `artifacts` (see the module docstring). Returns a problem
         instead of publishing when a declared output was not written or holds what an
         artifact may not (a link leaving it, a FIFO, a device, a socket)."""
-        missing = [o for o in outputs if not (self.staging / o).is_dir()
-                   or (self.staging / o).is_symlink()]
+        linked = [o for o in outputs if (self.staging / o).is_symlink()]
+        if linked:
+            return (f"output {linked[0]} is a symbolic link: write $PHI4_OUTPUT_DIR/"
+                    f"{linked[0]}/ as a folder")
+        missing = [o for o in outputs if not (self.staging / o).is_dir()]
         if missing:
             return (f"the stage exited 0 but did not write "
                     f"{', '.join(f'$PHI4_OUTPUT_DIR/{o}/' for o in missing)}")
@@ -611,7 +614,7 @@ class Store:
         """The folder of the stage's most recent attempt (any fingerprint). A `latest` that
         is unreadable or names no folder here is not trusted: the folder whose status was
         written last stands in (and the next attempt rewrites the pointer)."""
-        text = read_json_text(self.root / "stages" / name / "latest")
+        text = read_small_text(self.root / "stages" / name / "latest")
         fp = (text or "").strip()
         if _FINGERPRINT.fullmatch(fp) and self.stage_dir(name, fp).path.is_dir():
             return StageDir(self, name, fp)
@@ -668,7 +671,7 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-def read_json_text(path: Path) -> str | None:
+def read_small_text(path: Path) -> str | None:
     """A small regular file's text; None when absent, not a regular file or unreadable."""
     try:
         with open(path, "rb", opener=_regular_opener) as f:

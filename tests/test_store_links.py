@@ -207,3 +207,11 @@ def test_manifest_walk_never_opens_a_fifo(tmp_path: Path) -> None:
     with pytest.raises(mf.UnreadableFile, match="is a FIFO"):
         mf.build(tmp_path, mf.HashCache(None))
     assert mf.check(tmp_path, {}, mf.HashCache(None)) == "pipe is a FIFO, not a regular file"
+
+
+def test_an_output_folder_that_is_itself_a_link_is_refused(tmp_path: Path) -> None:
+    folder, out = _staged(tmp_path)
+    os.rename(out, folder.staging / "elsewhere")
+    os.symlink(folder.staging / "elsewhere", out)
+    assert folder.publish(["out"]).startswith("output out is a symbolic link")
+    assert folder.published_version() is None
