@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoints import resume_text
 from .config import ConfigError, LoadedRecipe, Problem
-from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
+from .fingerprint import describe_changes, digest_or_problem, fingerprint, stage_fields
 from .graph import Graph
 from .launch import Launcher, ResolvedInput, environment
 from .records import UNFINISHED, InputRecord, State
@@ -149,10 +149,11 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str], data_elsewhere: b
         loc = ("inputs", name, inp.stage and "stage" or ("path" if inp.path else "hf"))
         if inp.stage is None:
             where = inp.path or inp.hf or ""
-            digest = content_digest(where, plan.store.hashes)
+            digest, why = digest_or_problem(where, plan.store.hashes)
             if digest is None:
-                problem = Problem(sp.loaded.origin(loc), loc, f"no file or folder at {where}")
-                if not data_elsewhere:
+                problem = Problem(sp.loaded.origin(loc), loc,
+                                  why or f"no file or folder at {where}")
+                if why or not data_elsewhere:  # unreadable here is never "elsewhere"
                     sp.problems.append(problem)
                     continue
                 plan.absent_data.append(problem)
@@ -265,6 +266,11 @@ def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     folder = sp.stage_dir
     status = folder.status()
+    damage = folder.damaged_status() if status is None else None
+    if damage is not None:
+        resume = resume_text(folder.checkpoints)
+        return [f"its record is damaged ({damage}); a new attempt is recorded"
+                + (f"; {resume}" if resume != "will start over" else "")]
     if status is None:
         previous = plan.store.latest(sp.name)
         old = previous.fields() if previous and previous.fingerprint != sp.fingerprint else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,7 +39,8 @@ def row_for(folder: StageDir) -> StatusRow | None:
     submission that has not started: metrics.jsonl still holds the attempt before it)."""
     status = folder.status()
     if status is None:
-        return None
+        damage = folder.damaged_status()
+        return None if damage is None else _damaged_row(folder, damage)
     state = folder.state(status)
     began = status.began
     end = status.ended or (time.time() if state == State.RUNNING else None)
@@ -57,10 +57,8 @@ def row_for(folder: StageDir) -> StatusRow | None:
     resume = resume_text(folder.checkpoints) if state in UNFINISHED - {State.FAILED} else ""
     if state == State.INTERRUPTED or (resume and resume != "will start over"):
         note += ("; " if note else "") + f"rerun {resume}"
-    try:
-        artifacts = sorted(os.listdir(folder.artifacts))
-    except OSError:
-        artifacts = []
+    manifest = folder.manifest()
+    artifacts = sorted(manifest.artifacts) if manifest is not None else []
     loss = record.get("loss")
     return StatusRow(
         stage=folder.name, fingerprint=folder.fingerprint, state=state,
@@ -80,6 +78,17 @@ def failure_note(folder: StageDir, error: str, code: int | None) -> str:
     said = last_line(folder.log_file)
     base = error or (describe(code) if code is not None else State.FAILED)
     return f"{base}: {said}" if said else base
+
+
+def _damaged_row(folder: StageDir, damage: str) -> StatusRow:
+    """A stage whose status.json cannot be read is shown, not hidden: a published artifact
+    that verifies is still used; the next attempt, if one runs, keeps its checkpoints/ and
+    writes a new record."""
+    return StatusRow(
+        stage=folder.name, fingerprint=folder.fingerprint, state=State.DAMAGED, attempt=0,
+        started=None, ended=None, duration=None, exit_code=None, step=None, loss=None,
+        artifacts=[], note=f"{damage}; its next attempt writes a new record (checkpoints/ kept)",
+        path=str(folder.path))
 
 
 def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:

@@ -49,12 +49,17 @@ class FiniteFloat(click.ParamType):
 def report_config_errors(fn: Callable) -> Callable:
     """Bad input never shows a traceback: one line per problem, exit 2."""
 
+    from ..store import StoreError
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ConfigError as err:
             for problem in err.problems:
                 click.echo(str(problem), err=True)
+            sys.exit(BAD_INPUT)
+        except StoreError as err:  # a damaged record, an unusable --store
+            click.echo(f"phi4: {err}", err=True)
             sys.exit(BAD_INPUT)
 
     wrapper.__name__ = fn.__name__

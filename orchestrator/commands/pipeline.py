@@ -172,6 +172,7 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
     try:
         cls.check_options(options)
         if not dry_run:
+            Store(store_dir).ensure_writable()
             cls.sync(Store(store_dir))  # jobs that ended unrecorded: the plan must know
         planned, title, prefix = _load_plan(
             path, profile, overrides, store_dir, read_only=dry_run,
@@ -194,6 +195,7 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
 @store_option
 @click.option("--all", "every", is_flag=True, help="Every fingerprint, not only the latest.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@report_config_errors
 def status(store_dir: str | None, every: bool, fmt: str) -> None:
     """Every stage in the store: state, duration, last loss, artifacts."""
     from ..status import collect, format_rows

@@ -87,8 +87,13 @@ class Executor(ABC):
 
     def check(self) -> None:
         """What would make the run fail, before anything is written: every selected stage's
-        inputs found, and what the executor adds."""
+        inputs found, no damaged record in the way of one to run, and what the executor
+        adds."""
         resolve_or_raise(self.plan)
+        for name in self.plan.to_run():
+            problem = self.plan.stages[name].stage_dir.record_problem()
+            if problem is not None:
+                raise ExecutorError(f"stage {name}: {problem}")
 
     def check_fits(self, lc: LoadedCluster) -> None:
         """Every stage to run asks only what the cluster's nodes have (errors at the recipe
@@ -146,6 +151,9 @@ def run(executor: Executor, *, dry_run: bool = False) -> int:
         executor.say(executor.dry_run().rstrip("\n"))
         return 0
     executor.check()
+    for stage in plan.stages.values():  # what killed publishes left, up-to-date stages too
+        if stage.stage_dir is not None:
+            stage.stage_dir.tidy()
     if not plan.to_run():
         executor.say(nothing_to_run(plan))
         return 0

@@ -32,7 +32,15 @@ def record_exit(folder: StageDir, outputs: list[str], code: int, *, cancelled: b
                 preempted_note: str = "checkpointed; rerun to resume") -> Outcome:
     """Publish on exit 0; otherwise record why not. Returns what to report."""
     if code == 0:
-        problem = folder.publish(outputs)
+        status = folder.status()
+        # It read what it was given: a stage that changed (or saw republished) an input
+        # publishes nothing, so nothing is ever up to date on a tampered input.
+        changed = folder.input_problem(status.inputs) if status is not None else None
+        if changed is not None:
+            problem = f"exited 0 but its inputs changed while it ran: {changed[1]}; " \
+                      "nothing published"
+        else:
+            problem = folder.publish(outputs)
         if problem is None:
             folder.end(State.SUCCEEDED, exit_code=0)
             return Outcome(State.SUCCEEDED, exit_code=0)
