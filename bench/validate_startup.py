@@ -36,7 +36,7 @@ def wall(argv: list[str]) -> float:
 def best_of_interleaved(runs: int) -> dict[str, float]:
     """Best wall time of each command over `runs` rounds, one run of every command per round."""
     best = {name: float("inf") for name in COMMANDS}
-    for name, argv in COMMANDS.items():  # warm the file cache and .pyc files first
+    for argv in COMMANDS.values():  # warm the file cache and .pyc files first
         wall(argv)
     for _ in range(runs):
         for name, argv in COMMANDS.items():
@@ -51,7 +51,8 @@ def main() -> None:
     best = best_of_interleaved(args.runs)
     floor, bare = best["floor"], best["bare"]
     print(f"{'bare interpreter start':<36} {bare * 1000:8.1f} ms")
-    print(f"{'floor: pydantic+omegaconf+yaml+click':<36} {floor * 1000:8.1f} ms   {floor / bare:5.2f}x bare")
+    print(f"{'floor: pydantic+omegaconf+yaml+click':<36} {floor * 1000:8.1f} ms   "
+          f"{floor / bare:5.2f}x bare")
     for name, label in (("validate", "phi4 validate (9 stages)"),
                         ("tiny", "  ... with --profile tiny")):
         t = best[name]
