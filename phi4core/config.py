@@ -6,6 +6,7 @@ to validate recipes (tp dividing heads, pp dividing layers) in well under a seco
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
@@ -175,9 +176,10 @@ PHI4_MINI_LONG_FACTOR: list[float] = [
 ]
 
 # Presets are built on first use, not at import: the CLI imports this module for every
-# command, and building four validated ModelConfigs (and the pydantic schemas behind them)
-# would cost more than everything else `phi4 validate` does. Values are plain dicts here;
-# `_build_preset` validates them, so a preset is held to the same rules as a recipe.
+# command, and validating four ModelConfigs (building the pydantic validators behind them)
+# would cost more than the rest of `phi4 validate`. Values are plain dicts here; `_Presets`
+# assembles them with `model_construct` (no validation: a test checks that every preset
+# validates to an equal model).
 _PHI4_MINI: dict[str, Any] = dict(
     vocab_size=200064,
     hidden_size=3072,
@@ -254,6 +256,12 @@ _PRESET_VALUES: dict[str, tuple[dict[str, Any], ...]] = {
 }
 
 
+_PRESET_SECTIONS: dict[str, type[Strict]] = {
+    "rope_scaling": LongRopeConfig, "vision": VisionConfig, "audio": AudioConfig,
+    "lora_vision": LoraConfig, "lora_speech": LoraConfig,
+}
+
+
 class _Presets(Mapping[str, ModelConfig]):
     """The model presets by name, each validated the first time it is asked for and then
     shared (as the module-level dict of instances it replaces was)."""
@@ -265,8 +273,11 @@ class _Presets(Mapping[str, ModelConfig]):
         built = self._built.get(name)
         if built is None:
             parts = _PRESET_VALUES[name]  # KeyError for an unknown name, as a dict gives
-            values = {k: v for part in parts for k, v in part.items()}
-            built = self._built[name] = ModelConfig.model_validate({"name": name, **values})
+            values = copy.deepcopy({k: v for part in parts for k, v in part.items()})
+            for key, model in _PRESET_SECTIONS.items():
+                if key in values:
+                    values[key] = model.model_construct(**values[key])
+            built = self._built[name] = ModelConfig.model_construct(name=name, **values)
         return built
 
     def __iter__(self) -> Iterator[str]:

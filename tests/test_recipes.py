@@ -137,3 +137,27 @@ def test_set_indexes_lists() -> None:
                          ["data.sources.1.weight=0.5"])
     assert loaded.recipe.data.sources[1].weight == 0.5
     assert loaded.recipe.data.sources[0].weight == 0.55
+
+
+@pytest.mark.parametrize("name", ["phi4_mini", "phi4_mini_tiny", "phi4_multimodal",
+                                  "phi4_multimodal_tiny"])
+def test_presets_are_what_validation_gives(name: str) -> None:
+    """Presets are assembled without validation (start-up): each must equal its validated
+    self, value types and set fields included, and be one shared instance."""
+    import json
+
+    from phi4core.config import PRESETS, ModelConfig, preset
+
+    built = PRESETS[name]
+    validated = ModelConfig.model_validate(built.model_dump(exclude_unset=True))
+    assert json.dumps(built.model_dump()) == json.dumps(validated.model_dump())
+    for section in (None, "rope_scaling", "vision", "audio", "lora_vision", "lora_speech"):
+        a = built if section is None else getattr(built, section)
+        b = validated if section is None else getattr(validated, section)
+        assert type(a) is type(b), section
+        assert a is None or a.model_fields_set == b.model_fields_set, section
+    assert PRESETS[name] is built and name in PRESETS and len(PRESETS) == 4
+    assert preset(name.removesuffix("_tiny"), "tiny" if name.endswith("_tiny") else "full") \
+        is built
+    with pytest.raises(KeyError):
+        PRESETS["phi4_nope"]
