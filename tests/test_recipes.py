@@ -119,6 +119,30 @@ def test_extends_chain_and_interpolation(tmp_path: Path, monkeypatch: pytest.Mon
     assert recipe.data.sources[0].path == "/data/a.jsonl"
 
 
+def test_each_file_parsed_once_per_load_and_again_next_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stages extending one base parse it once within a load; the next load reads the
+    file as it is then; every stage gets its own copy to change."""
+    from orchestrator.config import loader
+
+    base = REPO / "recipes/_base/multimodal.yaml"
+    parsed: list[str] = []
+    real = loader.read_yaml
+    monkeypatch.setattr(loader, "read_yaml", lambda path: parsed.append(str(path)) or real(path))
+    pipeline = load_pipeline(REPO / "pipelines/phi4_multimodal.yaml")
+    assert len(parsed) == len(set(parsed)) and str(base) in {str(Path(p).resolve())
+                                                              for p in parsed}
+    docs = [s.document for s in pipeline.stages.values()]
+    assert all(a is not b for a in docs for b in docs if a is not b)
+
+    (tmp_path / "base.yaml").write_text("description: first\n")
+    (tmp_path / "leaf.yaml").write_text("extends: base.yaml\nname: leaf\nkind: command\n"
+                                        "cmd: [echo]\n")
+    assert load_recipe(tmp_path / "leaf.yaml").recipe.description == "first"
+    (tmp_path / "base.yaml").write_text("description: again\n")
+    assert load_recipe(tmp_path / "leaf.yaml").recipe.description == "again"
+
+
 def test_null_removes_keys_wherever_it_is_written(tmp_path: Path) -> None:
     """`null` removes a key from a profile overlay even where the base has no such mapping,
     and `--set KEY=null` removes it too."""
