@@ -49,23 +49,36 @@ def merge(base: dict, base_pos: Positions, over: dict, over_pos: Positions,
     return out, positions
 
 
-def _drop_positions(positions: Positions, loc: Loc) -> None:
-    for key in [k for k in positions if k[: len(loc)] == loc]:
-        del positions[key]
+class _Below:
+    """The key paths of `positions` below `at`, grouped by their next part, gathered in one
+    pass when first asked for: a level of a merge then costs one scan of the positions, not
+    one per key it replaces. Valid while only paths below other keys of that level change."""
 
+    def __init__(self, positions: Positions, at: Loc):
+        self.positions = positions
+        self.at = at
+        self.groups: dict[Any, list[Loc]] | None = None
 
-def _copy_positions(positions: Positions, src: Positions, loc: Loc) -> None:
-    for key, origin in src.items():
-        if key[: len(loc)] == loc:
-            positions[key] = origin
+    def under(self, key: Any) -> list[Loc]:
+        """Every path that starts with at + (key,), in the order of `positions`."""
+        if self.groups is None:
+            depth = len(self.at)
+            self.groups = {}
+            for path in self.positions:
+                if len(path) > depth and path[:depth] == self.at:
+                    self.groups.setdefault(path[depth], []).append(path)
+        return self.groups.get(key, [])
 
 
 def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions, at: Loc) -> None:
+    mine = _Below(positions, at)
+    theirs = _Below(over_pos, at)
     for key, value in over.items():
         loc = at + (key,)
         if value is None:
             out.pop(key, None)
-            _drop_positions(positions, loc)
+            for path in mine.under(key):
+                del positions[path]
             continue
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not _is_atomic(loc):
             if loc in over_pos:
@@ -73,8 +86,10 @@ def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions
             _merge_into(out[key], positions, value, over_pos, loc)
             continue
         out[key] = copy_document(value)
-        _drop_positions(positions, loc)
-        _copy_positions(positions, over_pos, loc)
+        for path in mine.under(key):
+            del positions[path]
+        for path in theirs.under(key):
+            positions[path] = over_pos[path]
 
 
 def drop_nulls(value: Any) -> Any:
