@@ -1,15 +1,15 @@
 """Model presets and the stage spec: the one contract between the orchestrator and the trainer.
 
 This module must stay importable without torch or megatron: the orchestrator's CLI imports it
-to validate recipes (tp dividing heads, pp dividing layers) in well under a second.
+to validate recipes (tp dividing heads, pp dividing layers) in well under a second. Annotations
+are evaluated as written (no `from __future__ import annotations`): pydantic would otherwise
+compile every field's annotation string when the models are defined.
 """
-
-from __future__ import annotations
 
 import copy
 import math
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -130,7 +130,7 @@ class ModelConfig(Strict):
     audio_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
+    def _check_shapes(self) -> Self:
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -408,7 +408,7 @@ class DataSource(Strict):
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
 
     @model_validator(mode="after")
-    def _source_named(self) -> DataSource:
+    def _source_named(self) -> Self:
         if self.kind == "synthetic":
             if self.modality is None:
                 raise ValueError("a synthetic source needs `modality:`")

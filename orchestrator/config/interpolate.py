@@ -19,8 +19,9 @@ from typing import Any
 from .errors import ConfigError, Loc, Origin, Positions, Problem, origin_of
 
 ALLOWED_RESOLVERS = {"oc.env", "oc.select"}
-_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
-_ENV_CALL = re.compile(r"\$\{\s*oc\.env\s*:\s*([^,}]+?)\s*\}")
+# Patterns of the OmegaConf path, compiled (and cached by `re`) when first used.
+_RESOLVER_CALL = r"\$\{\s*([A-Za-z_][\w.]*)\s*:"
+_ENV_CALL = r"\$\{\s*oc\.env\s*:\s*([^,}]+?)\s*\}"
 # `${oc.env:NAME}` or `${oc.env:NAME,DEFAULT}` with no spaces, quotes or escapes, DEFAULT a
 # path (it holds a `/`): OmegaConf's grammar reads NAME as that string and such a DEFAULT as
 # its own text (a path cannot parse as a number, bool or null). The text around holds no
@@ -119,7 +120,7 @@ def resolve_with_omegaconf(doc: dict, positions: Positions, default: Origin) -> 
             problems.append(Problem(origin_of(positions, loc, default), loc,
                                     f"malformed interpolation: {str(exc).splitlines()[0]}", text))
             continue
-        for name in _RESOLVER_CALL.findall(text):
+        for name in re.findall(_RESOLVER_CALL, text):
             if name not in ALLOWED_RESOLVERS:
                 problems.append(Problem(
                     origin_of(positions, loc, default), loc,
@@ -174,7 +175,7 @@ def _dotted(loc: Loc) -> str:
 
 def _explain(text: str, exc: Exception) -> str:
     message = str(exc).splitlines()[0]
-    env = _ENV_CALL.search(text)
+    env = re.search(_ENV_CALL, text)
     if env and "not found" in message:
         return (f"environment variable {env.group(1)} is not set; set it or give a default: "
                 f"${{oc.env:{env.group(1)},DEFAULT}}")
