@@ -9,7 +9,6 @@ an input with two sources).
 from __future__ import annotations
 
 import copy
-import datetime
 from typing import Any
 
 from .errors import Loc, Positions
@@ -25,7 +24,7 @@ def _is_atomic(loc: Loc) -> bool:
     )
 
 
-_IMMUTABLE = (str, int, float, bool, type(None), datetime.date)  # YAML's scalars (bool: an int)
+_IMMUTABLE = (str, int, float, bool, type(None))  # YAML's scalars but dates (rare: deep-copied)
 
 
 def copy_document(value: Any) -> Any:
