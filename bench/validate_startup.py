@@ -55,7 +55,7 @@ def best_of_interleaved(runs: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=11, help="rounds (best of N)")
+    parser.add_argument("--runs", type=int, default=21, help="rounds (best of N)")
     args = parser.parse_args()
     for package in ("orchestrator", "phi4core"):
         compileall.compile_dir(REPO / package, quiet=1)
