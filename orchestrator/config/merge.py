@@ -49,29 +49,31 @@ def merge(base: dict, base_pos: Positions, over: dict, over_pos: Positions,
 
 
 class _Below:
-    """The key paths of `positions` below `at`, grouped by their next part, gathered in one
-    pass when first asked for: a level of a merge then costs one scan of the positions, not
-    one per key it replaces. Valid while only paths below other keys of that level change."""
+    """Key paths below one level of a merge (`depth` parts deep), grouped by their next part
+    when first asked for. A level gets the paths of its parent's group, so each path is looked
+    at once per level above it, not once per key replaced. Groups stay exact while each is used
+    once and only the subtrees of other keys of the level change, as `_merge_into` does."""
 
-    def __init__(self, positions: Positions, at: Loc):
-        self.positions = positions
-        self.at = at
+    def __init__(self, paths: list[Loc], depth: int):
+        self.paths = paths
+        self.depth = depth
         self.groups: dict[Any, list[Loc]] | None = None
 
     def under(self, key: Any) -> list[Loc]:
-        """Every path that starts with at + (key,), in the order of `positions`."""
+        """Every path that continues with `key`, in the order of the positions it came from."""
         if self.groups is None:
-            depth = len(self.at)
             self.groups = {}
-            for path in self.positions:
-                if len(path) > depth and path[:depth] == self.at:
-                    self.groups.setdefault(path[depth], []).append(path)
+            for path in self.paths:
+                if len(path) > self.depth:
+                    self.groups.setdefault(path[self.depth], []).append(path)
         return self.groups.get(key, [])
 
 
-def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions, at: Loc) -> None:
-    mine = _Below(positions, at)
-    theirs = _Below(over_pos, at)
+def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions, at: Loc,
+                mine: _Below | None = None, theirs: _Below | None = None) -> None:
+    if mine is None or theirs is None:
+        mine = _Below([p for p in positions if p[:len(at)] == at], len(at))
+        theirs = _Below([p for p in over_pos if p[:len(at)] == at], len(at))
     for key, value in over.items():
         loc = at + (key,)
         if value is None:
@@ -82,7 +84,8 @@ def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not _is_atomic(loc):
             if loc in over_pos:
                 positions.setdefault(loc, over_pos[loc])
-            _merge_into(out[key], positions, value, over_pos, loc)
+            _merge_into(out[key], positions, value, over_pos, loc,
+                        _Below(mine.under(key), len(loc)), _Below(theirs.under(key), len(loc)))
             continue
         out[key] = copy_document(value)
         for path in mine.under(key):
