@@ -255,6 +255,8 @@ class Profile:
         profiles folder that wrote it (a profile may cover more stages than one pipeline has)."""
         problems = []
         for name in self.per_stage:
+            if name in stage_names:  # the common case: no folder to list
+                continue
             origin = self.stage_origins[name]
             recipes = Path(origin.file).resolve().parent.parent
             known = stage_names | {p.stem for p in _yaml_files(recipes)}
