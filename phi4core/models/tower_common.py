@@ -13,7 +13,7 @@ from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "base_config_kwargs", "count", "place_like_megatron",
+__all__ = ["BufferTree", "base_config_kwargs", "count", "decoder_settings", "place_like_megatron",
            "projector_config", "tp_group", "use_transformer_engine"]
 
 
@@ -48,6 +48,20 @@ def base_config_kwargs(**overrides: Any) -> dict[str, Any]:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],
+    )
+
+
+def decoder_settings(config: TransformerConfig) -> dict[str, Any]:
+    """What a tower built inside the multimodal model takes from the decoder's config: its
+    parameter dtype, how (and whether) it initialises weights, and whether its layers may be
+    Transformer Engine's (not on the meta device, where the model is only counted)."""
+    on_meta = torch.empty(0).device.type == "meta"
+    return dict(
+        dtype=config.params_dtype,
+        use_te=use_transformer_engine() and not on_meta,
+        use_cpu_initialization=config.use_cpu_initialization,
+        perform_initialization=config.perform_initialization,
+        init_method_std=config.init_method_std,
     )
 
 
