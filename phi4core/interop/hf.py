@@ -618,27 +618,64 @@ class HFLoadedModel(torch.nn.Module):
         return logits.float()
 
 
+class HFLoadedMultimodalModel(HFLoadedModel):
+    """``forward(input_ids, input_mode, <the processors' outputs>) -> float32 logits``; the
+    placeholders in ``input_ids`` already expanded, as the processor returns them."""
+
+    def forward(self, input_ids: torch.Tensor, input_mode=0, image_pixel_values=None,
+                image_sizes=None, image_attention_mask=None, audio_input_features=None,
+                audio_embed_sizes=None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+
+        def on(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        logits = self.model(on(input_ids), None, None, input_mode=input_mode,
+                            image_pixel_values=on(image_pixel_values),
+                            image_sizes=on(image_sizes),
+                            image_attention_mask=on(image_attention_mask),
+                            audio_input_features=on(audio_input_features),
+                            audio_embed_sizes=on(audio_embed_sizes))
+        return logits.float()
+
+
+def build_model_for(mc: ModelConfig, parallel, precision, **kwargs):
+    """The decoder, or for a config with towers the multimodal model (one chunk per virtual
+    pipeline stage)."""
+    from phi4core.interop.hf_multimodal import is_multimodal
+
+    if is_multimodal(mc) or mc.lora_vision is not None or mc.lora_speech is not None:
+        from phi4core.models.multimodal import build_multimodal_chunks
+
+        return build_multimodal_chunks(mc, parallel, precision, **kwargs)
+    from phi4core.models.decoder import build_model_chunks
+
+    return build_model_chunks(mc, parallel, precision, **kwargs)
+
+
 def load_hf_model(
     path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
     parallel=None,
 ) -> HFLoadedModel:
-    """Build the decoder from an HF Phi-3 folder and load its weights.
+    """Build the model of an HF folder and load its weights: for a Phi-3 folder the decoder
+    (``forward(input_ids)``), for a Phi-4-Multimodal one (either layout) the multimodal model
+    with its towers and adapters (``HFLoadedMultimodalModel``).
 
     Initialises single-process distributed + parallel state when none exists (with
     ``parallel`` given, that layout instead; PP must be 1 to produce logits in one forward).
     """
-    from phi4core.models.decoder import build_model
+    from phi4core.interop.hf_multimodal import is_multimodal
     from phi4core.parallel import ParallelSettings, ensure_parallel
 
-    mc = model_config_from_hf(read_hf_config(path))
+    mc = model_config_from_hf(read_hf_config(path), folder=path)
     par = ensure_parallel(parallel)
     if par.pp != 1:
         raise ValueError("load_hf_model gives logits in one forward: it needs pp=1")
     prec = Precision(params=dtypes.short_name(dtype))
-    model = build_model(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
-                        parallel_output=False, perform_initialization=False)
+    (model,) = build_model_for(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
+                               parallel_output=False, perform_initialization=False)
     load_hf_weights(model, path, mc)
     model.eval()
-    return HFLoadedModel(model, mc)
-
+    wrapper = HFLoadedMultimodalModel if is_multimodal(mc) else HFLoadedModel
+    return wrapper(model, mc)

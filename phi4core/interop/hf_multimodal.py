@@ -11,7 +11,8 @@ Two layouts are read:
   adapters inside the model (``...qkv_proj.lora_A.vision.weight`` beside
   ``...qkv_proj.base_layer.weight``), the tower modules under their original names, rank and
   alpha in ``vision_lora`` / ``speech_lora``. Its config has no SigLIP section (the remote code
-  hard-wires SigLIP-so400m): the released shape is used unless a ``vision_config`` is present.
+  hard-wires SigLIP-so400m) and no placeholder ids (200010, 200011): the released values are
+  used unless a ``vision_config`` (with ``image_token_id``) or an ``audio_token_id`` is present.
 
 Only the first is written (``phi4core.interop.hf.save_hf``), with every config field set: the
 ``transformers`` config class defaults are not the released model.
@@ -169,9 +170,11 @@ def multimodal_config_from_hf(cfg: dict, name: str | None = None,
     original = cfg.get("model_type") == "phi4mm"
     try:
         if original:
-            vision = _vision_from_hf(cfg.get("vision_config") or {})
+            vc = cfg.get("vision_config") or {}
+            vision = _vision_from_hf(vc)
             audio = _audio_from_hf(_phi4mm_audio(cfg))
-            image_token, audio_token = PHI4MM_IMAGE_TOKEN, PHI4MM_AUDIO_TOKEN
+            image_token = int(vc.get("image_token_id", PHI4MM_IMAGE_TOKEN))
+            audio_token = int(cfg.get("audio_token_id", PHI4MM_AUDIO_TOKEN))
         else:
             vc, ac = cfg.get("vision_config"), cfg.get("audio_config")
             if not isinstance(vc, dict) or not isinstance(ac, dict):
