@@ -320,3 +320,37 @@ def test_folders_that_are_neither_exit_2(tmp_path, hf_folder):
                               text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
         assert proc.returncode == 2, (folder, proc.stderr[-2000:])
         assert words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only  # gloo ranks on one machine
+def test_tp2_and_pp2_import_equal_tp1(hf_folder, reference, mc, tmp_path):
+    """Imported at TP=2, the logits of every mode equal TP=1's within 1e-5; converted at TP=2
+    and at PP=2 and exported back at TP=1, every tensor equals the source folder's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    inputs, _ = reference
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(root / "tests" / "mp_mm_hf_worker.py"), str(hf_folder),
+           str(tmp_path / "inputs.pt"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["tp2_vision_qkv_rows"] == 3 * mc.vision.hidden_size // 2  # really split
+    assert res["tp2_lora_qkv_B_rows"] == (mc.num_attention_heads + 2 * mc.num_query_groups) \
+        * mc.kv_channels // 2
+    for mode, diff in res["tp2_maxdiff"].items():
+        assert res["scale"][mode] > 0.1
+        assert diff <= 1e-5, (mode, diff)
+    for name in ("tp2", "pp2"):
+        _assert_same_tensors(hf_folder, tmp_path / f"hf_from_{name}")
