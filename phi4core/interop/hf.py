@@ -409,6 +409,25 @@ def _read_row(source, row: Row, values: dict, name: str, mc: ModelConfig) -> tor
     return TRANSFORMS[row.transform].to_phi4(tensors, shapes_for(name, mc))
 
 
+def state_from_hf(module: torch.nn.Module, phi4_prefix: str, hf_tensor, model_cfg: ModelConfig
+                  ) -> dict[str, torch.Tensor]:
+    """A module's whole (TP=1) state dict from Hugging Face tensors, through the table:
+    ``phi4_prefix`` is the module's place in the model (``vision.``), ``hf_tensor(name)``
+    returns an HF tensor by its full name (a tower on its own, for instance)."""
+    out = {}
+    for name, t in module.state_dict().items():
+        if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        found = find_row(phi4_prefix + name)
+        if found is None:
+            raise ConversionError(f"no Hugging Face counterpart for {phi4_prefix + name!r}")
+        row, values = found
+        tensors = [hf_tensor(n) for n in row.hf_names(values)]
+        out[name] = TRANSFORMS[row.transform].to_phi4(tensors, shapes_for(phi4_prefix + name,
+                                                                          model_cfg))
+    return out
+
+
 def hf_state_dict(model_or_chunks, model_cfg: ModelConfig,
                   dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """This rank's tensors as whole (TP-gathered) HF tensors: {"model": {name: tensor}, and
