@@ -15,6 +15,7 @@ Any mismatch raises ``ConversionError`` naming the field or tensor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,6 +38,8 @@ from phi4core.interop.hf_mapping import (
 )
 from phi4core.models.chunks import as_chunks, unwrap
 from phi4core.module_groups import group_of as module_group
+
+log = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -429,14 +432,24 @@ def state_from_hf(module: torch.nn.Module, phi4_prefix: str, hf_tensor, model_cf
 
 
 def hf_state_dict(model_or_chunks, model_cfg: ModelConfig,
-                  dtype: torch.dtype | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """This rank's tensors as whole (TP-gathered) HF tensors: {"model": {name: tensor}, and
-    per LoRA adapter, "vision"/"speech": {name without the PEFT prefix: tensor}}.
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """This rank's model tensors (no LoRA factors) as whole (TP-gathered) HF tensors.
     Collective over the TP group."""
+    return hf_state_dicts(model_or_chunks, model_cfg, dtype)["model"]
+
+
+def hf_state_dicts(model_or_chunks, model_cfg: ModelConfig, dtype: torch.dtype | None = None,
+                   backbone_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's tensors as whole (TP-gathered) HF tensors: {"model": {name: tensor}, and
+    per LoRA adapter, "vision"/"speech": {name without the PEFT prefix: tensor}}; with
+    ``backbone_only`` the decoder's only (a Phi3ForCausalLM export). Collective over the TP
+    group."""
     chunks = as_chunks(model_or_chunks)
     out: dict[str, dict[str, torch.Tensor]] = {"model": {}}
     with torch.no_grad():
         for name, p, row, values in model_tensors(chunks):
+            if backbone_only and module_group(name) != "backbone":
+                continue
             full = gather_tp(row.tp, p.detach())
             if dtype is not None and full.is_floating_point():
                 full = full.to(dtype)
@@ -582,9 +595,14 @@ def save_hf(
         hf_cfg = hf_multimodal.hf_config_from_model_config(model_cfg, dtype)
         lora_cfgs = hf_multimodal.adapter_configs(chunks)
     else:
-        hf_cfg = hf_config_from_model_config(model_cfg, dtype)
+        text = model_cfg.model_copy(update={"lora_vision": None, "lora_speech": None})
+        hf_cfg = hf_config_from_model_config(text, dtype)
         lora_cfgs = {}
-    local = hf_state_dict(chunks, model_cfg, dtype)
+        if hf_multimodal.adapter_configs(chunks):
+            log.warning("%s gets the decoder only: its LoRA adapters are not part of a "
+                        "Phi3ForCausalLM folder (save them with lora_adapters.save_adapter, or "
+                        "merge them first)", out_dir)
+    local = hf_state_dicts(chunks, model_cfg, dtype, backbone_only=not multimodal)
     merged = _gather_to_rank0(local)
     result = None
     if merged is not None:

@@ -52,14 +52,11 @@ _RELEASED = preset("phi4_multimodal")
 
 
 def is_multimodal(mc: ModelConfig) -> bool:
-    """Exported as Phi4MultimodalForCausalLM (both towers); a config with only one tower or
-    with adapters but no towers has no Hugging Face counterpart."""
+    """Exported as Phi4MultimodalForCausalLM (both towers), else as Phi3ForCausalLM (a decoder
+    with adapters but no towers: its backbone); a config with only one tower has no Hugging
+    Face counterpart."""
     towers = (mc.vision is not None, mc.audio is not None)
     if towers == (False, False):
-        if mc.lora_vision is not None or mc.lora_speech is not None:
-            raise ConversionError(
-                f"model {mc.name!r} has LoRA adapters but no towers: there is no Hugging Face "
-                "class for it (merge the adapters, or export from a multimodal model)")
         return False
     if not all(towers):
         raise ConversionError(f"model {mc.name!r} has only one tower: Phi4MultimodalForCausalLM "
