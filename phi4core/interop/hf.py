@@ -1,4 +1,8 @@
-"""Hugging Face ``Phi3ForCausalLM`` folders <-> the phi4core decoder.
+"""Hugging Face folders <-> phi4core models: ``Phi3ForCausalLM`` (the decoder) and
+``Phi4MultimodalForCausalLM`` (decoder, towers and LoRA adapters; see ``hf_multimodal``).
+
+Every tensor goes through the one table of ``hf_mapping`` (name, layout transform, TP split),
+read one way to import and inverted to export.
 
 Reading: ``config.json`` (LongRoPE spelled ``rope_scaling: {type: longrope}`` as transformers 4.x
 and the released Phi-4-mini do, or ``rope_parameters: {rope_type: longrope}`` as 5.x writes),
@@ -7,7 +11,8 @@ and single-file or sharded (``model.safetensors.index.json``) safetensors with f
 rank takes its own TP shard of the layers of its PP stage.
 
 Writing: a ``config.json`` in the released Phi-4-mini layout (loads in transformers 4.x and
-5.x) plus safetensors (sharded with an index above ``max_shard_bytes``).
+5.x), or the multimodal one with every field set, plus safetensors (sharded with an index
+above ``max_shard_bytes``) and the adapters' PEFT folders.
 
 Any mismatch raises ``ConversionError`` naming the field or tensor.
 """
