@@ -291,6 +291,7 @@ def test_merged_adapter_export_gives_the_unmerged_logits(hf_folder, tmp_path, re
                      merge_adapters=("vision",))
     assert not (out / "vision-lora").exists() and (out / "speech-lora").is_dir()
     assert load_hf_model(out).model_cfg.lora_vision is None
+    _assert_same_tensors(hf_folder / "speech-lora", out / "speech-lora")  # untouched
     # transformers runs the merged base without the adapter: the unmerged vision logits
     model = hf_reference_without(out, "vision")
     for mode in ("vision", "vision_speech"):
