@@ -301,8 +301,9 @@ def test_merged_adapter_export_gives_the_unmerged_logits(hf_folder, tmp_path, re
 
 
 def test_folders_that_are_neither_exit_2(tmp_path, hf_folder):
-    """`phi4 convert hf-to-phi4` on a folder of another model, one without a config, and a
-    multimodal folder with a broken adapter: exit 2, one line naming what is wrong."""
+    """`phi4 convert hf-to-phi4` on a folder of another model, one without a config, a
+    multimodal folder with a broken adapter and one with a tensor the model has no place for:
+    exit 2, naming what is wrong."""
     import subprocess
     import sys
 
@@ -314,8 +315,16 @@ def test_folders_that_are_neither_exit_2(tmp_path, hf_folder):
     broken = tmp_path / "broken"
     shutil.copytree(hf_folder, broken)
     (broken / "speech-lora" / "adapter_config.json").write_text("{")
+    extra = tmp_path / "extra"
+    shutil.copytree(hf_folder, extra)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(extra / "model.safetensors")
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, extra / "model.safetensors")
     for folder, words in ((bad, "model_type"), (not_hf, "config.json"),
-                          (broken, "speech-lora/adapter_config.json")):
+                          (broken, "speech-lora/adapter_config.json"),
+                          (extra, "model.layers.0.mlp.extra_proj.weight")):
         proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "convert", "hf-to-phi4",
                                str(folder), str(tmp_path / "out")], capture_output=True,
                               text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])

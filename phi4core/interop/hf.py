@@ -398,6 +398,14 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
                     f"shape {tuple(shard.shape)}, the model's is {tuple(p.shape)}")
             p.copy_(shard.to(p.dtype))
             loaded += 1
+    whole = all(unwrap(c).pre_process and unwrap(c).post_process for c in chunks)
+    if whole and not source.backbone_only:  # nothing of the folder may be left behind
+        unused = sorted(f"{n} ({a} LoRA)" if a else n for n, a in source.unused()
+                        if not (n == "lm_head.weight" and model_cfg.tie_embeddings))
+        if unused:
+            raise ConversionError(
+                f"{hf_dir}: {len(unused)} tensor(s) have no place in the model: "
+                f"{', '.join(unused[:5])}{'...' if len(unused) > 5 else ''}")
     return loaded
 
 

@@ -284,6 +284,7 @@ class HFSource:
         self.model_config = model_config
         self.backbone_only = backbone_only  # a Phi-3 folder: the decoder's tensors only
         self._index: dict[tuple[str, str | None], tuple[HFCheckpoint, str]] = {}
+        self._used: set[tuple[str, str | None]] = set()
 
     def add(self, ck: HFCheckpoint, rename) -> None:
         for key in ck.keys():
@@ -296,8 +297,13 @@ class HFSource:
         if (name, adapter) not in self._index:
             which = f" (the {adapter} LoRA)" if adapter else ""
             raise ConversionError(f"tensor {name!r}{which} is missing from {self.path}")
+        self._used.add((name, adapter))
         ck, key = self._index[(name, adapter)]
         return ck.get(key)
+
+    def unused(self) -> list[tuple[str, str | None]]:
+        """(name, adapter) of every tensor not read yet."""
+        return [k for k in self._index if k not in self._used]
 
     def dtype(self) -> torch.dtype:
         ck, key = next(iter(self._index.values()))
