@@ -235,6 +235,22 @@ def test_hf_phi4_hf_round_trip_bit_exact(hf_folder, tmp_path, reference):
         assert torch.equal(reference_logits(again, mode, inputs[mode]), ref[mode])
 
 
+def test_bf16_folder_round_trips_at_bf16(hf_folder, tmp_path):
+    """A bfloat16 folder (as released) comes back bfloat16, bit for bit, buffers included."""
+    from safetensors.torch import load_file, save_file
+
+    from phi4core.interop.convert import hf_to_phi4, phi4_to_hf
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(hf_folder, bf16)
+    for f in bf16.rglob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f,
+                  metadata={"format": "pt"})
+    out = phi4_to_hf(hf_to_phi4(bf16, tmp_path / "phi4"), tmp_path / "back")
+    assert _assert_same_tensors(bf16, out) > 100
+    assert all(t.dtype == torch.bfloat16 for t in _all_tensors(out).values())
+
+
 def to_phi4mm(hf_folder: Path, dst: Path, mc) -> Path:
     """The same model in the original remote-code layout: one folder, adapters inside."""
     from safetensors.torch import load_file, save_file
