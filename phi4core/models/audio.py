@@ -3,7 +3,7 @@ blocks with a relative position bias, and the two projectors.
 
     tower = AudioTower(model_cfg.audio, model_cfg.hidden_size)     # parallel state set up
     embeds = tower(audio_input_features, audio_embed_sizes, audio_attention_mask,
-                   mode="speech")                                   # [tokens, hidden]
+                   input_mode=InputMode.SPEECH)                     # [tokens, hidden]
 
 Clips longer than ``chunk_frames`` (500) frames after subsampling run as independent chunks
 of 500 (the last one padded); padded frames, of a shorter clip in a batch or of the last
@@ -13,7 +13,9 @@ attend to its zero padding. Here it is always masked, so a single clip of more t
 frames whose length is not a multiple of 500 differs from them in its last chunk.)
 
 The projector is the speech one in SPEECH mode and the vision+speech one when an image is in
-the input (VISION_SPEECH); both are megatron MLPs (column- then row-parallel).
+the input (VISION_SPEECH); both are megatron MLPs (column- then row-parallel). The one a call
+does not pick is ``unused_parameters(input_mode)``: the multimodal model gives it a zero
+gradient in training.
 ``num_audio_tokens`` and the log-Mel features live in the torch-only ``audio_features``
 module and are re-exported here.
 """
@@ -36,11 +38,34 @@ from phi4core.models.conformer import (
     RelativeAttentionBias,
     subsampled_length,
 )
-from phi4core.models.tower_common import count, place_like_megatron, projector_config, tp_group
+from phi4core.models.lora import InputMode, to_input_mode
+from phi4core.models.tower_common import (
+    ShardedCheckpointing,
+    count,
+    decoder_settings,
+    place_like_megatron,
+    projector_config,
+    tp_group,
+)
 
-__all__ = ["AudioEncoder", "AudioTower", "extract_features", "log_mel", "num_audio_tokens"]
+__all__ = ["AudioEncoder", "AudioTower", "build_tower", "extract_features", "log_mel",
+           "num_audio_tokens", "projection_mode"]
 
 ProjectionMode = Literal["speech", "vision_speech"]
+# The routing table's audio projector per input_mode (modes without one take no audio).
+PROJECTION_FOR_MODE: dict[InputMode, ProjectionMode] = {
+    InputMode.SPEECH: "speech",
+    InputMode.VISION_SPEECH: "vision_speech",
+}
+
+
+def projection_mode(input_mode) -> ProjectionMode:
+    """The audio projector an ``input_mode`` (int, name or InputMode) selects."""
+    mode = to_input_mode(input_mode)
+    if mode not in PROJECTION_FOR_MODE:
+        raise ValueError(f"audio inputs in input_mode {mode.name} ({mode.value}): audio goes "
+                         f"through the SPEECH (2) or VISION_SPEECH (3) mode")
+    return PROJECTION_FOR_MODE[mode]
 
 
 class MeanVarianceNorm(nn.Module):
@@ -108,7 +133,7 @@ class AudioEncoder(nn.Module):
         return x, lengths
 
 
-class AudioTower(nn.Module):
+class AudioTower(ShardedCheckpointing, nn.Module):
     """Features -> projected speech embeddings, clip after clip, `audio_embed_sizes` each."""
 
     def __init__(self, ac: AudioConfig, out_hidden: int, *, dtype: torch.dtype = torch.float32,
@@ -135,11 +160,31 @@ class AudioTower(nn.Module):
             "projector_vision_speech": count(self.projector_vision_speech),
         }
 
+    def projector_for(self, mode: ProjectionMode) -> MLP:
+        return self.projector_speech if mode == "speech" else self.projector_vision_speech
+
+    def unused_parameters(self, input_mode) -> list[nn.Parameter]:
+        """The projector a call in ``input_mode`` leaves out (the other one)."""
+        mode = to_input_mode(input_mode)
+        if mode not in PROJECTION_FOR_MODE:
+            return []
+        other = "vision_speech" if PROJECTION_FOR_MODE[mode] == "speech" else "speech"
+        return list(self.projector_for(other).parameters())
+
     def forward(self, audio_input_features: torch.Tensor,
                 audio_embed_sizes: torch.Tensor | None = None,
                 audio_attention_mask: torch.Tensor | None = None,
-                mode: ProjectionMode = "speech") -> torch.Tensor:
-        """[b, t, bins] features (the feature extractor's names) -> [sum of sizes, hidden]."""
+                mode: ProjectionMode | None = None, *, input_mode=None) -> torch.Tensor:
+        """[b, t, bins] features (the feature extractor's names) -> [sum of sizes, hidden].
+        The projector: ``mode`` ("speech" | "vision_speech"), or the one ``input_mode``
+        routes to (the multimodal model's tower contract); speech when neither is given."""
+        if input_mode is not None:
+            picked = projection_mode(input_mode)
+            if mode is not None and mode != picked:
+                raise ValueError(f"mode {mode!r} contradicts input_mode "
+                                 f"{to_input_mode(input_mode).name} (projector {picked!r})")
+            mode = picked
+        mode = mode or "speech"
         if mode not in ("speech", "vision_speech"):
             raise ValueError(f"audio projection mode must be 'speech' or 'vision_speech', "
                              f"got {mode!r}")
@@ -148,6 +193,14 @@ class AudioTower(nn.Module):
         states, lengths = self.encoder(audio_input_features.to(dtype), frames)
         sizes = lengths if audio_embed_sizes is None else audio_embed_sizes
         states = torch.cat([states[i, : int(sizes[i])] for i in range(states.shape[0])])
-        proj = self.projector_speech if mode == "speech" else self.projector_vision_speech
-        out, bias = proj(states)
+        out, bias = self.projector_for(mode)(states)
         return out + bias if bias is not None else out
+
+
+def build_tower(model_cfg, config) -> AudioTower:
+    """The multimodal model's speech tower (phi4core.models.multimodal's builder contract):
+    ``model_cfg.audio`` projected to the decoder's width, in the decoder config's dtype and
+    initialisation."""
+    settings = decoder_settings(config)
+    settings.pop("use_te")  # the conformer is plain torch modules; its projectors megatron's
+    return AudioTower(model_cfg.audio, model_cfg.hidden_size, **settings)

@@ -1,5 +1,6 @@
 """What the image and speech towers share: megatron config defaults, the projector's config,
-parameter counting and a tree of persistent buffers for checkpoint weights that never run."""
+parameter counting, a tree of persistent buffers for checkpoint weights that never run, and
+their distributed-checkpoint entries."""
 
 from __future__ import annotations
 
@@ -8,13 +9,25 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "base_config_kwargs", "count", "place_like_megatron",
-           "projector_config", "tp_group", "use_transformer_engine"]
+__all__ = ["BufferTree", "ShardedCheckpointing", "base_config_kwargs", "count",
+           "decoder_settings", "place_like_megatron", "projector_config", "tp_group",
+           "use_transformer_engine"]
+
+
+class ShardedCheckpointing:
+    """Put in front of ``nn.Module`` for a tower: its distributed-checkpoint entries come from
+    each child as megatron's modules do (a tensor-parallel linear's weight sharded on its
+    partition dim). A plain ``nn.Module`` would otherwise be saved whole as replicated, every
+    TP rank's different shard under the full tensor's key (megatron's default for modules it
+    does not know)."""
+
+    sharded_state_dict = MegatronModule.sharded_state_dict
 
 
 def tp_group():
@@ -48,6 +61,20 @@ def base_config_kwargs(**overrides: Any) -> dict[str, Any]:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cuda_graph_scope=[],
+    )
+
+
+def decoder_settings(config: TransformerConfig) -> dict[str, Any]:
+    """What a tower built inside the multimodal model takes from the decoder's config: its
+    parameter dtype, how (and whether) it initialises weights, and whether its layers may be
+    Transformer Engine's (not on the meta device, where the model is only counted)."""
+    on_meta = torch.empty(0).device.type == "meta"
+    return dict(
+        dtype=config.params_dtype,
+        use_te=use_transformer_engine() and not on_meta,
+        use_cpu_initialization=config.use_cpu_initialization,
+        perform_initialization=config.perform_initialization,
+        init_method_std=config.init_method_std,
     )
 
 

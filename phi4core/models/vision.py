@@ -46,15 +46,18 @@ from phi4core.config import VisionConfig
 from phi4core.models.hd_transform import num_image_tokens, process_images  # noqa: F401
 from phi4core.models.tower_common import (
     BufferTree,
+    ShardedCheckpointing,
     base_config_kwargs,
     count,
+    decoder_settings,
     place_like_megatron,
     projector_config,
     tp_group,
     use_transformer_engine,
 )
 
-__all__ = ["VisionTower", "num_image_tokens", "process_images", "siglip_tail_shapes"]
+__all__ = ["VisionTower", "build_tower", "num_image_tokens", "process_images",
+           "siglip_tail_shapes"]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,7 @@ class PatchEmbedding(nn.Module):
         return x + self.position_embedding(self.position_ids(patch_mask))
 
 
-class VisionTower(nn.Module):
+class VisionTower(ShardedCheckpointing, nn.Module):
     """Pixels of the HD transform -> projected image embeddings, in the processor's order."""
 
     def __init__(self, vc: VisionConfig, out_hidden: int, *, dtype: torch.dtype = torch.float32,
@@ -232,9 +235,15 @@ class VisionTower(nn.Module):
         hd = torch.cat([hd, self.sub_GN[0].expand(rows, 1, h)], dim=1).reshape(-1, h)
         return torch.cat([hd, self.glb_GN[0], glob], dim=0)
 
-    def forward(self, image_pixel_values: torch.Tensor, image_sizes: torch.Tensor,
-                image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, crops+1, 3, H, W], [B, 2], [B, crops+1, s, s] -> [sum of tokens, out_hidden]."""
+    def forward(self, image_pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                image_attention_mask: torch.Tensor | None = None, *,
+                input_mode=None) -> torch.Tensor:
+        """[B, crops+1, 3, H, W], [B, 2], [B, crops+1, s, s] -> [sum of tokens, out_hidden].
+        ``input_mode`` (the multimodal model's tower contract) does not change the image path:
+        VISION and VISION_SPEECH embed images alike."""
+        if image_sizes is None:
+            raise ValueError("image_sizes is required with image_pixel_values: the [height, "
+                             "width] of each image's HD grid (the image processor's output)")
         b, n = image_pixel_values.shape[:2]
         if image_attention_mask is None:
             image_attention_mask = image_pixel_values.new_ones(b, n, self.side, self.side)
@@ -246,3 +255,10 @@ class VisionTower(nn.Module):
                             for i in range(b)], dim=0)
         out, bias = self.projector(tokens)
         return out + bias if bias is not None else out
+
+
+def build_tower(model_cfg, config: TransformerConfig) -> VisionTower:
+    """The multimodal model's vision tower (phi4core.models.multimodal's builder contract):
+    ``model_cfg.vision`` projected to the decoder's width, in the decoder config's dtype and
+    initialisation."""
+    return VisionTower(model_cfg.vision, model_cfg.hidden_size, **decoder_settings(config))
