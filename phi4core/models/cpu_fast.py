@@ -1,0 +1,378 @@
+"""CPU fast paths for the local-spec decoder: megatron's math with less Python and fewer ops.
+
+On a CPU the tiny and small decoders are bound by per-op overhead, not by FLOPs: megatron's
+local modules spend most of a step in Python (TP bookkeeping around every linear, RoPE applied
+to q and k separately with cos/sin recomputed per layer, the layer's recompute/offload/
+inference branches). ``apply(model)`` swaps, by class, each module it can serve for a subclass
+whose forward computes the same function with plain torch calls:
+
+* linears: ``F.linear`` (TP=1: megatron's autograd function reduces to the same matmuls);
+* the word embedding: ``F.embedding`` (TP=1: the reduction is an identity);
+* self-attention: one qkv matmul, RoPE on q and k in one go (cos/sin computed once and reused
+  by every layer), torch SDPA with ``is_causal`` and native GQA;
+* the MLP: SwiGLU as one autograd node (saves only the fc1 output);
+* the transformer layer: norm, attention, residual add, norm, MLP, residual add.
+
+Every fast forward is exactly the megatron computation (same ops on the same values, so the
+same logits and gradients); any call it does not cover (explicit masks, packed sequences,
+inference contexts, dropout in training, recomputation, ...) goes to megatron's forward.
+Parameters and buffers stay where they are, so ``state_dict`` keys do not change.
+
+``applies()`` is False with a GPU or with Transformer Engine: the GPU path never sees any of
+this. ``build_model`` calls ``apply`` there; ``remove`` restores megatron's classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from phi4core.models.attention import SDPADotProductAttention
+
+
+def applies(use_te: bool) -> bool:
+    """True where the fast paths may be used: a CPU-only torch and the local layer spec."""
+    return not use_te and not torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linears and the embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_linear_ok(m) -> bool:
+    """TP=1 and none of the features that make megatron's linear more than a matmul."""
+    cfg = m.config
+    return (
+        m.tp_group.size() == 1
+        and not m.sequence_parallel
+        and not m.gradient_accumulation_fusion
+        and not cfg.defer_embedding_wgrad_compute
+        and not getattr(m, "explicit_expert_comm", False)
+    )
+
+
+def _linear_out(m, input_, weight):
+    bias = m.bias if not m.skip_bias_add else None
+    out = F.linear(input_, weight, bias)
+    return out, (m.bias if m.skip_bias_add else None)
+
+
+class FastColumnParallelLinear(ColumnParallelLinear):
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if weight is None:
+            if self.weight is None:
+                return super().forward(input_, weight, runtime_gather_output)
+            weight = self.weight
+        elif weight.shape != (self.output_size_per_partition, self.input_size):
+            return super().forward(input_, weight, runtime_gather_output)  # megatron's error
+        return _linear_out(self, input_, weight)
+
+
+class FastRowParallelLinear(RowParallelLinear):
+    def forward(self, input_):
+        return _linear_out(self, input_, self.weight)
+
+
+class FastVocabParallelEmbedding(VocabParallelEmbedding):
+    def forward(self, input_):
+        return F.embedding(input_, self.weight)
+
+
+def _embedding_ok(m) -> bool:
+    return (
+        m.tp_group.size() == 1
+        and not m.deterministic_mode
+        and not m.reduce_scatter_embeddings
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE, self-attention, MLP
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_tables(freqs: torch.Tensor, mscale: float, dtype: torch.dtype):
+    """(cos of the first half, cos of the second, sin of the first, sin of the second), each
+    ``(f(freqs) * mscale).to(dtype)`` as megatron computes them, shaped to broadcast over
+    [s, b, groups, heads per group, head dim]."""
+    cos = (torch.cos(freqs) * mscale).to(dtype).unsqueeze(-2)
+    sin = (torch.sin(freqs) * mscale).to(dtype).unsqueeze(-2)
+    half = freqs.shape[-1] // 2
+    return cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+
+
+def apply_rope(t: torch.Tensor, tables) -> torch.Tensor:
+    """Megatron's ``t * cos + rotate_half(t) * sin`` on the rotary part, the rest passed
+    through. ``a + (-b) * s`` is ``a - b * s`` exactly in IEEE arithmetic."""
+    c1, c2, s1, s2 = tables
+    half = c1.shape[-1]
+    x1, x2, rest = t[..., :half], t[..., half : 2 * half], t[..., 2 * half :]
+    return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, rest), dim=-1)
+
+
+class FastSelfAttention(SelfAttention):
+    """SelfAttention for the plain causal, unpacked training/eval case."""
+
+    def fast_forward(self, hidden_states, rotary_pos_emb):
+        ng = self.num_query_groups_per_partition
+        heads = self.num_attention_heads_per_partition
+        per_group = heads // ng
+        hn = self.hidden_size_per_attention_head
+        mixed = F.linear(hidden_states, self.linear_qkv.weight, self._qkv_bias())
+        s, b = mixed.shape[0], mixed.shape[1]
+        # megatron's qkv layout: per query group, its query heads, then one key, one value.
+        mixed = mixed.view(s, b, ng, per_group + 2, hn)
+        qk = mixed[:, :, :, : per_group + 1]
+        if rotary_pos_emb is not None:
+            qk = apply_rope(qk, self._rope_tables(rotary_pos_emb, qk.dtype))
+        query = qk[:, :, :, :per_group].reshape(s, b, heads, hn).permute(1, 2, 0, 3)
+        key = qk[:, :, :, per_group].permute(1, 2, 0, 3)
+        value = mixed[:, :, :, per_group + 1].permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=self.core_attention.softmax_scale,
+            enable_gqa=ng != heads,
+        )
+        out = out.permute(2, 0, 1, 3).reshape(s, b, heads * hn)
+        proj = self.linear_proj
+        return F.linear(out, proj.weight, None if proj.skip_bias_add else proj.bias), (
+            proj.bias if proj.skip_bias_add else None
+        )
+
+    def _qkv_bias(self):
+        lin = self.linear_qkv
+        return None if lin.skip_bias_add else lin.bias
+
+    def _rope_tables(self, freqs, dtype):
+        """cos/sin for these angles, kept while megatron passes the same (cached) angles;
+        never kept from inference mode, whose tensors autograd cannot save."""
+        cached = self.__dict__.get("_phi4_rope")
+        if cached is not None and cached[0] is freqs and cached[1] == dtype:
+            return cached[2]
+        tables = rope_tables(freqs, self._phi4_mscale, dtype)
+        if not torch.is_inference_mode_enabled():
+            self.__dict__["_phi4_rope"] = (freqs, dtype, tables)
+        return tables
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, **kwargs):
+        if _attention_call_ok(self, attention_mask, key_value_states, inference_context,
+                              rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+                              attention_bias, packed_seq_params, kwargs):
+            return self.fast_forward(hidden_states, rotary_pos_emb)
+        return super().forward(
+            hidden_states, attention_mask, key_value_states=key_value_states,
+            inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+            rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+            **kwargs,
+        )
+
+
+def _attention_call_ok(attn, attention_mask, key_value_states, inference_context, rotary_pos_emb,
+                       rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin, attention_bias,
+                       packed_seq_params, kwargs) -> bool:
+    return (
+        attention_mask is None
+        and key_value_states is None
+        and inference_context is None
+        and rotary_pos_cos is None
+        and rotary_pos_sin is None
+        and rotary_pos_cos_sin is None
+        and attention_bias is None
+        and packed_seq_params is None
+        and not kwargs.get("inference_params")
+        and isinstance(rotary_pos_emb, (torch.Tensor, type(None)))
+        and not (attn.training and attn.core_attention.attention_dropout.p > 0.0)
+    )
+
+
+def _attention_ok(m) -> bool:
+    cfg = m.config
+    return (
+        type(m.core_attention) is SDPADotProductAttention
+        and getattr(m.core_attention, "softmax_offset", None) is None
+        and getattr(cfg, "window_size", None) is None
+        and m.attention_type == "self"
+        and _plain_linear_ok(m.linear_qkv)
+        and _plain_linear_ok(m.linear_proj)
+        and m.num_attention_heads_per_partition % m.num_query_groups_per_partition == 0
+        and (m.q_layernorm is None or isinstance(m.q_layernorm, IdentityOp))
+        and (m.k_layernorm is None or isinstance(m.k_layernorm, IdentityOp))
+        and not cfg.attention_output_gate
+        and not cfg.rotary_interleaved
+        and not cfg.multi_latent_attention
+        and not cfg.apply_rope_fusion
+        and not cfg.no_rope_freq
+        and not cfg.test_mode
+        and not m.checkpoint_core_attention
+        and not (m.offload_qkv_linear or m.offload_core_attention or m.offload_attn_proj)
+    )
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b for x = [a, b] (last dim), as one node: saves only x, and the backward is
+    autograd's for ``silu(a) * b`` (the same products, the same silu_backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        a, b = torch.chunk(x, 2, dim=-1)
+        ctx.save_for_backward(x)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        a, b = torch.chunk(x, 2, dim=-1)
+        grad_a = torch.ops.aten.silu_backward(grad * b, a)
+        return torch.cat((grad_a, grad * F.silu(a)), dim=-1)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(x)
+
+
+class FastMLP(MLP):
+    def fast_forward(self, hidden_states):
+        fc1, fc2 = self.linear_fc1, self.linear_fc2
+        h = F.linear(hidden_states, fc1.weight, None if fc1.skip_bias_add else fc1.bias)
+        if fc1.skip_bias_add and fc1.bias is not None:
+            h = h + fc1.bias
+        out = F.linear(swiglu(h), fc2.weight, None if fc2.skip_bias_add else fc2.bias)
+        return out, (fc2.bias if fc2.skip_bias_add else None)
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if per_token_scale is None:
+            return self.fast_forward(hidden_states)
+        return super().forward(hidden_states, per_token_scale, **kwargs)
+
+
+def _mlp_ok(m) -> bool:
+    cfg = m.config
+    return (
+        type(m) is MLP
+        and cfg.gated_linear_unit
+        and cfg.activation_func is F.silu
+        and not cfg.use_te_activation_func
+        and not cfg.bias_activation_fusion
+        and getattr(cfg, "activation_func_clamp_value", None) is None
+        and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
+        and _plain_linear_ok(m.linear_fc1)
+        and _plain_linear_ok(m.linear_fc2)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer layer
+# ---------------------------------------------------------------------------------------------
+
+
+class FastTransformerLayer(TransformerLayer):
+    """norm -> self-attention -> + residual -> norm -> MLP -> + residual, without megatron's
+    recompute/offload/inference/cross-attention branches (none of which is configured)."""
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
+        attn = self.self_attention
+        kwargs.pop("dynamic_inference_decode_only", None)
+        if not (
+            context is None
+            and context_mask is None
+            and (not self.training or self.hidden_dropout == 0.0)
+            and _attention_call_ok(attn, attention_mask, None, inference_context,
+                                   rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
+                                   rotary_pos_cos_sin, attention_bias, packed_seq_params, kwargs)
+        ):
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, context=context,
+                context_mask=context_mask, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                inference_context=inference_context, packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset, padding_mask=padding_mask, **kwargs,
+            )
+        # megatron's bias-dropout-add without bias and with p = 0 is ``residual + out``.
+        out, bias = attn.fast_forward(self.input_layernorm(hidden_states), rotary_pos_emb)
+        hidden_states = hidden_states + (out if bias is None else out + bias)
+        out, bias = self.mlp.fast_forward(self.pre_mlp_layernorm(hidden_states))
+        hidden_states = hidden_states + (out if bias is None else out + bias)
+        return hidden_states, context
+
+
+def _layer_ok(m) -> bool:
+    cfg = m.config
+    return (
+        type(m) is TransformerLayer
+        and isinstance(m.self_attention, FastSelfAttention)
+        and isinstance(m.mlp, FastMLP)
+        and not m.is_moe_layer
+        and isinstance(m.pre_cross_attn_layernorm, IdentityOp)
+        and isinstance(m.cross_attention, IdentityOp)
+        and not (m.recompute_input_layernorm or m.recompute_pre_mlp_layernorm or m.recompute_mlp)
+        and not (m.offload_attn_norm or m.offload_mlp_norm)
+        and not cfg.inference_fuse_tp_communication
+        and cfg.recompute_granularity is None
+        and not cfg.fp32_residual_connection
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping
+# ---------------------------------------------------------------------------------------------
+
+# (megatron class, fast class, check); children before parents, so a layer sees its parts.
+_SWAPS = (
+    (ColumnParallelLinear, FastColumnParallelLinear, _plain_linear_ok),
+    (RowParallelLinear, FastRowParallelLinear, _plain_linear_ok),
+    (VocabParallelEmbedding, FastVocabParallelEmbedding, _embedding_ok),
+    (SelfAttention, FastSelfAttention, _attention_ok),
+    (MLP, FastMLP, _mlp_ok),
+    (TransformerLayer, FastTransformerLayer, _layer_ok),
+)
+_FAST = {fast: base for base, fast, _ in _SWAPS}
+
+
+def apply(model: torch.nn.Module) -> int:
+    """Swap every module that qualifies for its fast class; returns how many were swapped."""
+    swapped = 0
+    for base, fast, ok in _SWAPS:
+        for m in model.modules():
+            if type(m) is base and ok(m):
+                m.__class__ = fast
+                if fast is FastSelfAttention:
+                    m._phi4_mscale = float(_yarn_get_concentration_factor_from_config(m.config))
+                swapped += 1
+    return swapped
+
+
+def remove(model: torch.nn.Module) -> int:
+    """Put megatron's classes back (tests compare the two paths on the same weights)."""
+    restored = 0
+    for m in model.modules():
+        base = _FAST.get(type(m))
+        if base is not None:
+            m.__class__ = base
+            m.__dict__.pop("_phi4_rope", None)
+            restored += 1
+    return restored
+
+
+def is_applied(model: torch.nn.Module) -> bool:
+    return any(type(m) in _FAST for m in model.modules())
