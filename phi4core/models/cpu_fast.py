@@ -8,9 +8,10 @@ whose forward computes the same function with plain torch calls:
 
 * linears: ``F.linear`` (TP=1: megatron's autograd function reduces to the same matmuls);
 * the word embedding: ``F.embedding`` (TP=1: the reduction is an identity);
-* self-attention: one qkv matmul, RoPE on q and k in one go (cos/sin computed once and reused
-  by every layer), torch SDPA with ``is_causal`` and native GQA;
-* the MLP: SwiGLU as one autograd node (saves only the fc1 output);
+* self-attention: one qkv matmul; splitting q/k/v and RoPE on q and k as one autograd node
+  (cos/sin computed once and reused by every layer); torch SDPA with ``is_causal`` and
+  native GQA;
+* the MLP: SwiGLU as one autograd node writing its gradient in place (no split/cat);
 * the transformer layer: norm, attention, residual add, norm, MLP, residual add.
 
 Every fast forward is exactly the megatron computation (same ops on the same values, so the
@@ -114,13 +115,63 @@ def rope_tables(freqs: torch.Tensor, mscale: float, dtype: torch.dtype):
     return cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
 
 
-def apply_rope(t: torch.Tensor, tables) -> torch.Tensor:
-    """Megatron's ``t * cos + rotate_half(t) * sin`` on the rotary part, the rest passed
-    through. ``a + (-b) * s`` is ``a - b * s`` exactly in IEEE arithmetic."""
+def _rope_into(out: torch.Tensor, t: torch.Tensor, tables) -> None:
+    """Write megatron's ``t * cos + rotate_half(t) * sin`` (rotary part, the rest copied) to out.
+    ``a + (-b) * s`` is ``a - b * s`` exactly in IEEE arithmetic; one rounding per op, as in
+    megatron's sequence of ops."""
     c1, c2, s1, s2 = tables
-    half = c1.shape[-1]
-    x1, x2, rest = t[..., :half], t[..., half : 2 * half], t[..., 2 * half :]
-    return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, rest), dim=-1)
+    h = c1.shape[-1]
+    x1, x2 = t[..., :h], t[..., h : 2 * h]
+    o1, o2 = out[..., :h], out[..., h : 2 * h]
+    torch.mul(x1, c1, out=o1).sub_(x2 * s1)
+    torch.mul(x2, c2, out=o2).add_(x1 * s2)
+    out[..., 2 * h :].copy_(t[..., 2 * h :])
+
+
+def _rope_grad_into(out: torch.Tensor, grad: torch.Tensor, tables) -> None:
+    """The gradient autograd computes through megatron's RoPE: grad * cos plus the rotated-back
+    grad * sin, i.e. [g1 c1 + g2 s2, g2 c2 - g1 s1], the rest passed through."""
+    c1, c2, s1, s2 = tables
+    h = c1.shape[-1]
+    g1, g2 = grad[..., :h], grad[..., h : 2 * h]
+    o1, o2 = out[..., :h], out[..., h : 2 * h]
+    torch.mul(g1, c1, out=o1).add_(g2 * s2)
+    torch.mul(g2, c2, out=o2).sub_(g1 * s1)
+    out[..., 2 * h :].copy_(grad[..., 2 * h :])
+
+
+class _QKVRope(torch.autograd.Function):
+    """megatron's grouped qkv projection output [s, b, groups, heads per group + 2, head dim]
+    to (query [s, b, groups, heads per group, d], key [s, b, groups, 1, d] with RoPE applied,
+    value [s, b, groups, 1, d]) as one autograd node: the backward writes the three gradients
+    straight into one tensor instead of zero-filling and summing one per slice."""
+
+    @staticmethod
+    def forward(ctx, mixed, tables, per_group):
+        s, b, ng, _, hn = mixed.shape
+        query = mixed.new_empty(s, b, ng, per_group, hn)
+        key = mixed.new_empty(s, b, ng, 1, hn)
+        if tables is None:
+            query.copy_(mixed[:, :, :, :per_group])
+            key.copy_(mixed[:, :, :, per_group : per_group + 1])
+        else:
+            _rope_into(query, mixed[:, :, :, :per_group], tables)
+            _rope_into(key, mixed[:, :, :, per_group : per_group + 1], tables)
+        ctx.tables, ctx.per_group, ctx.shape = tables, per_group, mixed.shape
+        return query, key, mixed[:, :, :, per_group + 1 :]
+
+    @staticmethod
+    def backward(ctx, grad_query, grad_key, grad_value):
+        per_group, tables = ctx.per_group, ctx.tables
+        grad = grad_query.new_empty(ctx.shape)
+        if tables is None:
+            grad[:, :, :, :per_group].copy_(grad_query)
+            grad[:, :, :, per_group : per_group + 1].copy_(grad_key)
+        else:
+            _rope_grad_into(grad[:, :, :, :per_group], grad_query, tables)
+            _rope_grad_into(grad[:, :, :, per_group : per_group + 1], grad_key, tables)
+        grad[:, :, :, per_group + 1 :].copy_(grad_value)
+        return grad, None, None
 
 
 class FastSelfAttention(SelfAttention):
@@ -135,12 +186,13 @@ class FastSelfAttention(SelfAttention):
         s, b = mixed.shape[0], mixed.shape[1]
         # megatron's qkv layout: per query group, its query heads, then one key, one value.
         mixed = mixed.view(s, b, ng, per_group + 2, hn)
-        qk = mixed[:, :, :, : per_group + 1]
+        tables = None
         if rotary_pos_emb is not None:
-            qk = apply_rope(qk, self._rope_tables(rotary_pos_emb, qk.dtype))
-        query = qk[:, :, :, :per_group].reshape(s, b, heads, hn).permute(1, 2, 0, 3)
-        key = qk[:, :, :, per_group].permute(1, 2, 0, 3)
-        value = mixed[:, :, :, per_group + 1].permute(1, 2, 0, 3)
+            tables = self._rope_tables(rotary_pos_emb, mixed.dtype)
+        query, key, value = _QKVRope.apply(mixed, tables, per_group)
+        query = query.view(s, b, heads, hn).permute(1, 2, 0, 3)
+        key = key.view(s, b, ng, hn).permute(1, 2, 0, 3)
+        value = value.view(s, b, ng, hn).permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=self.core_attention.softmax_scale,
             enable_gqa=ng != heads,
@@ -226,21 +278,26 @@ def _attention_ok(m) -> bool:
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(a) * b for x = [a, b] (last dim), as one node: saves only x, and the backward is
-    autograd's for ``silu(a) * b`` (the same products, the same silu_backward)."""
+    """silu(a) * b for x = [a, b] (last dim), as one node. Saves x and silu(a), as autograd
+    does for ``silu(a) * b``, and computes the same products and the same silu_backward, but
+    writes both halves of the gradient straight into one tensor (no split/cat copies)."""
 
     @staticmethod
     def forward(ctx, x):
         a, b = torch.chunk(x, 2, dim=-1)
-        ctx.save_for_backward(x)
-        return F.silu(a) * b
+        silu_a = F.silu(a)
+        ctx.save_for_backward(x, silu_a)
+        return silu_a * b
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
+        x, silu_a = ctx.saved_tensors
         a, b = torch.chunk(x, 2, dim=-1)
-        grad_a = torch.ops.aten.silu_backward(grad * b, a)
-        return torch.cat((grad_a, grad * F.silu(a)), dim=-1)
+        grad_x = torch.empty_like(x)
+        grad_a, grad_b = torch.chunk(grad_x, 2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * b, a, grad_input=grad_a)
+        torch.mul(grad, silu_a, out=grad_b)
+        return grad_x
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
