@@ -115,62 +115,83 @@ def rope_tables(freqs: torch.Tensor, mscale: float, dtype: torch.dtype):
     return cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
 
 
-def _rope_into(out: torch.Tensor, t: torch.Tensor, tables) -> None:
-    """Write megatron's ``t * cos + rotate_half(t) * sin`` (rotary part, the rest copied) to out.
-    ``a + (-b) * s`` is ``a - b * s`` exactly in IEEE arithmetic; one rounding per op, as in
-    megatron's sequence of ops."""
+def _rope_into(out: torch.Tensor, t: torch.Tensor, tables, tmp: torch.Tensor) -> None:
+    """Write megatron's ``t * cos + rotate_half(t) * sin`` (rotary part; the rest copied) to
+    ``out``. ``a + (-b) * s`` is ``a - b * s`` exactly in IEEE arithmetic, and each product is
+    rounded once, as in megatron's sequence of ops. ``out`` and ``tmp`` (half the rotary width)
+    are laid out position-innermost, so these small-headed elementwise ops run in long rows."""
     c1, c2, s1, s2 = tables
     h = c1.shape[-1]
     x1, x2 = t[..., :h], t[..., h : 2 * h]
     o1, o2 = out[..., :h], out[..., h : 2 * h]
-    torch.mul(x1, c1, out=o1).sub_(x2 * s1)
-    torch.mul(x2, c2, out=o2).add_(x1 * s2)
+    torch.mul(x1, c1, out=o1)
+    o1.sub_(torch.mul(x2, s1, out=tmp))
+    torch.mul(x2, c2, out=o2)
+    o2.add_(torch.mul(x1, s2, out=tmp))
     out[..., 2 * h :].copy_(t[..., 2 * h :])
 
 
-def _rope_grad_into(out: torch.Tensor, grad: torch.Tensor, tables) -> None:
+def _rope_grad_into(out: torch.Tensor, grad: torch.Tensor, tables, tmp: torch.Tensor) -> None:
     """The gradient autograd computes through megatron's RoPE: grad * cos plus the rotated-back
-    grad * sin, i.e. [g1 c1 + g2 s2, g2 c2 - g1 s1], the rest passed through."""
+    grad * sin, i.e. [g1 c1 + g2 s2, g2 c2 - g1 s1]; the rest passed through."""
     c1, c2, s1, s2 = tables
     h = c1.shape[-1]
     g1, g2 = grad[..., :h], grad[..., h : 2 * h]
     o1, o2 = out[..., :h], out[..., h : 2 * h]
-    torch.mul(g1, c1, out=o1).add_(g2 * s2)
-    torch.mul(g2, c2, out=o2).sub_(g1 * s1)
+    torch.mul(g1, c1, out=o1)
+    o1.add_(torch.mul(g2, s2, out=tmp))
+    torch.mul(g2, c2, out=o2)
+    o2.sub_(torch.mul(g1, s1, out=tmp))
     out[..., 2 * h :].copy_(grad[..., 2 * h :])
 
 
+def _heads_major(t: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A new tensor stored [b, groups, heads, s, d], viewed as [s, b, groups, heads, d]."""
+    b, ng, heads, s, d = shape
+    return t.new_empty(b, ng, heads, s, d).permute(3, 0, 1, 2, 4)
+
+
 class _QKVRope(torch.autograd.Function):
-    """megatron's grouped qkv projection output [s, b, groups, heads per group + 2, head dim]
-    to (query [s, b, groups, heads per group, d], key [s, b, groups, 1, d] with RoPE applied,
-    value [s, b, groups, 1, d]) as one autograd node: the backward writes the three gradients
-    straight into one tensor instead of zero-filling and summing one per slice."""
+    """megatron's grouped qkv projection [s, b, groups, heads per group + 2, d] to SDPA's
+    (query [b, heads, s, d], key [b, groups, s, d] with RoPE applied, value [b, groups, s, d])
+    as one autograd node. query and key are written once, straight into SDPA's layout; the
+    backward writes the three gradients into one tensor instead of zero-filling and summing
+    one per slice."""
 
     @staticmethod
     def forward(ctx, mixed, tables, per_group):
-        s, b, ng, _, hn = mixed.shape
-        query = mixed.new_empty(s, b, ng, per_group, hn)
-        key = mixed.new_empty(s, b, ng, 1, hn)
+        s, b, ng, _, d = mixed.shape
+        query = _heads_major(mixed, b, ng, per_group, s, d)
+        key = _heads_major(mixed, b, ng, 1, s, d)
+        q_in, k_in = mixed[:, :, :, :per_group], mixed[:, :, :, per_group : per_group + 1]
         if tables is None:
-            query.copy_(mixed[:, :, :, :per_group])
-            key.copy_(mixed[:, :, :, per_group : per_group + 1])
+            query.copy_(q_in)
+            key.copy_(k_in)
         else:
-            _rope_into(query, mixed[:, :, :, :per_group], tables)
-            _rope_into(key, mixed[:, :, :, per_group : per_group + 1], tables)
+            tmp = _heads_major(mixed, b, ng, per_group, s, tables[0].shape[-1])
+            _rope_into(query, q_in, tables, tmp)
+            _rope_into(key, k_in, tables, tmp[:, :, :, :1])
         ctx.tables, ctx.per_group, ctx.shape = tables, per_group, mixed.shape
-        return query, key, mixed[:, :, :, per_group + 1 :]
+        value = mixed[:, :, :, per_group + 1].permute(1, 2, 0, 3)
+        return (query.permute(1, 2, 3, 0, 4).reshape(b, ng * per_group, s, d),
+                key.permute(1, 2, 3, 0, 4).reshape(b, ng, s, d), value)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key, grad_value):
         per_group, tables = ctx.per_group, ctx.tables
-        grad = grad_query.new_empty(ctx.shape)
+        s, b, ng, _, d = ctx.shape
+        gq = grad_query.reshape(b, ng, per_group, s, d).permute(3, 0, 1, 2, 4)
+        gk = grad_key.reshape(b, ng, 1, s, d).permute(3, 0, 1, 2, 4)
+        grad = _heads_major(grad_query, b, ng, per_group + 2, s, d)
         if tables is None:
-            grad[:, :, :, :per_group].copy_(grad_query)
-            grad[:, :, :, per_group : per_group + 1].copy_(grad_key)
+            grad[:, :, :, :per_group].copy_(gq)
+            grad[:, :, :, per_group : per_group + 1].copy_(gk)
         else:
-            _rope_grad_into(grad[:, :, :, :per_group], grad_query, tables)
-            _rope_grad_into(grad[:, :, :, per_group : per_group + 1], grad_key, tables)
-        grad[:, :, :, per_group + 1 :].copy_(grad_value)
+            tmp = _heads_major(grad_query, b, ng, per_group, s, tables[0].shape[-1])
+            _rope_grad_into(grad[:, :, :, :per_group], gq, tables, tmp)
+            _rope_grad_into(grad[:, :, :, per_group : per_group + 1], gk, tables,
+                            tmp[:, :, :, :1])
+        grad[:, :, :, per_group + 1].copy_(grad_value.permute(2, 0, 1, 3))
         return grad, None, None
 
 
@@ -190,9 +211,6 @@ class FastSelfAttention(SelfAttention):
         if rotary_pos_emb is not None:
             tables = self._rope_tables(rotary_pos_emb, mixed.dtype)
         query, key, value = _QKVRope.apply(mixed, tables, per_group)
-        query = query.view(s, b, heads, hn).permute(1, 2, 0, 3)
-        key = key.view(s, b, ng, hn).permute(1, 2, 0, 3)
-        value = value.view(s, b, ng, hn).permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=True, scale=self.core_attention.softmax_scale,
             enable_gqa=ng != heads,
