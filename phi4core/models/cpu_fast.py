@@ -154,7 +154,7 @@ def _heads_major(t: torch.Tensor, *shape: int) -> torch.Tensor:
 class _QKVRope(torch.autograd.Function):
     """megatron's grouped qkv projection [s, b, groups, heads per group + 2, d] to SDPA's
     (query [b, heads, s, d], key [b, groups, s, d] with RoPE applied, value [b, groups, s, d])
-    as one autograd node. query and key are written once, straight into SDPA's layout; the
+    as one autograd node. All three are written once, straight into SDPA's layout; the
     backward writes the three gradients into one tensor instead of zero-filling and summing
     one per slice."""
 
@@ -171,10 +171,10 @@ class _QKVRope(torch.autograd.Function):
             tmp = _heads_major(mixed, b, ng, per_group, s, tables[0].shape[-1])
             _rope_into(query, q_in, tables, tmp)
             _rope_into(key, k_in, tables, tmp[:, :, :, :1])
+        value = _heads_major(mixed, b, ng, 1, s, d)
+        value.copy_(mixed[:, :, :, per_group + 1 :])
         ctx.tables, ctx.per_group, ctx.shape = tables, per_group, mixed.shape
-        value = mixed[:, :, :, per_group + 1].permute(1, 2, 0, 3)
-        return (query.permute(1, 2, 3, 0, 4).reshape(b, ng * per_group, s, d),
-                key.permute(1, 2, 3, 0, 4).reshape(b, ng, s, d), value)
+        return tuple(t.permute(1, 2, 3, 0, 4).reshape(b, -1, s, d) for t in (query, key, value))
 
     @staticmethod
     def backward(ctx, grad_query, grad_key, grad_value):
