@@ -182,3 +182,35 @@ def test_build_model_uses_fast_paths_only_on_cpu_without_te(single):
     if not expected:
         with pytest.raises(RuntimeError, match="cpu_fast=True"):
             build_model(preset("phi4_mini_tiny"), cpu_fast=True)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora_then_fast", "fast_then_lora"])
+def test_linears_with_adapters_keep_their_own_forward(single, lora_first):
+    """A linear given LoRA adapters is no plain matmul: the fused attention/MLP/layer paths
+    must not skip it, whether the adapters came before the swap or after it."""
+    from phi4core.models import cpu_fast
+    from phi4core.models.decoder import build_model
+    from phi4core.models.lora import add_lora, lora_linears, set_adapter
+
+    mc = preset("phi4_multimodal_tiny")
+    adapters = {"vision": mc.lora_vision}
+    torch.manual_seed(5)
+    meg = build_model(mc, cpu_fast=False)
+    add_lora(meg, adapters)
+    fast = build_model(mc, cpu_fast=not lora_first)
+    add_lora(fast, adapters)
+    if lora_first:
+        cpu_fast.apply(fast)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, linear in lora_linears(meg):
+            for f in linear.lora_factors().values():
+                f.B.copy_(torch.randn(f.B.shape, generator=g) * 0.05)
+    fast.load_state_dict(meg.state_dict())
+    x, y = _tokens(mc, 16)
+    for model in (meg, fast):
+        set_adapter(model, "vision")
+    _assert_same(_step(fast, x, y), _step(meg, x, y))
+    set_adapter(meg, "language")
+    assert not torch.allclose(_step(meg, x, y)[0], _step(fast, x, y)[0])  # the adapter counts

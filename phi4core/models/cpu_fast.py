@@ -92,6 +92,12 @@ class FastVocabParallelEmbedding(VocabParallelEmbedding):
         return F.embedding(input_, self.weight)
 
 
+def _fast_linears(*linears) -> bool:
+    """Each linear is still one of the fast plain ones: a linear given LoRA adapters (or any
+    other subclass) has a forward of its own that the fused attention/MLP paths would skip."""
+    return all(type(m) in (FastColumnParallelLinear, FastRowParallelLinear) for m in linears)
+
+
 def _embedding_ok(m) -> bool:
     return (
         m.tp_group.size() == 1
@@ -269,6 +275,7 @@ def _attention_call_ok(attn, attention_mask, key_value_states, inference_context
         and not kwargs.get("inference_params")
         and isinstance(rotary_pos_emb, (torch.Tensor, type(None)))
         and not (attn.training and attn.core_attention.attention_dropout.p > 0.0)
+        and _fast_linears(attn.linear_qkv, attn.linear_proj)
     )
 
 
@@ -279,8 +286,7 @@ def _attention_ok(m) -> bool:
         and getattr(m.core_attention, "softmax_offset", None) is None
         and getattr(cfg, "window_size", None) is None
         and m.attention_type == "self"
-        and _plain_linear_ok(m.linear_qkv)
-        and _plain_linear_ok(m.linear_proj)
+        and _fast_linears(m.linear_qkv, m.linear_proj)  # swapped already: children first
         and m.num_attention_heads_per_partition % m.num_query_groups_per_partition == 0
         and (m.q_layernorm is None or isinstance(m.q_layernorm, IdentityOp))
         and (m.k_layernorm is None or isinstance(m.k_layernorm, IdentityOp))
@@ -332,7 +338,7 @@ class FastMLP(MLP):
         return out, (fc2.bias if fc2.skip_bias_add else None)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        if per_token_scale is None:
+        if per_token_scale is None and _fast_linears(self.linear_fc1, self.linear_fc2):
             return self.fast_forward(hidden_states)
         return super().forward(hidden_states, per_token_scale, **kwargs)
 
@@ -347,8 +353,7 @@ def _mlp_ok(m) -> bool:
         and not cfg.bias_activation_fusion
         and getattr(cfg, "activation_func_clamp_value", None) is None
         and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
-        and _plain_linear_ok(m.linear_fc1)
-        and _plain_linear_ok(m.linear_fc2)
+        and _fast_linears(m.linear_fc1, m.linear_fc2)  # swapped already: children first
     )
 
 
@@ -374,6 +379,7 @@ class FastTransformerLayer(TransformerLayer):
             and _attention_call_ok(attn, attention_mask, None, inference_context,
                                    rotary_pos_emb, rotary_pos_cos, rotary_pos_sin,
                                    rotary_pos_cos_sin, attention_bias, packed_seq_params, kwargs)
+            and _fast_linears(self.mlp.linear_fc1, self.mlp.linear_fc2)
         ):
             return super().forward(
                 hidden_states, attention_mask=attention_mask, context=context,
