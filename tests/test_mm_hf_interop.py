@@ -16,7 +16,7 @@ from phi4core.config import LoraConfig, preset
 
 pytest.importorskip("peft")
 try:
-    import torchvision  # noqa: F401  (made importable by tests/_torchvision_shim.py)
+    import torchvision  # noqa: F401  (made importable by phi4core.torchvision_compat)
 except Exception:  # pragma: no cover - the shim's platform check
     pytest.skip("torchvision not importable", allow_module_level=True)
 

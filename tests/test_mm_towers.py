@@ -14,7 +14,7 @@ from phi4core.config import preset
 
 torchvision_ok = True
 try:
-    import torchvision  # noqa: F401  (made importable by tests/_torchvision_shim.py)
+    import torchvision  # noqa: F401  (made importable by phi4core.torchvision_compat)
 except Exception:  # pragma: no cover - where it is not installed
     torchvision_ok = False
 needs_torchvision = pytest.mark.skipif(not torchvision_ok, reason="torchvision not importable")
