@@ -13,8 +13,8 @@ from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "base_config_kwargs", "count", "decoder_settings", "place_like_megatron",
-           "projector_config", "tp_group", "use_transformer_engine"]
+__all__ = ["BufferTree", "ShardedTower", "base_config_kwargs", "count", "decoder_settings",
+           "place_like_megatron", "projector_config", "tp_group", "use_transformer_engine"]
 
 
 def tp_group():
@@ -82,6 +82,18 @@ def place_like_megatron(module: nn.Module, config: TransformerConfig) -> None:
     if (not config.use_cpu_initialization and gpu_available()
             and torch.empty(0).device.type == "cpu"):
         module.cuda(torch.cuda.current_device())
+
+
+class ShardedTower:
+    """A tower's distributed-checkpoint entries: megatron's recursion (``MegatronModule``'s),
+    so its megatron layers declare their own tensor-parallel splits and everything else is
+    replicated. Without it a plain torch module holding megatron layers is taken whole as
+    replicated, and a TP-split projector would be saved from one rank's shard only."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.module import MegatronModule
+
+        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def count(module: nn.Module) -> int:
