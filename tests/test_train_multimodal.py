@@ -43,8 +43,13 @@ def _summary(spec, artifact: str) -> dict:
 
 
 def _tensors(folder: Path) -> dict:
-    """Every tensor of a weights folder, by key (megatron's plain-tensor reader)."""
+    """Every tensor of a weights folder, by key (megatron's plain-tensor reader; it needs a
+    process group)."""
     from megatron.core import dist_checkpointing
+
+    from phi4core.parallel import init_single_process
+
+    init_single_process()
 
     return {k: v for k, v in dist_checkpointing.load_plain_tensors(str(folder)).items()
             if not k.endswith("_extra_state")}
@@ -123,7 +128,7 @@ def test_frozen_backbone_is_the_text_artifact(text, vision):
 
 
 def test_joint_stage_assembles_backbone_and_both_artifacts(work, text, vision, speech):
-    """backbone + vision + speech artifacts -> the whole model; the frozen speech path and
+    """The backbone + vision + speech artifacts -> the whole model; the frozen speech path and
     backbone come out bit-identical to their inputs, the vision path trained further."""
     inputs = {**_backbone(text),
               "vision": {"source": "stage", "path": str(_artifact(vision, "vision")),
