@@ -1,10 +1,9 @@
-"""Stage artifacts across layouts (run by tests/test_artifacts_mp.py under torchrun, gloo):
+"""Stage artifacts across layouts (run by tests/test_artifacts_mp.py under torchrun, gloo).
 
-save SRC            1 process, TP=1: a tiny multimodal model (LoRA B random, so adapters
-are not zeros) saved as three artifacts, SRC/{backbone,vision,speech},
-each with exactly its module groups
-assemble SRC OUT TP PP   the same model rebuilt from other seeds at TP x PP, its groups
-loaded from the three artifacts, saved whole to OUT/model
+`save SRC` (1 process, TP=1): a tiny multimodal model, its LoRA B factors random so the
+adapters are not zeros, saved as three artifacts SRC/backbone, SRC/vision and SRC/speech, each
+with exactly its module groups. `assemble SRC OUT TP PP`: the same model built from other
+seeds at TP x PP, its groups loaded from the three artifacts, saved whole to OUT/model.
 """
 
 from __future__ import annotations
