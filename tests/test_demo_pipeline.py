@@ -68,7 +68,7 @@ def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None
     run = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
                str(store), env=env)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "9 succeeded" in run.stdout
+    assert "9 succeeded" in run.stdout + run.stderr
     for stage, artifact in MULTIMODAL_OUTPUTS.items():
         curve = losses(store, stage)
         assert sum(curve[-5:]) < sum(curve[:5]), (stage, curve)

@@ -65,7 +65,8 @@ def provided_groups(spec: StageSpec, name: str, inp) -> list[str]:
 
 
 def plan_inputs(spec: StageSpec) -> dict[str, list[str]]:
-    """{input name: the groups it loads}; every group at most once."""
+    """{input name: the groups it loads}; every group at most once, a frozen input's never
+    trainable."""
     plan: dict[str, list[str]] = {}
     owner: dict[str, str] = {}
     for name, inp in spec.inputs.items():
@@ -74,6 +75,10 @@ def plan_inputs(spec: StageSpec) -> dict[str, list[str]]:
         if clash:
             raise InputError(f"inputs {owner[clash[0]]!r} and {name!r} both provide "
                              f"{', '.join(clash)}: one input per module group")
+        trained = sorted(g for g in groups if g in spec.trainable)
+        if inp.frozen and trained:
+            raise InputError(f"input {name!r} is frozen but provides {', '.join(trained)}, "
+                             "listed in `trainable`")
         owner.update({g: name for g in groups})
         plan[name] = groups
     return plan
