@@ -508,3 +508,29 @@ def test_png_and_wav_writers_accept_file_objects():
     buf = io.BytesIO()
     write_wav(buf, np.zeros(400))
     assert buf.getvalue()[:4] == b"RIFF"
+
+
+def test_model_inputs_carry_the_answer(datasets, corpora, tok):
+    """What the towers receive still holds the answer: the colour in the global view's pixels,
+    the pulse count and pitch in the log-Mel features."""
+    from phi4core.models.audio_features import mel_filters
+
+    collate = MultimodalCollator(SEQ, tok.pad_id, VISION)
+    palette = {k: torch.tensor(v) / 127.5 - 1 for k, v in COLOURS.items()}
+    batch = collate([datasets["image"][i] for i in range(12)])  # 12: ~100 MB of pixels
+    for row, rec in enumerate(records(corpora["image"])[:12]):
+        view = batch["image_pixel_values"][row, 0]  # the 448 x 448 global view
+        votes = {k: int(((view - c[:, None, None]).abs().sum(0) < 0.3).sum())
+                 for k, c in palette.items()}
+        assert max(votes, key=votes.get) == rec["truth"]["image"]["colour"]
+    centre_hz = (torch.arange(257) * 16000 / 512)[mel_filters().argmax(0)]
+    batch = collate([datasets["audio"][i] for i in range(N)])
+    for row, rec in enumerate(records(corpora["audio"])):
+        feats = batch["audio_input_features"][row, batch["audio_attention_mask"][row]]
+        peak = feats.max(-1).values
+        loud = peak > (peak.max() + peak.min()) / 2
+        pulses = int(loud[0]) + int((loud[1:] & ~loud[:-1]).sum())
+        lowest = float(np.percentile(centre_hz[feats[loud].argmax(-1)].numpy(), 10))
+        pitch = "low" if lowest < 500 else ("mid" if lowest < 1500 else "high")
+        truth = rec["truth"]["audio"]
+        assert (pulses, pitch) == (truth["count"], truth["pitch"])

@@ -1,4 +1,5 @@
-"""The text data layer: tokenizers, synthetic demo data, pre-training and chat SFT datasets.
+"""The data layer: tokenizers, synthetic demo data (text, chat, images, audio), pre-training,
+chat SFT and multimodal datasets.
 
 Submodules are imported on first use of a name below so that `import phi4core.data` stays
 cheap: torch and megatron-core are only loaded by the modules that build datasets.
@@ -20,6 +21,9 @@ _EXPORTS = {
     "render_chat": "chat", "tokenize_chat": "chat", "ChatDataset": "chat",
     "pack_lengths": "packing", "collate_packed": "packing", "PackedCollator": "packing",
     "block_causal_mask": "packing", "packed_seq_params": "packing",
+    "write_media_corpus": "synthetic_media",
+    "MultimodalDataset": "multimodal", "MultimodalCollator": "multimodal",
+    "MultimodalSamples": "multimodal", "build_multimodal_samples": "multimodal",
 }
 
 __all__ = sorted(_EXPORTS)
