@@ -70,6 +70,19 @@ for _g in GROUPS:
     ARTIFACT_GROUPS.setdefault(_g.artifact, ())
     ARTIFACT_GROUPS[_g.artifact] += (_g.name,)
 
+
+
+def artifact_groups(artifact: str, model_groups) -> tuple[str, ...]:
+    """The groups a stage's output ``artifact`` holds, for a model with ``model_groups``:
+    `model` is the whole model (a text model's backbone; every group of a multimodal one),
+    `vision` / `speech` the groups of ARTIFACT_GROUPS that the model has."""
+    if artifact == "model":
+        return tuple(model_groups)
+    if artifact not in ARTIFACT_GROUPS:
+        raise KeyError(f"unknown artifact {artifact!r}; known: {', '.join(ARTIFACT_GROUPS)}")
+    return tuple(g for g in model_groups if g in ARTIFACT_GROUPS[artifact])
+
+
 # The LoRA adapters: adapter name -> its group. The module holding an adapter's factors inside
 # a decoder linear is named after the group's rule (`lora_vision`), as is its ModelConfig field.
 LORA_ADAPTERS: dict[str, ModuleGroup] = {

@@ -46,3 +46,39 @@ def test_tiny_phi4_mini_pipeline_trains_then_is_up_to_date(tmp_path: Path) -> No
     status = json.loads(phi4("status", "--store", str(store), "--format", "json", env=env).stdout)
     assert {row["stage"]: row["state"] for row in status["stages"]} == {
         "text_pretrain": "succeeded", "text_post_train": "succeeded"}
+
+
+# What each stage's artifact holds (phi4core.module_groups), and the nine stages' outputs.
+VISION = {"vision.encoder", "vision.projector", "lora.vision"}
+SPEECH = {"audio.encoder", "audio.projector", "lora.speech"}
+ARTIFACT_GROUPS = {"model": {"backbone"} | VISION | SPEECH, "vision": VISION, "speech": SPEECH}
+MULTIMODAL_OUTPUTS = {
+    "vision_projector_align": "vision", "vision_joint_pretrain": "vision",
+    "vision_sft": "vision", "vision_multiframe": "vision", "speech_pretrain": "speech",
+    "speech_post_train": "speech", "vision_speech_joint": "model",
+}
+
+
+@pytest.mark.slow
+def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None:
+    """`make demo`'s multimodal part: every stage trains from the synthetic sources, its loss
+    falling, its frozen weights unchanged, its artifact holding exactly its module groups."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(tmp_path / "cache")}
+    store = tmp_path / "store"
+    run = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
+               str(store), env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "9 succeeded" in run.stdout + run.stderr
+    for stage, artifact in MULTIMODAL_OUTPUTS.items():
+        curve = losses(store, stage)
+        assert sum(curve[-5:]) < sum(curve[:5]), (stage, curve)
+        (folder,) = (store / "stages" / stage).glob(f"*/artifacts/{artifact}")
+        sums = json.loads((folder / "frozen_checksums.json").read_text())
+        assert sums["before"] == sums["after"] and "backbone" in sums["after"]["groups"]
+        groups = set(json.loads((folder / "phi4_model.json").read_text())["groups"])
+        assert groups == ARTIFACT_GROUPS[artifact], stage
+    (joint,) = (store / "stages" / "vision_speech_joint").glob("*/artifacts/model")
+    summary = json.loads((joint / "train_summary.json").read_text())
+    assert summary["inputs"] == {"backbone": ["backbone"],
+                                 "vision": ["lora.vision", "vision.encoder", "vision.projector"],
+                                 "speech": ["lora.speech", "audio.encoder", "audio.projector"]}

@@ -147,3 +147,24 @@ def test_image_sizes_are_required(model):
     inputs.pop("image_sizes")
     with pytest.raises(ValueError, match="image_sizes is required"):
         m(x, None, None, input_mode=1, **inputs)
+
+
+def test_towers_follow_the_decoder_dtype(single):
+    """bf16 parameters: the towers are built in the decoder's dtype and cast their own float32
+    processor outputs (a wrapper converts only positional inputs)."""
+    from phi4core.config import Precision
+    from phi4core.models.multimodal import build_multimodal_model
+
+    mc = preset("phi4_multimodal_tiny")
+    m = build_multimodal_model(mc, precision=Precision(params="bf16", fp8="off"))
+    assert {p.dtype for p in m.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in m.audio.parameters()} == {torch.bfloat16}
+    x, inputs = _image_batch()
+    assert inputs["image_pixel_values"].dtype == torch.float32
+    m.train()
+    loss = m(x, None, None, labels=x, input_mode=1, **inputs).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and m.vision.projector.linear_fc1.weight.grad is not None
+    x, inputs = _audio_batch()
+    out = m(x, None, None, labels=x, input_mode=2, **inputs)
+    assert torch.isfinite(out.float()).all()

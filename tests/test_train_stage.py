@@ -91,7 +91,7 @@ def test_chat_sft_from_artifact(pretrained, work):
     rc, out = _train(write_spec(spec, work / "sft.json"), work / "cache")
     assert rc == 0, out[-3000:]
     s = _summary(spec)
-    assert s["inputs"] == ["backbone"]
+    assert s["inputs"] == {"backbone": ["backbone"]}
     assert s["first_loss"] < 6.0  # starts from the pretrained weights, not from scratch (~6.2)
     assert s["last_loss"] < s["first_loss"] - 0.5, s
 
@@ -198,10 +198,18 @@ def test_corrupt_newest_checkpoint_falls_back(pretrained, work):
 def test_bad_specs_exit_2(work):
     from phi4core.config import PRESETS
 
-    spec = tiny_spec(work, "mm")
+    spec = tiny_spec(work, "mm")  # an output must hold the groups the stage trains
     spec.model = PRESETS["phi4_multimodal_tiny"]
+    spec.trainable, spec.outputs = ["lora.vision"], ["speech"]
     rc, out = _train(write_spec(spec, work / "mm.json"), work / "cache")
-    assert rc == 2 and "multimodal training is not available yet" in out
+    assert rc == 2 and "trainable groups lora.vision are in none of the outputs speech" in out
+    spec.outputs = ["vision", "audio"]
+    rc, out = _train(write_spec(spec, work / "mm.json"), work / "cache")
+    assert rc == 2 and "output 'audio' is not an artifact kind" in out
+    spec = tiny_spec(work, "media")  # images for a model without towers
+    spec.data.sources[0].modality = "image"
+    rc, out = _train(write_spec(spec, work / "media.json"), work / "cache")
+    assert rc == 2 and "image/audio sources need a multimodal model" in out
     (work / "junk.json").write_text('{"name": 1}')
     rc, out = _train(work / "junk.json", work / "cache")
     assert rc == 2 and "bad stage spec" in out

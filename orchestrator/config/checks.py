@@ -12,7 +12,7 @@ import fnmatch
 import math
 
 from phi4core.config import INT64_MAX, PRESETS, LearningRate, ModelConfig, preset
-from phi4core.module_groups import ARTIFACT_GROUPS
+from phi4core.module_groups import ARTIFACT_GROUPS, artifact_groups
 
 from .errors import Loc, Origin, Positions, Problem, did_you_mean, origin_of
 from .schema import MODULE_GROUPS, Recipe
@@ -120,12 +120,38 @@ def _check_groups(recipe: Recipe, model: ModelConfig | None, r: _Report) -> None
         r.add(("trainable",), "a train stage must train something (trainable is empty)")
     for group in sorted(trainable & frozen):
         r.add(("frozen",), f"{group!r} is both trainable and frozen")
+    _check_outputs(recipe, available, trainable, r)
     for name, inp in recipe.inputs.items():
         provided = set(ARTIFACT_GROUPS.get(inp.artifact or "model", ()))
         clash = sorted(provided & trainable) if inp.frozen else []
         if clash:
             r.add(("inputs", name, "frozen"),
                   f"this input is frozen but provides {', '.join(clash)}, listed in `trainable`")
+
+
+def _check_outputs(recipe: Recipe, available: list[str], trainable: set[str],
+                   r: _Report) -> None:
+    """A train stage's outputs are artifact kinds of its model, and hold what it trains (the
+    trainer writes each with exactly its module groups)."""
+    kept: set[str] = set()
+    bad = False
+    for i, out in enumerate(recipe.outputs):
+        if out not in ARTIFACT_GROUPS:
+            bad = True
+            r.add(("outputs", i), "a train stage's output is an artifact kind", out,
+                  hint=did_you_mean(out, list(ARTIFACT_GROUPS))
+                  or f"known: {', '.join(ARTIFACT_GROUPS)}")
+            continue
+        groups = artifact_groups(out, available)
+        if not groups:
+            bad = True
+            r.add(("outputs", i), "this model has none of the artifact's module groups", out,
+                  hint=f"{out} holds {', '.join(ARTIFACT_GROUPS[out])}")
+        kept.update(groups)
+    lost = sorted(trainable - kept)
+    if lost and not bad:
+        r.add(("outputs",), f"trainable {', '.join(lost)} in none of the outputs: their "
+              f"training would be thrown away", recipe.outputs)
 
 
 def _check_parallel(recipe: Recipe, model: ModelConfig, r: _Report) -> None:

@@ -4,7 +4,10 @@ Sample i of the run is always the same sequence, so the data position is just th
 consumed samples: a resumed run continues exactly where the checkpoint left it, whatever the
 DP size. Text sources (synthetic text, text_jsonl, indexed) become megatron's blended, packed
 GPTDataset; chat sources (synthetic chat, chat_jsonl) become packed ChatDataset sequences with
-assistant-only loss and block-causal masks.
+assistant-only loss and block-causal masks; multimodal sources (synthetic image, audio,
+image_audio) become chat samples with their media (phi4core.data.multimodal), mixed so that
+each micro-batch is one source, hence one input mode, and collated into the model's media
+inputs and `input_mode`.
 
 `StepBatches` reads and collates the micro-batches in `data.num_workers` loader processes
 (0: in the training process). Which samples make a micro-batch depends on the step alone, and
@@ -30,7 +33,12 @@ SYNTHETIC_SAMPLES = {"text": 2000, "chat": 800}
 
 
 class DataSpecError(ValueError):
-    """Sources this trainer cannot read (mixed text/chat, multimodal)."""
+    """Sources this trainer cannot read (mixed kinds, media for a text-only model, ...)."""
+
+
+# Sources whose samples carry media: synthetic modalities, and the real loaders' kinds.
+MEDIA_MODALITIES = ("image", "audio", "image_audio")
+MEDIA_KINDS = ("webdataset", "lhotse")
 
 
 def tokenizer_for(spec: StageSpec):
@@ -46,19 +54,25 @@ def tokenizer_for(spec: StageSpec):
 
 
 def data_kind(spec: StageSpec) -> str:
-    """'text' or 'chat' for the whole mixture."""
+    """'text', 'chat' or 'multimodal' for the whole mixture."""
     kinds = set()
     for s in spec.data.sources:
         if s.kind in ("indexed", "text_jsonl") or (s.kind == "synthetic" and s.modality == "text"):
             kinds.add("text")
         elif s.kind == "chat_jsonl" or (s.kind == "synthetic" and s.modality == "chat"):
             kinds.add("chat")
+        elif s.kind in MEDIA_KINDS or (s.kind == "synthetic" and s.modality in MEDIA_MODALITIES):
+            kinds.add("multimodal")
         else:
-            raise DataSpecError(f"source {s.kind}/{s.modality}: multimodal training is not "
-                                "available yet")
+            raise DataSpecError(f"source {s.kind}/{s.modality}: not a kind this trainer reads")
     if len(kinds) > 1:
-        raise DataSpecError("a stage mixes text and chat sources; use one kind per stage")
-    return kinds.pop()
+        raise DataSpecError(f"a stage mixes {' and '.join(sorted(kinds))} sources; use one "
+                            "kind per stage")
+    kind = kinds.pop()
+    if kind == "multimodal" and spec.model.vision is None and spec.model.audio is None:
+        raise DataSpecError(f"image/audio sources need a multimodal model; {spec.model.name} "
+                            "has no towers")
+    return kind
 
 
 def _synthetic_file(spec: StageSpec, i: int, modality: str, n: int) -> Path:
@@ -164,10 +178,36 @@ class ChatSamples:
         return self.sources[int(self.source_of[i])][int(self.index_in[i])]
 
 
+def multimodal_samples(spec: StageSpec, tokenizer, num_samples: int):
+    """The media samples of a multimodal stage, one source per micro-batch (one input mode)."""
+    from phi4core.data.multimodal import build_multimodal_samples
+
+    t = spec.train
+    try:
+        return rank0_first(lambda: build_multimodal_samples(
+            spec.data.sources, Path(spec.stage_dir) / "data", tokenizer, t.seq_length,
+            group=t.micro_batch_size, num_samples=num_samples, seed=t.seed,
+            vision=spec.model.vision, on_bad_record=spec.data.on_bad_record))
+    except ValueError as e:
+        raise DataSpecError(str(e)) from None
+
+
 def build_samples(spec: StageSpec, tokenizer, num_samples: int):
-    if data_kind(spec) == "text":
+    kind = data_kind(spec)
+    if kind == "text":
         return TextSamples(spec, tokenizer, num_samples)
+    if kind == "multimodal":
+        return multimodal_samples(spec, tokenizer, num_samples)
     return ChatSamples(spec, tokenizer, num_samples)
+
+
+def collator_for(spec: StageSpec, tokenizer, block_mask: bool):
+    """How this stage's items become a micro-batch."""
+    if data_kind(spec) == "multimodal":
+        from phi4core.data.multimodal import MultimodalCollator
+
+        return MultimodalCollator(spec.train.seq_length, tokenizer.pad_id, spec.model.vision)
+    return _Collate(block_mask)
 
 
 class _MicroBatchIndices:
@@ -222,7 +262,8 @@ class StepBatches:
     to the whole process group (Ctrl-C in a terminal, Slurm's TERM) leaves them running."""
 
     def __init__(self, samples, first_step: int, last_step: int, global_batch: int, micro: int,
-                 dp_rank: int, dp: int, block_mask: bool, num_workers: int = 0) -> None:
+                 dp_rank: int, dp: int, block_mask: bool, num_workers: int = 0,
+                 collate=None) -> None:
         from torch.utils.data import DataLoader
 
         self.num_micro = global_batch // dp // micro
@@ -230,7 +271,7 @@ class StepBatches:
             samples,
             batch_sampler=_MicroBatchIndices(first_step, last_step, global_batch, micro,
                                              dp_rank, dp),
-            collate_fn=_Collate(block_mask),
+            collate_fn=collate if collate is not None else _Collate(block_mask),
             num_workers=num_workers,
             multiprocessing_context="fork" if num_workers else None,
             worker_init_fn=_quiet_worker if num_workers else None,

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from phi4core.models.decoder import set_trainable
+from phi4core.module_groups import group_of
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -63,8 +64,9 @@ def weights_sha256(chunks: list) -> str:
 
 
 def frozen_checksums(chunks: list) -> dict:
-    """{"tensors": {name[shard]: sha256}, "combined": sha256} over every frozen tensor of every
-    rank (collective). Shard keys carry the tp/pp rank; DP replicas agree and coincide."""
+    """{"tensors": {name[shard]: sha256}, "groups": {module group: sha256}, "combined": sha256}
+    over every frozen tensor of every rank (collective). Shard keys carry the tp/pp rank; DP
+    replicas agree and coincide. A group is listed when any of its tensors is frozen."""
     from megatron.core import parallel_state as ps
 
     shard = f"tp{ps.get_tensor_model_parallel_rank()}.pp{ps.get_pipeline_model_parallel_rank()}"
@@ -76,9 +78,16 @@ def frozen_checksums(chunks: list) -> dict:
                 local[key] = hashlib.sha256(tensor_bytes(p)).hexdigest()
     merged = {k: v for part in _all_ranks(local) for k, v in part.items()}
     tensors = dict(sorted(merged.items()))
-    listing = "".join(f"{k}:{v}\n" for k, v in tensors.items())
-    combined = hashlib.sha256(listing.encode()).hexdigest()
-    return {"tensors": tensors, "combined": combined}
+
+    def digest(items) -> str:
+        return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in items).encode()).hexdigest()
+
+    by_group: dict[str, list] = {}
+    for k, v in tensors.items():
+        by_group.setdefault(group_of(k.split("[", 1)[0]), []).append((k, v))
+    return {"tensors": tensors,
+            "groups": {g: digest(items) for g, items in sorted(by_group.items())},
+            "combined": digest(tensors.items())}
 
 
 def check_unchanged(before: dict, after: dict) -> None:

@@ -4,8 +4,14 @@ run(spec) -> exit code. Steps: distributed + megatron state, model (+ inputs), f
 frozen checksums, megatron DDP + optimizer, data addressed by consumed samples, resume from the
 newest intact checkpoint, the step loop (LR from `lr_at`, grad accumulation through megatron's
 forward-backward schedule, global-norm clipping), periodic and preemption checkpoints, and the
-artifacts (`output_dir/model`: phi4 weights + tokenizer/ + frozen_checksums.json +
+artifacts (`output_dir/<output>`: phi4 weights + tokenizer/ + frozen_checksums.json +
 train_summary.json).
+
+A multimodal stage (a model with towers) builds the MultimodalModel, loads each input's module
+groups (phi4core.train.inputs), trains the groups of `trainable` with the rest frozen, feeds
+micro-batches of one input mode with their media, and writes each output artifact with exactly
+its groups (`vision`: vision encoder, separators, projector, LoRA_V; `speech`: audio encoder,
+projectors, LoRA_A; `model`: the whole model).
 
 A step whose loss or gradients are not finite (or that fp16's loss scaler rejects) is skipped
 and counted (`skipped` in metrics.jsonl); more than `train.max_skipped_steps` in a row fail the
@@ -27,6 +33,7 @@ import torch
 from phi4core import exitcodes
 from phi4core.config import StageSpec
 from phi4core.files import json_text
+from phi4core.module_groups import ARTIFACT_GROUPS, artifact_groups, groups_of
 from phi4core.train.schedules import lr_at
 
 log = logging.getLogger("phi4core.train")
@@ -52,13 +59,35 @@ def load_spec(path: str | os.PathLike) -> StageSpec:
     return StageSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
+def is_multimodal(spec: StageSpec) -> bool:
+    return groups_of(spec.model) != ["backbone"]
+
+
+def output_groups(spec: StageSpec) -> dict[str, tuple[str, ...]]:
+    """{output artifact: the module groups it holds}."""
+    mine = groups_of(spec.model)
+    out = {}
+    for artifact in spec.outputs:
+        if artifact != "model" and artifact not in ARTIFACT_GROUPS:
+            raise SpecError(f"output {artifact!r} is not an artifact kind; known: model, "
+                            f"{', '.join(a for a in ARTIFACT_GROUPS if a != 'model')}")
+        groups = artifact_groups(artifact, mine)
+        if artifact != "model" and groups != ARTIFACT_GROUPS[artifact]:
+            lacking = [g for g in ARTIFACT_GROUPS[artifact] if g not in groups]
+            raise SpecError(f"output {artifact!r} holds {', '.join(ARTIFACT_GROUPS[artifact])}"
+                            f"; model {spec.model.name} has no {', '.join(lacking)}")
+        out[artifact] = groups
+    return out
+
+
 def check_spec(spec: StageSpec) -> None:
     """What this trainer cannot run, said before anything heavy starts."""
-    if spec.model.vision is not None or spec.model.audio is not None:
-        raise SpecError(f"model {spec.model.name}: multimodal training is not available yet")
-    bad = [a for a in spec.outputs if a != "model"]
-    if bad:
-        raise SpecError(f"outputs {bad}: multimodal training is not available yet (only 'model')")
+    outputs = output_groups(spec)
+    kept = {g for groups in outputs.values() for g in groups}
+    lost = [g for g in spec.trainable if g not in kept]
+    if lost:
+        raise SpecError(f"trainable groups {', '.join(lost)} are in none of the outputs "
+                        f"{', '.join(spec.outputs)}: their training would be thrown away")
     t = spec.train
     dp = spec.world_size // spec.parallel.model_parallel_size
     if dp < 1 or spec.world_size % spec.parallel.model_parallel_size:
@@ -108,8 +137,14 @@ class Trainer:
         self.samples = tdata.build_samples(spec, self.tokenizer,
                                            t.total_steps * t.global_batch_size)
 
-        chunks = build_model_chunks(spec.model, spec.parallel, spec.precision,
-                                    calculate_per_token_loss=True)
+        if is_multimodal(spec):
+            from phi4core.models.multimodal import build_multimodal_chunks
+
+            chunks = build_multimodal_chunks(spec.model, spec.parallel, spec.precision,
+                                             lora_seed=t.seed, calculate_per_token_loss=True)
+        else:
+            chunks = build_model_chunks(spec.model, spec.parallel, spec.precision,
+                                        calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
         apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
         if not any(p.requires_grad for c in chunks for p in c.parameters()):
@@ -144,9 +179,15 @@ class Trainer:
             attention_mask = None
         dev = torch.cuda.current_device() if self.on_gpu else "cpu"
         tokens = batch["tokens"].to(dev)
+        media = {}
+        if "input_mode" in batch:  # a multimodal batch: its mode and media, as keywords
+            from phi4core.data.multimodal import MEDIA_KEYS
+
+            media = {k: batch[k].to(dev) for k in MEDIA_KEYS if k in batch}
+            media["input_mode"] = int(batch["input_mode"])
         out = model(tokens, batch["position_ids"].to(dev),
                     attention_mask.to(dev) if attention_mask is not None else None,
-                    labels=batch["labels"].to(dev), packed_seq_params=packed)
+                    labels=batch["labels"].to(dev), packed_seq_params=packed, **media)
         loss_mask = batch["loss_mask"].to(dev).float()
 
         def loss_func(losses):
@@ -203,7 +244,7 @@ class Trainer:
     def run(self) -> int:
         from phi4core import model_weights
         from phi4core.train import resume_checkpoints as ckpt
-        from phi4core.train.data import StepBatches
+        from phi4core.train.data import StepBatches, collator_for
         from phi4core.train.freezing import check_unchanged, frozen_checksums
         from phi4core.train.metrics import MetricsWriter
         from phi4core.train.signals import PreemptionFlag, die_with_launcher
@@ -226,7 +267,8 @@ class Trainer:
         metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
         batches = StepBatches(self.samples, start, t.total_steps, t.global_batch_size,
                               t.micro_batch_size, self.dp_rank, self.dp,
-                              block_mask=not self.on_gpu, num_workers=spec.data.num_workers)
+                              block_mask=not self.on_gpu, num_workers=spec.data.num_workers,
+                              collate=collator_for(spec, self.tokenizer, not self.on_gpu))
         if self.rank == 0:
             print(f"stage {spec.name}: peak lr {t.peak_lr:.6g} ({t.schedule}), "
                   f"{t.total_steps} steps from step {start}", flush=True)
@@ -286,31 +328,35 @@ class Trainer:
 
     def write_artifacts(self, checksums: dict, first_loss, last_loss, start: int,
                         skipped: int) -> None:
-        """`output_dir/model`: the weights (refused when not finite) with the tokenizer,
-        frozen_checksums.json and train_summary.json."""
+        """`output_dir/<output>` for each output: the weights of its module groups (refused
+        when not finite) with the tokenizer, frozen_checksums.json and train_summary.json."""
         from phi4core.interop.hf import copy_tokenizer
         from phi4core.model_weights import save_model_weights
         from phi4core.train.freezing import weights_sha256
         from phi4core.train.signals import shielded_helpers
 
         spec, t = self.spec, self.spec.train
-        out = Path(spec.output_dir) / "model"
 
         def add_tokenizer(folder: Path) -> None:
             (folder / "tokenizer").mkdir()
             copy_tokenizer(self.tokenizer.path, folder / "tokenizer")
 
-        with shielded_helpers():
-            save_model_weights(self.raw_chunks, out, spec.model, add_files=add_tokenizer,
-                               extra={"stage": spec.name, "fingerprint": spec.fingerprint})
         weights = weights_sha256(self.raw_chunks)
-        if self.rank == 0:
+        for artifact, groups in output_groups(spec).items():
+            out = Path(spec.output_dir) / artifact
+            with shielded_helpers():
+                save_model_weights(self.raw_chunks, out, spec.model, add_files=add_tokenizer,
+                                   extra={"stage": spec.name, "fingerprint": spec.fingerprint},
+                                   groups=groups)
+            if self.rank != 0:
+                continue
             (out / "frozen_checksums.json").write_text(json_text(checksums, indent=1))
             summary = {
                 "stage": spec.name, "fingerprint": spec.fingerprint, "steps": t.total_steps,
                 "resumed_from_step": start, "tokens": t.total_steps * t.tokens_per_step,
                 "first_loss": first_loss, "last_loss": last_loss, "peak_lr": t.peak_lr,
                 "skipped_steps": skipped, "inputs": self.loaded_inputs,
+                "trainable": spec.trainable, "groups": list(groups),
                 "weights_sha256": weights,
             }
             (out / "train_summary.json").write_text(json_text(summary, indent=1))

@@ -37,6 +37,33 @@ def tiny_spec(workdir: str | Path, name: str = "pretrain", *, chat: bool = False
     })
 
 
+# The synthetic source of each multimodal modality, and a sequence length that fits its samples
+# (an image takes 341+ tokens: real 448-pixel crops; a clip of up to 3 s, 38).
+_MM_SEQ = {"image": 512, "audio": 256, "image_audio": 512}
+
+
+def tiny_multimodal_spec(workdir: str | Path, name: str, modality: str, *, trainable: list[str],
+                         outputs: list[str], inputs: dict | None = None, steps: int = 6,
+                         frozen: list[str] | None = None, **train) -> StageSpec:
+    """A phi4_multimodal_tiny stage over a synthetic `modality` source (image, audio,
+    image_audio), everything under `workdir`."""
+    workdir = Path(workdir)
+    t = dict(steps=steps, global_batch_size=4, micro_batch_size=2,
+             seq_length=_MM_SEQ[modality], lr=3e-3, warmup_steps=2, schedule="cosine",
+             save_interval=100, keep_last=2, seed=1234, weight_decay=0.01)
+    t.update(train)
+    return StageSpec.model_validate({
+        "name": name, "fingerprint": f"test-{name}",
+        "model": PRESETS["phi4_multimodal_tiny"].model_dump(),
+        "tokenizer": "demo", "inputs": inputs or {}, "outputs": outputs,
+        "trainable": trainable, "frozen": frozen or [],
+        "data": {"sources": [{"kind": "synthetic", "modality": modality, "samples": 60}]},
+        "train": t, "parallel": {}, "precision": {"params": "fp32"},
+        "logging": {"interval": 5, "tensorboard": False},
+        "stage_dir": str(workdir / name / "stage"), "output_dir": str(workdir / name / "out"),
+    })
+
+
 def write_spec(spec: StageSpec, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,60 @@
+"""Which module groups each input of a stage provides, and the inputs that cannot go together
+(no weights needed: the groups are read from each folder's phi4_model.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phi4core.config import PRESETS
+from phi4core.train.inputs import InputError, plan_inputs
+from phi4core.train.testing import tiny_multimodal_spec
+
+VISION = ["lora.vision", "vision.encoder", "vision.projector"]
+
+
+def _folder(root: Path, name: str, preset: str, groups: list[str] | None) -> str:
+    folder = root / name
+    folder.mkdir()
+    meta = {"format": "phi4core.decoder/1", "model_config": PRESETS[preset].model_dump()}
+    if groups is not None:
+        meta["groups"] = groups
+    (folder / "phi4_model.json").write_text(json.dumps(meta))
+    return str(folder)
+
+
+def _spec(tmp_path: Path, inputs: dict, trainable=VISION):
+    return tiny_multimodal_spec(tmp_path, "s", "image", trainable=trainable, outputs=["vision"],
+                                inputs=inputs)
+
+
+def test_groups_come_from_each_folder(tmp_path):
+    text = _folder(tmp_path, "text", "phi4_mini_tiny", None)  # older: no record, its config's
+    vision = _folder(tmp_path, "vision", "phi4_multimodal_tiny", VISION)
+    spec = _spec(tmp_path, {"backbone": {"source": "stage", "path": text, "frozen": True},
+                            "vision": {"source": "stage", "path": vision}})
+    assert plan_inputs(spec) == {"backbone": ["backbone"], "vision": VISION}
+
+
+def test_inputs_that_cannot_go_together(tmp_path):
+    whole = _folder(tmp_path, "whole", "phi4_multimodal_tiny", None)
+    vision = _folder(tmp_path, "vision", "phi4_multimodal_tiny", VISION)
+    speech = _folder(tmp_path, "speech", "phi4_multimodal_tiny",
+                     ["lora.speech", "audio.encoder", "audio.projector"])
+    with pytest.raises(InputError, match="inputs 'whole' and 'vision' both provide lora.vision"):
+        plan_inputs(_spec(tmp_path, {"whole": {"source": "path", "path": whole},
+                                     "vision": {"source": "path", "path": vision}}))
+    with pytest.raises(InputError, match="'vision' is frozen but provides lora.vision"):
+        plan_inputs(_spec(tmp_path, {"vision": {"source": "path", "path": vision,
+                                                "frozen": True}}))
+    spec = _spec(tmp_path, {"speech": {"source": "path", "path": speech}})
+    spec.model = PRESETS["phi4_mini_tiny"]
+    with pytest.raises(InputError, match="none of model phi4_mini_tiny's"):
+        plan_inputs(spec)
+    with pytest.raises(InputError, match="is not a folder"):
+        plan_inputs(_spec(tmp_path, {"x": {"source": "path", "path": str(tmp_path / "nope")}}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a phi4 checkpoint"):
+        plan_inputs(_spec(tmp_path, {"x": {"source": "path", "path": str(tmp_path / "empty")}}))
