@@ -16,7 +16,12 @@ def main() -> None:
         if script.name in SKIP or (only and script.stem not in only):
             continue
         print(f"== {script.stem}", flush=True)
-        runpy.run_path(str(script), run_name="__main__")
+        # Each script parses sys.argv: give it its defaults, not this runner's script names.
+        saved, sys.argv = sys.argv, [str(script)]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = saved
         print(flush=True)
 
 
