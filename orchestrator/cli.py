@@ -1,13 +1,14 @@
 """`phi4`: validate, show, plan, run, graph, status, cancel and the tools around them.
 
 The recipe-language commands (validate, show, lr) are defined here; the others in
-commands/*, each registered below by name. Start-up stays torch-free: commands that need torch
+commands/*, each registered below by name and imported only when it runs (or `--help` lists
+it), so `phi4 validate` loads no executor. Start-up stays torch-free: commands that need torch
 (model-info, convert, data) import it inside their bodies.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -15,14 +16,46 @@ from typing import Any
 
 import click
 
-from .commands import data, model, pipeline, slurm
 from .commands.common import FiniteFloat, UsageProblem, config_options, report_config_errors
 from .config import ConfigError, LoadedPipeline, LoadedRecipe, load_any
 from .config.checks import data_parallel_size
 from .exitcodes import BAD_INPUT
+from .words import count
+
+# Every command of commands/*, by name: "module:attribute" (the modules define them;
+# importing one registers nothing by itself).
+LAZY_COMMANDS = {
+    "plan": "pipeline:plan",
+    "run": "pipeline:run",
+    "status": "pipeline:status",
+    "graph": "pipeline:graph",
+    "cancel": "slurm:cancel",
+    "stage-hook": "slurm:stage_hook",
+    "model-info": "model:model_info_cmd",
+    "convert": "model:convert",
+    "data": "data:data",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Phi4Group(click.Group):
+    """A group whose commands from commands/* are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in LAZY_COMMANDS:
+            module, attribute = LAZY_COMMANDS[name].split(":")
+            command = getattr(importlib.import_module(f".commands.{module}", __package__),
+                              attribute)
+            if command.name != name:
+                raise RuntimeError(f"LAZY_COMMANDS[{name!r}] names command {command.name!r}")
+            self.add_command(command)
+        return command
+
+
+@click.group(cls=_Phi4Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="phi4")
 def cli() -> None:
     """Train Phi-4-Mini and Phi-4-Multimodal from declarative recipes."""
@@ -49,7 +82,7 @@ def validate(paths: tuple[str, ...], profile: str | None, overrides: tuple[str, 
             continue
         if isinstance(loaded, LoadedPipeline):
             click.echo(f"ok  {path}  (pipeline {loaded.pipeline.name}, "
-                       f"{len(loaded.stages)} stages)")
+                       f"{count(len(loaded.stages), 'stage')})")
         elif isinstance(loaded, LoadedRecipe):
             click.echo(f"ok  {path}  (stage {loaded.recipe.name})")
         else:
@@ -79,6 +112,8 @@ def resolved_recipe(loaded: LoadedRecipe) -> dict[str, Any]:
 
 def _dump(data: Any, fmt: str) -> str:
     if fmt == "json":
+        import json
+
         return json.dumps(data, indent=2)
     import yaml
 
@@ -130,6 +165,8 @@ def lr_fit(sweep: Path, exponent: float | None, min_r2: float, fmt: str) -> None
     runs = read_sweep(sweep)
     result = fit(runs, exponent, min_r2)
     if fmt == "json":
+        import json
+
         click.echo(json.dumps({"B": result.B, "exponent": result.exponent, "r2": result.r2,
                                "fixed_exponent": result.fixed_exponent,
                                "points": len(result.points), "runs": runs.runs}))
@@ -163,13 +200,6 @@ def lr_predict(tokens: float, b: float, exponent: float) -> None:
         raise UsageProblem(f"B x D^exponent = {b:g} x {tokens:g}^{exponent:g} is not a finite "
                            "positive number")
     click.echo(f"{lr:.6g}")
-
-
-# Every command, registered by name here (the modules define them; importing one registers
-# nothing by itself).
-for _command in (pipeline.plan, pipeline.run, pipeline.status, pipeline.graph, slurm.cancel,
-                slurm.stage_hook, model.model_info_cmd, model.convert, data.data):
-    cli.add_command(_command)
 
 
 def main() -> None:

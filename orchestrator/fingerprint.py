@@ -67,23 +67,33 @@ def expand(pattern: str) -> list[Path]:
 
 
 def content_digest(pattern: str, hashes: mf.HashCache) -> str | None:
-    """Hash of every file a local path names (folders recursively); None if it names none."""
+    """Hash of every file a local path names (folders recursively, links followed); None if
+    it names none. A file that cannot be hashed (a FIFO, a device, a dangling link, no
+    permission) raises mf.UnreadableFile naming it: never a hang, never a traceback."""
     files = expand(pattern)
     if not files:
         return None
     if len(files) == 1 and files[0].is_file():  # one file: its name is not its content
-        return mf.digest({"": mf.build(files[0], hashes)[files[0].name]})
+        return mf.digest({"": _build(files[0], hashes)[files[0].name]})
     if len(files) == 1:  # one folder: paths inside it
-        return mf.digest(mf.build(files[0], hashes))
+        return mf.digest(_build(files[0], hashes))
     # Several: each by its path relative to their common parent, so that `d/*/s.txt` keeps
     # `a/s.txt` and `b/s.txt` apart (shards in one folder keep their bare names).
     base = os.path.commonpath([os.path.abspath(f.parent) for f in files])
     manifest: mf.Manifest = {}
     for root in files:
         where = Path(os.path.relpath(os.path.abspath(root), base)).as_posix()
-        for rel, entry in mf.build(root, hashes).items():
+        for rel, entry in _build(root, hashes).items():
             manifest[f"{where}/{rel}" if root.is_dir() else where] = entry
     return mf.digest(manifest)
+
+
+def _build(root: Path, hashes: mf.HashCache) -> mf.Manifest:
+    try:
+        return mf.build(root, hashes, follow_links=True)
+    except mf.UnreadableFile as err:  # named by its full path: the user's own file
+        raise mf.UnreadableFile(str(root / err.rel if root.is_dir() else root), err.why) \
+            from None
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -119,24 +129,33 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict], hashes: mf.HashC
             path = source.get("path")
             if path is None or is_remote(path):
                 continue
-            digest = content_digest(path, hashes)
+            digest, why = digest_or_problem(path, hashes)
             if digest is None:
-                missing.append((("data", "sources", i, "path"), f"no data at {path}"))
+                missing.append((("data", "sources", i, "path"), why or f"no data at {path}"))
             source.pop("path")
             source["content"] = digest
         doc["data"] = data
     if recipe.tokenizer is not None:
         doc["tokenizer"] = recipe.tokenizer
         if recipe.tokenizer != "demo":
-            digest = content_digest(recipe.tokenizer, hashes)
+            digest, why = digest_or_problem(recipe.tokenizer, hashes)
             if digest is None:
-                missing.append((("tokenizer",), f"no tokenizer folder at {recipe.tokenizer}"))
+                missing.append((("tokenizer",),
+                                why or f"no tokenizer folder at {recipe.tokenizer}"))
             doc["tokenizer"] = {"content": digest}
     model = model_of(recipe)
     if model is not None:
         doc["model_config"] = _hash(model.model_dump(mode="json"))
     doc["phi4_version"] = phi4_version()
     return flatten(doc), missing
+
+
+def digest_or_problem(pattern: str, hashes: mf.HashCache) -> tuple[str | None, str | None]:
+    """content_digest, or why a file it names cannot be hashed."""
+    try:
+        return content_digest(pattern, hashes), None
+    except mf.UnreadableFile as err:
+        return None, f"cannot hash {err}"
 
 
 def _hash(value: Any) -> str:

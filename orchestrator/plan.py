@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoints import resume_text
 from .config import ConfigError, LoadedRecipe, Problem
-from .fingerprint import content_digest, describe_changes, fingerprint, stage_fields
+from .fingerprint import describe_changes, digest_or_problem, fingerprint, stage_fields
 from .graph import Graph
 from .launch import Launcher, ResolvedInput, environment
 from .records import UNFINISHED, InputRecord, State
@@ -97,6 +98,9 @@ class Plan:
     store: Store
     selection: Selection
     stages: dict[str, StagePlan]  # topological order
+    # Data not on this machine, tolerated for a look at what a cluster would run (make_plan's
+    # `data_elsewhere`): the stages reading it have provisional fingerprints.
+    absent_data: list[Problem] = field(default_factory=list)
 
     def count(self, verdict: str) -> int:
         return sum(1 for s in self.stages.values() if s.verdict == verdict)
@@ -109,18 +113,22 @@ class Plan:
 
 
 def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
-              rerun_args: list[str] = ()) -> Plan:
-    """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands."""
+              rerun_args: list[str] = (), data_elsewhere: bool = False) -> Plan:
+    """`rerun_args` (e.g. --profile tiny --store X) go into suggested commands. With
+    `data_elsewhere` (a look at what a cluster would run, from a machine without its data),
+    data paths and tokenizers that are not here go into `absent_data` instead of blocking their
+    stages, whose fingerprints are then provisional (the content is not known)."""
     selection = selection or Selection()
     chosen = selection.chosen(graph)
     plan = Plan(graph, store, selection, {})
     for name in graph.order:
         sp = StagePlan(name, graph.stages[name], name in chosen)
         plan.stages[name] = sp
-        reasons = _resolve(plan, sp, list(rerun_args))
+        reasons = _resolve(plan, sp, list(rerun_args), data_elsewhere)
         sp.fields, missing = stage_fields(sp.loaded, _input_fields(sp), store.hashes)
         for loc, text in missing:
-            sp.problems.append(Problem(sp.loaded.origin(loc), loc, text))
+            problem = Problem(sp.loaded.origin(loc), loc, text)
+            (plan.absent_data if data_elsewhere else sp.problems).append(problem)
         reasons += [p.message + (f"; {p.hint}" if p.hint else "") for p in sp.problems]
         if reasons:
             _block(sp, list(dict.fromkeys(reasons)))
@@ -131,7 +139,8 @@ def make_plan(graph: Graph, store: Store, selection: Selection | None = None,
     return plan
 
 
-def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
+def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str], data_elsewhere: bool = False
+             ) -> list[str]:
     """Find each input's folder. Inputs that cannot be found become problems (root causes);
     returns the other reasons the stage is blocked (blocked upstream stages)."""
     recipe = sp.loaded.recipe
@@ -140,11 +149,14 @@ def _resolve(plan: Plan, sp: StagePlan, rerun_args: list[str]) -> list[str]:
         loc = ("inputs", name, inp.stage and "stage" or ("path" if inp.path else "hf"))
         if inp.stage is None:
             where = inp.path or inp.hf or ""
-            digest = content_digest(where, plan.store.hashes)
+            digest, why = digest_or_problem(where, plan.store.hashes)
             if digest is None:
-                sp.problems.append(Problem(sp.loaded.origin(loc), loc,
-                                           f"no file or folder at {where}"))
-                continue
+                problem = Problem(sp.loaded.origin(loc), loc,
+                                  why or f"no file or folder at {where}")
+                if why or not data_elsewhere:  # unreadable here is never "elsewhere"
+                    sp.problems.append(problem)
+                    continue
+                plan.absent_data.append(problem)
             sp.inputs[name] = ResolvedInput("path" if inp.path else "hf", where, inp.frozen,
                                             fingerprint=digest)
             continue
@@ -225,7 +237,7 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
             if status is not None and state in UNFINISHED:
                 why = status.error or (f"exit code {status.exit_code}"
                                        if status.exit_code is not None else "")
-                notes = [f"attempt {status.attempt} {state}" + (f" ({why})" if why else "")
+                notes = [f"attempt {status.number} {state}" + (f" ({why})" if why else "")
                          + "; the artifact published before it still verifies and is used"]
     else:
         reasons += _why_not_done(plan, sp, problem)
@@ -254,15 +266,19 @@ def _republished_inputs(plan: Plan, sp: StagePlan) -> list[str]:
 def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     folder = sp.stage_dir
     status = folder.status()
+    damage = folder.damaged_status() if status is None else None
+    if damage is not None:
+        resume = resume_text(folder.checkpoints)
+        return [f"its record is damaged ({damage}); a new attempt is recorded"
+                + (f"; {resume}" if resume != "will start over" else "")]
     if status is None:
         previous = plan.store.latest(sp.name)
         old = previous.fields() if previous and previous.fingerprint != sp.fingerprint else None
         if old is None:
             return ["new"]
         return describe_changes(old, sp.fields) or ["new fingerprint (same fields?)"]
-    state, n = folder.state(status), status.attempt
-    resume = ("will resume from checkpoints/" if _has_files(folder.checkpoints)
-              else "will start over")
+    state, n = folder.state(status), status.number
+    resume = resume_text(folder.checkpoints)
     if status.executor == "slurm" and state in (State.PENDING, State.RUNNING):
         return [f"{state} as Slurm job {status.job_id}"]
     if state == State.RUNNING:
@@ -273,21 +289,15 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
     if state == State.PREEMPTED:
         return [f"preempted (attempt {n}, exit {status.exit_code}); {resume}"]
     if state == State.CANCELLED:
-        return [f"cancelled (attempt {n}); {resume}"]
+        began = "" if status.began else ", before it started"
+        return [f"cancelled (attempt {n}{began}); {resume}"]
     if state == State.FAILED:
         why = status.error or f"exit code {status.exit_code}"
         return [f"last attempt failed ({why})"
-                + ("; will resume from checkpoints/" if _has_files(folder.checkpoints) else "")]
+                + (f"; {resume}" if resume != "will start over" else "")]
     if state == State.BLOCKED:
         return [f"was blocked: {status.error or 'upstream failed'}"]
     return [problem]
-
-
-def _has_files(folder: Path) -> bool:
-    try:
-        return any(folder.iterdir())
-    except OSError:
-        return False
 
 
 def resolve_or_raise(plan: Plan) -> None:

@@ -9,10 +9,11 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class State(StrEnum):
@@ -21,7 +22,8 @@ class State(StrEnum):
     upstream ended without publishing). Derived when read, never written: INTERRUPTED (recorded
     running, yet nobody holds the stage lock). Outcomes of one run, never written: UP_TO_DATE,
     NOT_RUN. Shown only: WAITING (for a lock another run holds), REQUEUED (a preempted job
-    queued again), STALE (the graph: only an older fingerprint is in the store)."""
+    queued again), STALE (the graph: only an older fingerprint is in the store), DAMAGED
+    (`phi4 status`: the stage's status.json cannot be read as a record)."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -36,6 +38,7 @@ class State(StrEnum):
     WAITING = "waiting"
     REQUEUED = "requeued"
     STALE = "stale"
+    DAMAGED = "damaged"
 
 
 # An attempt that ended without publishing: the next one resumes from its checkpoints.
@@ -45,6 +48,9 @@ UNFINISHED = frozenset({State.FAILED, State.CANCELLED, State.PREEMPTED, State.IN
 DONE = frozenset({State.SUCCEEDED, State.UP_TO_DATE})
 # Records whose job a scheduler may still hold (queued, running, or requeued after preemption).
 LIVE = frozenset({State.PENDING, State.RUNNING, State.PREEMPTED})
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class _Record(BaseModel):
@@ -70,7 +76,7 @@ class StageStatus(_Record):
     stage: str
     fingerprint: str
     state: State
-    attempt: int = 0  # how many attempts have started
+    attempt: int = Field(0, ge=0)  # how many attempts have started
     executor: str | None = None  # local | slurm | nemo_run
     submitted: float | None = None  # to a scheduler
     started: float | None = None
@@ -111,6 +117,18 @@ class StageStatus(_Record):
         return self.state == State.SUCCEEDED or self.start_over
 
     @property
+    def began(self) -> bool:
+        """Whether this record's attempt started (a submission still queued, or cancelled or
+        blocked before it started, did not: its metrics and times are an earlier attempt's)."""
+        return self.started is not None and self.state not in (State.PENDING, State.BLOCKED)
+
+    @property
+    def number(self) -> int:
+        """Which attempt this record describes: `attempt` counts the attempts that started, so
+        one that never did is the next."""
+        return self.attempt if self.began else self.attempt + 1
+
+    @property
     def input_digests(self) -> dict[str, str | None]:
         return {name: record.digest for name, record in self.inputs.items()}
 
@@ -123,3 +141,16 @@ class ManifestRecord(_Record):
     artifacts: dict[str, dict[str, dict[str, Any]]]
     created: float
     inputs: dict[str, str | None] | None = None
+
+    @field_validator("artifacts")
+    @classmethod
+    def _file_entries(cls, value: dict[str, dict[str, dict[str, Any]]]) -> Any:
+        """Every file entry has what verification compares: a size and a sha256."""
+        for artifact, files in value.items():
+            for rel, entry in files.items():
+                size, digest = entry.get("size"), entry.get("sha256")
+                if type(size) is not int or size < 0:
+                    raise ValueError(f"{artifact}/{rel}: `size` must be a whole number >= 0")
+                if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+                    raise ValueError(f"{artifact}/{rel}: `sha256` must be 64 hex digits")
+        return value

@@ -14,6 +14,7 @@ from xml.sax.saxutils import escape
 from .config.checks import expand_groups, model_of
 from .plan import BLOCKED, UP_TO_DATE, Plan
 from .records import State
+from .words import count
 
 COLOURS = {
     State.SUCCEEDED: "#b7e4c7", State.RUNNING: "#a9d6f5", State.FAILED: "#f4a6a6",
@@ -71,7 +72,7 @@ def edge_label(edge) -> str:
 
 def text(plan: Plan, title: str) -> str:
     levels = plan.graph.levels()
-    lines = [f"{title}: {len(plan.graph.order)} stages in {len(levels)} levels "
+    lines = [f"{title}: {count(len(plan.graph.order), 'stage')} in {count(len(levels), 'level')} "
              f"(store {plan.store.root})"]
     by_name = {n.name: n for n in nodes(plan)}
     for i, names in enumerate(levels):

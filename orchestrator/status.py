@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 
+from .checkpoints import resume_text
+from .executors.outcomes import describe, last_line
 from .metrics import last_record, steps_done
-from .records import State
+from .records import UNFINISHED, State
 from .store import StageDir, Store
 
 
@@ -34,27 +35,60 @@ class StatusRow:
 
 
 def row_for(folder: StageDir) -> StatusRow | None:
+    """One attempt: the one the record describes. Its step and loss are its own (none for a
+    submission that has not started: metrics.jsonl still holds the attempt before it)."""
     status = folder.status()
     if status is None:
-        return None
+        damage = folder.damaged_status()
+        return None if damage is None else _damaged_row(folder, damage)
     state = folder.state(status)
+    began = status.began
     end = status.ended or (time.time() if state == State.RUNNING else None)
-    record = last_record(folder.metrics) or {}
+    record = (last_record(folder.metrics) or {}) if began else {}
+    logged = record.get("time")
+    if isinstance(logged, (int, float)) and status.started and logged < status.started:
+        record = {}  # a resumed attempt that has not logged yet: that line is the last one's
     note = status.error or ""  # for `blocked`: "upstream X failed"
+    if state == State.FAILED:
+        note = failure_note(folder, note, status.exit_code)
     if state == State.INTERRUPTED:
-        note = "the run died; rerun resumes"
-    try:
-        artifacts = sorted(os.listdir(folder.artifacts))
-    except OSError:
-        artifacts = []
+        note = "the run died"
+    # A failure's note is its error line; where a rerun resumes, `phi4 plan` says.
+    resume = resume_text(folder.checkpoints) if state in UNFINISHED - {State.FAILED} else ""
+    if state == State.INTERRUPTED or (resume and resume != "will start over"):
+        note += ("; " if note else "") + f"rerun {resume}"
+    manifest = folder.manifest()
+    artifacts = sorted(manifest.artifacts) if manifest is not None else []
     loss = record.get("loss")
     return StatusRow(
         stage=folder.name, fingerprint=folder.fingerprint, state=state,
-        attempt=status.attempt, started=status.started, ended=status.ended,
-        duration=(end - status.started) if status.started and end else None,
+        attempt=status.number, started=status.started if began else None,
+        ended=status.ended,
+        duration=(end - status.started) if began and status.started and end else None,
         exit_code=status.exit_code, step=steps_done(record),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
         note=note, path=str(folder.path), executor=status.executor, job=status.job_id)
+
+
+def failure_note(folder: StageDir, error: str, code: int | None) -> str:
+    """A failure's note says what went wrong: when the record holds only the exit code (as
+    records written before error lines were kept do), the stage log's error line is added."""
+    if error and (code is None or error != describe(code)):
+        return error
+    said = last_line(folder.log_file)
+    base = error or (describe(code) if code is not None else State.FAILED)
+    return f"{base}: {said}" if said else base
+
+
+def _damaged_row(folder: StageDir, damage: str) -> StatusRow:
+    """A stage whose status.json cannot be read is shown, not hidden: a published artifact
+    that verifies is still used; the next attempt, if one runs, keeps its checkpoints/ and
+    writes a new record."""
+    return StatusRow(
+        stage=folder.name, fingerprint=folder.fingerprint, state=State.DAMAGED, attempt=0,
+        started=None, ended=None, duration=None, exit_code=None, step=None, loss=None,
+        artifacts=[], note=f"{damage}; its next attempt writes a new record (checkpoints/ kept)",
+        path=str(folder.path))
 
 
 def collect(store: Store, every_attempt: bool = False) -> list[StatusRow]:

@@ -1,13 +1,15 @@
 """Model presets and the stage spec: the one contract between the orchestrator and the trainer.
 
 This module must stay importable without torch or megatron: the orchestrator's CLI imports it
-to validate recipes (tp dividing heads, pp dividing layers) in well under a second.
+to validate recipes (tp dividing heads, pp dividing layers) in well under a second. Annotations
+are evaluated as written (no `from __future__ import annotations`): pydantic would otherwise
+compile every field's annotation string when the models are defined.
 """
 
-from __future__ import annotations
-
+import copy
 import math
-from typing import Annotated, Any, Literal
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,7 +33,10 @@ class Strict(BaseModel):
     float is finite (NaN and infinities are refused) and every integer fits in 64 bits, the
     limits of the C, torch and JSON code the values reach."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+    # defer_build: a model's validator is built when it first validates, not at import, so
+    # the CLI pays only for the models a command uses (validate never builds StageSpec).
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False,
+                              defer_build=True)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -89,7 +94,7 @@ class VisionConfig(Strict):
     pool: int = 2  # AvgPool2d(2,2): 32x32 patches -> 16x16 tokens per crop
 
     @model_validator(mode="after")
-    def _check_vision(self) -> VisionConfig:
+    def _check_vision(self) -> Self:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_heads ({self.num_heads})")
@@ -123,7 +128,7 @@ class AudioConfig(Strict):
                               "subsampling) run as independent chunks of this many frames")
 
     @model_validator(mode="after")
-    def _check_audio(self) -> AudioConfig:
+    def _check_audio(self) -> Self:
         if self.attention_dim % self.num_heads:
             raise ValueError(f"audio attention_dim ({self.attention_dim}) must be a multiple of "
                              f"num_heads ({self.num_heads})")
@@ -159,7 +164,7 @@ class ModelConfig(Strict):
     audio_token_id: int | None = None
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
+    def _check_shapes(self) -> Self:
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -195,7 +200,12 @@ PHI4_MINI_LONG_FACTOR: list[float] = [
     33.28, 33.49, 33.5, 44.16, 47.77,
 ]
 
-_PHI4_MINI = dict(
+# Presets are built on first use, not at import: the CLI imports this module for every
+# command, and validating four ModelConfigs (building the pydantic validators behind them)
+# would cost more than the rest of `phi4 validate`. Values are plain dicts here; `_Presets`
+# assembles them with `model_construct` (no validation: a test checks that every preset
+# validates to an equal model).
+_PHI4_MINI: dict[str, Any] = dict(
     vocab_size=200064,
     hidden_size=3072,
     ffn_hidden_size=8192,
@@ -203,7 +213,7 @@ _PHI4_MINI = dict(
     num_attention_heads=24,
     num_query_groups=8,
     kv_channels=128,
-    rope_scaling=LongRopeConfig(
+    rope_scaling=dict(
         short_factor=PHI4_MINI_SHORT_FACTOR,
         long_factor=PHI4_MINI_LONG_FACTOR,
         original_max_position_embeddings=4096,
@@ -215,7 +225,7 @@ _PHI4_MINI = dict(
 # of 64 so that sequences of the tiny profile exercise the long factors.
 _TINY_HEAD = 16
 _TINY_PAIRS = int(_TINY_HEAD * 0.75) // 2
-_PHI4_MINI_TINY = dict(
+_PHI4_MINI_TINY: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=96,
     ffn_hidden_size=256,
@@ -223,7 +233,7 @@ _PHI4_MINI_TINY = dict(
     num_attention_heads=6,
     num_query_groups=2,
     kv_channels=_TINY_HEAD,
-    rope_scaling=LongRopeConfig(
+    rope_scaling=dict(
         short_factor=[1.0 + 0.05 * i for i in range(_TINY_PAIRS)],
         long_factor=[1.0 + 0.75 * i for i in range(_TINY_PAIRS)],
         original_max_position_embeddings=64,
@@ -234,42 +244,79 @@ _PHI4_MINI_TINY = dict(
     pad_token_id=0,
 )
 
-_MM_FULL = dict(
-    vision=VisionConfig(
+_MM_FULL: dict[str, Any] = dict(
+    vision=dict(
         num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
         patch_size=14, image_size=448,
     ),
-    audio=AudioConfig(
+    audio=dict(
         conv_channels=1024, num_blocks=24, attention_dim=1024, num_heads=16, ffn_dim=1536,
     ),
-    lora_vision=LoraConfig(rank=256, alpha=512, dropout=0.0),
-    lora_speech=LoraConfig(rank=320, alpha=640, dropout=0.01),
+    lora_vision=dict(rank=256, alpha=512, dropout=0.0),
+    lora_speech=dict(rank=320, alpha=640, dropout=0.01),
     image_token_id=200010,
     audio_token_id=200011,
 )
 
-_MM_TINY = dict(
+_MM_TINY: dict[str, Any] = dict(
     # Real 448-pixel crops of 14-pixel patches, so token counts keep the released formula.
-    vision=VisionConfig(
+    vision=dict(
         num_layers=3, hidden_size=32, intermediate_size=64, num_heads=2,
         patch_size=14, image_size=448,
     ),
-    audio=AudioConfig(
+    audio=dict(
         conv_channels=32, num_blocks=2, attention_dim=32, num_heads=2, ffn_dim=64,
         relative_attention_max_distance=16,
     ),
-    lora_vision=LoraConfig(rank=4, alpha=8, dropout=0.0),
-    lora_speech=LoraConfig(rank=4, alpha=8, dropout=0.0),
+    lora_vision=dict(rank=4, alpha=8, dropout=0.0),
+    lora_speech=dict(rank=4, alpha=8, dropout=0.0),
     image_token_id=10,
     audio_token_id=11,
 )
 
-PRESETS: dict[str, ModelConfig] = {
-    "phi4_mini": ModelConfig(name="phi4_mini", **_PHI4_MINI),
-    "phi4_mini_tiny": ModelConfig(name="phi4_mini_tiny", **_PHI4_MINI_TINY),
-    "phi4_multimodal": ModelConfig(name="phi4_multimodal", **_PHI4_MINI, **_MM_FULL),
-    "phi4_multimodal_tiny": ModelConfig(name="phi4_multimodal_tiny", **_PHI4_MINI_TINY, **_MM_TINY),
+_PRESET_VALUES: dict[str, tuple[dict[str, Any], ...]] = {
+    "phi4_mini": (_PHI4_MINI,),
+    "phi4_mini_tiny": (_PHI4_MINI_TINY,),
+    "phi4_multimodal": (_PHI4_MINI, _MM_FULL),
+    "phi4_multimodal_tiny": (_PHI4_MINI_TINY, _MM_TINY),
 }
+
+
+_PRESET_SECTIONS: dict[str, type[Strict]] = {
+    "rope_scaling": LongRopeConfig, "vision": VisionConfig, "audio": AudioConfig,
+    "lora_vision": LoraConfig, "lora_speech": LoraConfig,
+}
+
+
+class _Presets(Mapping[str, ModelConfig]):
+    """The model presets by name, each validated the first time it is asked for and then
+    shared (as the module-level dict of instances it replaces was)."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, ModelConfig] = {}
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        built = self._built.get(name)
+        if built is None:
+            parts = _PRESET_VALUES[name]  # KeyError for an unknown name, as a dict gives
+            values = copy.deepcopy({k: v for part in parts for k, v in part.items()})
+            for key, model in _PRESET_SECTIONS.items():
+                if key in values:
+                    values[key] = model.model_construct(**values[key])
+            built = self._built[name] = ModelConfig.model_construct(name=name, **values)
+        return built
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_PRESET_VALUES)
+
+    def __len__(self) -> int:
+        return len(_PRESET_VALUES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _PRESET_VALUES
+
+
+PRESETS: Mapping[str, ModelConfig] = _Presets()
 
 
 def preset(name: str, size: str = "full") -> ModelConfig:
@@ -387,7 +434,7 @@ class DataSource(Strict):
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
 
     @model_validator(mode="after")
-    def _source_named(self) -> DataSource:
+    def _source_named(self) -> Self:
         if self.kind == "synthetic":
             if self.modality is None:
                 raise ValueError("a synthetic source needs `modality:`")

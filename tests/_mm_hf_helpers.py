@@ -1,11 +1,11 @@
 """Tiny transformers Phi-4-Multimodal towers with random weights, and their weights mapped onto
-phi4core's towers (test-only: the table-driven HF interop is issue 11 item 6)."""
+phi4core's towers (through phi4core.interop.hf_mapping's table)."""
 
 from __future__ import annotations
 
 import torch
 
-from phi4core.config import AudioConfig, ModelConfig, VisionConfig
+from phi4core.config import ModelConfig
 
 
 def hf_config(mc: ModelConfig):
@@ -72,54 +72,23 @@ def hf_audio_embedding(mc: ModelConfig, seed: int = 0):
     return emb
 
 
-def _qkv(q, k, v, heads: int) -> torch.Tensor:
-    """HF's separate q/k/v (weights or biases) as megatron's fused linear_qkv: per head
-    [q_h | k_h | v_h] (multi-head attention: one query group per head)."""
-    parts = [t.reshape(heads, -1, *t.shape[1:]) for t in (q, k, v)]
-    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+def _tower_state(hf: dict, hf_prefix: str, mc: ModelConfig, tower: torch.nn.Module,
+                 attr: str) -> dict:
+    """A transformers tower's state dict (names inside its embedding module) as our tower's,
+    through phi4core's HF mapping table."""
+    from phi4core.interop.hf import state_from_hf
+
+    return state_from_hf(tower, f"{attr}.", lambda n: hf[n.removeprefix(hf_prefix)], mc)
 
 
-def vision_state_from_hf(hf: dict[str, torch.Tensor], vc: VisionConfig) -> dict:
+def vision_state_from_hf(hf: dict[str, torch.Tensor], mc: ModelConfig, tower) -> dict:
     """A Phi4MultimodalImageEmbedding state dict as a VisionTower state dict."""
-    out: dict[str, torch.Tensor] = {}
-    p = "img_processor."
-    out["embeddings.patch_embedding.weight"] = hf[p + "embeddings.patch_embedding.weight"]
-    out["embeddings.patch_embedding.bias"] = hf[p + "embeddings.patch_embedding.bias"]
-    out["embeddings.position_embedding.weight"] = hf[p + "embeddings.position_embedding.weight"]
-    for i in range(vc.used_layers):
-        s, d = f"{p}encoder.layers.{i}.", f"encoder.layers.{i}."
-        for ln_hf, ln in (("layer_norm1", "input_layernorm"), ("layer_norm2", "pre_mlp_layernorm")):
-            out[d + ln + ".weight"] = hf[s + ln_hf + ".weight"]
-            out[d + ln + ".bias"] = hf[s + ln_hf + ".bias"]
-        for kind in ("weight", "bias"):
-            out[d + f"self_attention.linear_qkv.{kind}"] = _qkv(
-                *(hf[s + f"self_attn.{x}_proj.{kind}"] for x in "qkv"), vc.num_heads)
-            out[d + f"self_attention.linear_proj.{kind}"] = hf[s + f"self_attn.out_proj.{kind}"]
-            out[d + f"mlp.linear_fc1.{kind}"] = hf[s + f"mlp.fc1.{kind}"]
-            out[d + f"mlp.linear_fc2.{kind}"] = hf[s + f"mlp.fc2.{kind}"]
-    for name, t in hf.items():
-        if name.startswith(p) and not name.startswith(p + "embeddings."):
-            rest = name[len(p):]
-            layer = rest.split(".")[2] if rest.startswith("encoder.layers.") else None
-            if layer is None or int(layer) >= vc.used_layers:
-                out["unused_tail." + rest] = t
-    out["sub_GN"] = hf["sub_img_feature_extensor"]
-    out["glb_GN"] = hf["global_img_feature_extensor"]
-    for kind in ("weight", "bias"):
-        out[f"projector.linear_fc1.{kind}"] = hf[f"img_projection_up.{kind}"]
-        out[f"projector.linear_fc2.{kind}"] = hf[f"img_projection_down.{kind}"]
-    return out
+    return _tower_state(hf, "model.embed_tokens_extend.image_embed.", mc, tower, "vision")
 
 
-def audio_state_from_hf(hf: dict[str, torch.Tensor], ac: AudioConfig) -> dict:
-    """A Phi4MultimodalAudioEmbedding state dict as an AudioTower state dict (the encoder's
-    names are the checkpoint's)."""
-    out = {k: v for k, v in hf.items() if k.startswith("encoder.")}
-    for kind in ("weight", "bias"):
-        for mode in ("speech", "vision_speech"):
-            out[f"projector_{mode}.linear_fc1.{kind}"] = hf[f"up_proj_for_{mode}.{kind}"]
-            out[f"projector_{mode}.linear_fc2.{kind}"] = hf[f"down_proj_for_{mode}.{kind}"]
-    return out
+def audio_state_from_hf(hf: dict[str, torch.Tensor], mc: ModelConfig, tower) -> dict:
+    """A Phi4MultimodalAudioEmbedding state dict as an AudioTower state dict."""
+    return _tower_state(hf, "model.embed_tokens_extend.audio_embed.", mc, tower, "audio")
 
 
 def load_exact(module: torch.nn.Module, state: dict) -> None:

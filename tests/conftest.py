@@ -11,10 +11,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # PyPI's torchvision (a test-only reference for the image processor) imports beside the CPU
-# torch only through this shim; it is applied when something first imports torchvision.
-import _torchvision_shim  # noqa: E402
+# torch only through this shim (as runtime.init() installs it for phi4's entry points); it is
+# applied when something first imports torchvision.
+from phi4core import torchvision_compat  # noqa: E402
 
-_torchvision_shim.install()
+torchvision_compat.install()
 
 
 def pytest_collection_modifyitems(config, items):

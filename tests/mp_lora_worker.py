@@ -84,7 +84,7 @@ def sequence_parallel_pair(tp: int, sp: bool) -> dict:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from phi4core.config import LoraConfig, preset
-    from phi4core.interop.hf import _gather_tp
+    from phi4core.interop.hf import gather_tp
     from phi4core.models.decoder import transformer_config
     from phi4core.models.lora import TARGETS, LoraRouter, wrap_linear
     from phi4core.parallel import ParallelSettings
@@ -134,8 +134,8 @@ def sequence_parallel_pair(tp: int, sp: bool) -> dict:
     return {
         "y": y_full.detach(),
         "col.A.grad": col.lora_speech.A.grad,
-        "col.B.grad": _gather_tp("gate_up", col.lora_speech.B.grad),
-        "row.A.grad": _gather_tp("o_proj", row.lora_speech.A.grad),
+        "col.B.grad": gather_tp("gate_up", col.lora_speech.B.grad),
+        "row.A.grad": gather_tp("row", row.lora_speech.A.grad),
         "row.B.grad": row.lora_speech.B.grad,
     }
 

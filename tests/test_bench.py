@@ -30,3 +30,14 @@ def test_decoder_cpu_bench_runs():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ratio"] > 0 and out["logits_max_abs_diff"] < 1e-4
+
+
+def test_validate_startup_bench_prints_ratios_to_the_floor():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "validate_startup.py"), "--runs", "1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert any(line.startswith("floor: pydantic+omegaconf+yaml+click") for line in lines)
+    for label in ("phi4 validate (9 stages)", "... with --profile tiny"):
+        line = next(line for line in lines if label in line)
+        assert "x floor" in line and "x bare" in line

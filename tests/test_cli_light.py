@@ -1,4 +1,5 @@
-"""validate, show and lr stay fast: they never import torch or megatron."""
+"""The light commands stay fast: validate, show, lr, plan, graph and status never import
+torch or megatron, and the recipe commands load no other command's module."""
 
 from __future__ import annotations
 
@@ -7,34 +8,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each command in a fresh interpreter, so that one command's imports cannot hide another's.
 PROBE = """
 import sys, json
 from click.testing import CliRunner
 from orchestrator.cli import cli
-runner = CliRunner()
-codes = [
-    runner.invoke(cli, ["validate", "pipelines/phi4_multimodal.yaml"]).exit_code,
-    runner.invoke(cli, ["show", "pipelines/phi4_multimodal.yaml", "--profile", "tiny"]).exit_code,
-    runner.invoke(cli, ["lr", "predict", "--tokens", "5e12", "--B", "4.9"]).exit_code,
-]
+result = CliRunner().invoke(cli, json.loads(sys.argv[1]))
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "megatron",
                                                              "transformer_engine", "numpy"})
-print(json.dumps({"codes": codes, "heavy": heavy}))
+commands = sorted(m for m in sys.modules if m.startswith("orchestrator.commands.")
+                  or m in ("orchestrator.store", "orchestrator.records"))
+print(json.dumps({"code": result.exit_code, "output": result.output, "heavy": heavy,
+                  "commands": commands}))
 """
 
+PIPELINE = "pipelines/phi4_multimodal.yaml"
+LIGHT_COMMANDS = {
+    "validate": ["validate", PIPELINE],
+    "validate_tiny": ["validate", PIPELINE, "--profile", "tiny"],
+    "show": ["show", PIPELINE, "--profile", "tiny"],
+    "lr": ["lr", "predict", "--tokens", "5e12", "--B", "4.9"],
+    "plan": ["plan", PIPELINE, "--profile", "tiny", "--store", "{store}"],
+    "graph": ["graph", PIPELINE, "--profile", "tiny", "--store", "{store}", "--format", "svg"],
+    "status": ["status", "--store", "{store}", "--all"],
+}
 
-def test_light_commands_never_import_torch() -> None:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True,
-                         check=True)
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert report["codes"] == [0, 0, 0]
+
+def _probe(args: list[str], store: Path) -> dict:
+    args = [a.replace("{store}", str(store)) for a in args]
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(LIGHT_COMMANDS))
+def test_light_commands_never_import_torch(name: str, tmp_path: Path) -> None:
+    """validate, show, lr, plan, graph and status: no torch, megatron or numpy, each alone."""
+    (tmp_path / "store" / "stages").mkdir(parents=True)  # an empty store for status
+    report = _probe(LIGHT_COMMANDS[name], tmp_path / "store")
+    assert report["code"] == 0, report["output"]
     assert report["heavy"] == []
+
+
+def test_recipe_commands_load_no_other_command_module(tmp_path: Path) -> None:
+    """The recipe commands (validate, show) import none of commands/* (executors, Slurm) and
+    not the store: those load when their command runs."""
+    for name in ("validate", "validate_tiny", "show"):
+        report = _probe(LIGHT_COMMANDS[name], tmp_path)
+        assert report["code"] == 0, report["output"]
+        assert report["commands"] == ["orchestrator.commands.common"], name
 
 
 def test_show_resolves_everything() -> None:

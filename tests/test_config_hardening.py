@@ -202,6 +202,15 @@ FILE_CASES = [
          "larger than 4 MiB", where="stage_a.yaml: "),
     Case("fifo_extends", {"stage_a.yaml": "extends: fifo.yaml  # <-\n" + recipe()},
          "extended file is a FIFO"),
+    # A YAML date beside interpolations: the schema's error, not OmegaConf's traceback.
+    Case("date_beside_env_interpolation",
+         {"stage_a.yaml": recipe(description="description: 2024-01-02  # <-",
+                                 tokenizer="tokenizer: ${oc.env:PHI4_TEST_SURELY_UNSET,/t}")},
+         "Input should be a valid string"),
+    Case("date_beside_interpolation",
+         {"stage_a.yaml": recipe(description="description: 2024-01-02  # <-",
+                                 tokenizer="tokenizer: /t/${train.seq_length}")},
+         "Input should be a valid string"),
 ]
 
 

@@ -63,13 +63,13 @@ def test_failed_forced_rerun_keeps_the_published_artifact(tmp_path: Path) -> Non
                             "--force", "a", "--store", str(store)],
                            env={**os.environ, "PYTHONPATH": str(REPO)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    a_dir = next((store / "stages" / "a").glob("*/manifest.json")).parent
+    a_dir = next((store / "stages" / "a").glob("*/artifacts/manifest.json")).parent.parent
     deadline = time.monotonic() + 30
     while not (a_dir / "started").exists() or counts(tmp_path).get("a") != 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     # Mid-run, the previous artifact is still there for whoever reads it.
-    assert _out(store, "a") == before and (a_dir / "manifest.json").exists()
+    assert _out(store, "a") == before and (a_dir / "artifacts" / "manifest.json").exists()
     (tmp_path / "hold_a").unlink()
     assert run.wait(timeout=30) == 1
     assert _out(store, "a") == before  # the failure took nothing away

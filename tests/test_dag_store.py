@@ -38,7 +38,7 @@ def test_hash_cache_skips_rereads_yet_sees_rewrites(tmp_path: Path, monkeypatch)
     assert cache.sha256(data) == first
     assert len(list((tmp_path / "cache").rglob("*"))) == 2  # fan-out folder and one entry
     reads = []
-    monkeypatch.setattr(mf, "_hash_file", lambda p: reads.append(p) or "cached?")
+    monkeypatch.setattr(mf, "hash_file", lambda p, rel=None: reads.append(p) or "cached?")
     assert cache.sha256(data) == first and reads == []
     # Same size, mtime put back: ctime still moves, so the cache entry no longer applies.
     st = data.stat()

@@ -14,7 +14,7 @@ from phi4core.config import preset
 
 torchvision_ok = True
 try:
-    import torchvision  # noqa: F401  (made importable by tests/_torchvision_shim.py)
+    import torchvision  # noqa: F401  (made importable by phi4core.torchvision_compat)
 except Exception:  # pragma: no cover - where it is not installed
     torchvision_ok = False
 needs_torchvision = pytest.mark.skipif(not torchvision_ok, reason="torchvision not importable")
@@ -260,7 +260,7 @@ def vision_pair(single, tiny):
 
     hf = H.hf_image_embedding(tiny)
     ours = VisionTower(tiny.vision, tiny.hidden_size).eval()
-    H.load_exact(ours, H.vision_state_from_hf(hf.state_dict(), tiny.vision))
+    H.load_exact(ours, H.vision_state_from_hf(hf.state_dict(), tiny, ours))
     return hf, ours
 
 
@@ -320,7 +320,7 @@ def audio_pair(single, tiny):
 
     hf = H.hf_audio_embedding(tiny)
     ours = AudioTower(tiny.audio, tiny.hidden_size).eval()
-    H.load_exact(ours, H.audio_state_from_hf(hf.state_dict(), tiny.audio))
+    H.load_exact(ours, H.audio_state_from_hf(hf.state_dict(), tiny, ours))
     return hf, ours
 
 

@@ -120,6 +120,30 @@ def test_extends_chain_and_interpolation(tmp_path: Path, monkeypatch: pytest.Mon
     assert recipe.data.sources[0].path == "/data/a.jsonl"
 
 
+def test_each_file_parsed_once_per_load_and_again_next_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two stages extending one base parse it once within a load; the next load reads the
+    file as it is then; every stage gets its own copy to change."""
+    from orchestrator.config import loader
+
+    base = REPO / "recipes/_base/multimodal.yaml"
+    parsed: list[str] = []
+    real = loader.read_yaml
+    monkeypatch.setattr(loader, "read_yaml", lambda path: parsed.append(str(path)) or real(path))
+    pipeline = load_pipeline(REPO / "pipelines/phi4_multimodal.yaml")
+    assert len(parsed) == len(set(parsed)) and str(base) in {str(Path(p).resolve())
+                                                              for p in parsed}
+    docs = [s.document for s in pipeline.stages.values()]
+    assert all(a is not b for a in docs for b in docs if a is not b)
+
+    (tmp_path / "base.yaml").write_text("description: first\n")
+    (tmp_path / "leaf.yaml").write_text("extends: base.yaml\nname: leaf\nkind: command\n"
+                                        "cmd: [echo]\n")
+    assert load_recipe(tmp_path / "leaf.yaml").recipe.description == "first"
+    (tmp_path / "base.yaml").write_text("description: again\n")
+    assert load_recipe(tmp_path / "leaf.yaml").recipe.description == "again"
+
+
 def test_null_removes_keys_wherever_it_is_written(tmp_path: Path) -> None:
     """`null` removes a key from a profile overlay even where the base has no such mapping,
     and `--set KEY=null` removes it too."""
@@ -138,3 +162,27 @@ def test_set_indexes_lists() -> None:
                          ["data.sources.1.weight=0.5"])
     assert loaded.recipe.data.sources[1].weight == 0.5
     assert loaded.recipe.data.sources[0].weight == 0.55
+
+
+@pytest.mark.parametrize("name", ["phi4_mini", "phi4_mini_tiny", "phi4_multimodal",
+                                  "phi4_multimodal_tiny"])
+def test_presets_are_what_validation_gives(name: str) -> None:
+    """Presets are assembled without validation (start-up): each must equal its validated
+    self, value types and set fields included, and be one shared instance."""
+    import json
+
+    from phi4core.config import PRESETS, ModelConfig, preset
+
+    built = PRESETS[name]
+    validated = ModelConfig.model_validate(built.model_dump(exclude_unset=True))
+    assert json.dumps(built.model_dump()) == json.dumps(validated.model_dump())
+    for section in (None, "rope_scaling", "vision", "audio", "lora_vision", "lora_speech"):
+        a = built if section is None else getattr(built, section)
+        b = validated if section is None else getattr(validated, section)
+        assert type(a) is type(b), section
+        assert a is None or a.model_fields_set == b.model_fields_set, section
+    assert PRESETS[name] is built and name in PRESETS and len(PRESETS) == 4
+    assert preset(name.removesuffix("_tiny"), "tiny" if name.endswith("_tiny") else "full") \
+        is built
+    with pytest.raises(KeyError):
+        PRESETS["phi4_nope"]

@@ -47,7 +47,7 @@ def test_tiny_pipeline_trains_through_slurm(trained: Path, env) -> None:
         row = recorded(trained, stage)
         assert (row["state"], row["executor"], row["attempt"]) == ("succeeded", "slurm", 1)
         assert _summary(trained, stage)["weights_sha256"]
-        assert (Path(row["script"]).parent / "manifest.json").is_file()
+        assert (Path(row["script"]).parent / "artifacts" / "manifest.json").is_file()
     again = phi4("run", PIPELINE, *SLURM, "--store", str(trained), env=env, check=0)
     assert "nothing to run: 2 stages up to date" in again.stdout
 

@@ -59,7 +59,7 @@ def test_scancel_while_a_checkpoint_is_written_then_the_rerun_is_bit_identical(
                   if (p / "meta.json").is_file()) == ["step_10", "step_20"]
     plan = json.loads(phi4("plan", RECIPE, *TINY, "--store", str(store), "--format", "json",
                            env=env, check=0).stdout)
-    assert plan["stages"][0]["reasons"][0].endswith("will resume from checkpoints/")
+    assert plan["stages"][0]["reasons"][0].endswith("will resume from the checkpoint at step 20")
 
     out = phi4("run", RECIPE, *TINY, *SLURM, "--store", str(store), "--wait", "--poll", "0.5",
                env=env, timeout=600)

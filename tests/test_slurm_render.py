@@ -194,7 +194,7 @@ def test_stage_hooks_outside_a_job(tmp_path: Path, monkeypatch) -> None:
     assert status["state"] == "succeeded" and status["attempt"] == 1
 
     (a_dir / "artifacts" / "out" / "data.txt").write_text("tampered")
-    (b_dir / "manifest.json").unlink()
+    (b_dir / "artifacts" / "manifest.json").unlink()
     assert hooks.begin(b_dir) == 1
     status = json.loads((b_dir / "status.json").read_text())
     assert (status["state"], status["blocked_by"]) == ("blocked", "a")

@@ -56,10 +56,22 @@ def report_config_errors(fn: Callable) -> Callable:
             for problem in err.problems:
                 click.echo(str(problem), err=True)
             sys.exit(BAD_INPUT)
+        except Exception as err:
+            if not _is_store_error(err):
+                raise
+            click.echo(f"phi4: {err}", err=True)  # a damaged record, an unusable --store
+            sys.exit(BAD_INPUT)
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _is_store_error(err: Exception) -> bool:
+    # Looked up, not imported: `validate` never loads the store, and a StoreError can only
+    # come from a store module that some command has already imported.
+    store = sys.modules.get("orchestrator.store")
+    return store is not None and isinstance(err, store.StoreError)
 
 
 def quiet_megatron() -> None:

@@ -44,7 +44,9 @@ def model_info_cmd(preset: str, fmt: str) -> None:
 
 @click.group()
 def convert() -> None:
-    """Convert between Hugging Face Phi3ForCausalLM folders and phi4 checkpoints."""
+    """Convert between Hugging Face folders (Phi3ForCausalLM; Phi4MultimodalForCausalLM with
+    its vision-lora/ and speech-lora/ PEFT adapters, or the original phi4mm) and phi4
+    checkpoints."""
 
 
 def _conversion(fn, src: Path, out: Path) -> None:
@@ -73,8 +75,13 @@ def hf_to_phi4_cmd(hf_dir: Path, out: Path) -> None:
 @convert.command("phi4-to-hf")
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-def phi4_to_hf_cmd(ckpt: Path, out: Path) -> None:
-    """A phi4 checkpoint (e.g. a stage's `model` artifact) -> an HF folder."""
+@click.option("--merge-adapter", "merge", multiple=True, type=click.Choice(["vision", "speech"]),
+              help="fold this LoRA adapter into the base weights (its folder is left out)")
+def phi4_to_hf_cmd(ckpt: Path, out: Path, merge: tuple[str, ...]) -> None:
+    """A phi4 checkpoint (e.g. a stage's `model` artifact) -> an HF folder (multimodal: with
+    the LoRA adapters as PEFT folders)."""
+    from functools import partial
+
     from phi4core.interop.convert import phi4_to_hf
 
-    _conversion(phi4_to_hf, ckpt, out)
+    _conversion(partial(phi4_to_hf, merge_adapters=merge), ckpt, out)

@@ -43,9 +43,35 @@ def selection_options(fn: Callable) -> Callable:
     return fn
 
 
+def executor_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--executor", type=click.Choice(executors.NAMES), default="local",
+                     show_default=True, help="Where stages run: here, as Slurm batch jobs, or "
+                                             "as a NeMo-Run experiment."),
+        click.option("--cluster", "cluster_file", default=None, metavar="FILE",
+                     help="clusters/NAME.yaml: partition, account, container, env (slurm, "
+                          "nemo_run)."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+def _warn_absent_data(planned) -> None:
+    """Data the cluster is trusted to have, since this machine does not."""
+    problems = list(dict.fromkeys(str(p) for p in planned.absent_data))
+    for problem in problems:
+        click.echo(f"phi4: warning: {problem} on this machine", err=True)
+    if problems:
+        click.echo("phi4: warning: shown anyway, assuming the cluster has that data; the stages "
+                   "reading it get provisional fingerprints (its content is unknown here), so "
+                   "their folders differ from those of a submission that can read it", err=True)
+
+
 def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
                with_deps: bool = False, only: tuple[str, ...] = (), from_: str | None = None,
-               until: str | None = None, force: str | None = None, read_only: bool = False):
+               until: str | None = None, force: str | None = None, read_only: bool = False,
+               data_elsewhere: bool = False):
     from ..graph import build_graph, with_upstream
     from ..plan import Selection, make_plan
     from ..store import Store
@@ -66,7 +92,9 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
     rerun_args = [*(["--profile", profile] if profile else []),
                   *(["--store", store_dir] if store_dir else [])]
     prefix = loaded.pipeline.name if isinstance(loaded, LoadedPipeline) else "phi4"
-    return make_plan(graph, Store(store_dir, read_only), selection, rerun_args), title, prefix
+    planned = make_plan(graph, Store(store_dir, read_only), selection, rerun_args,
+                        data_elsewhere)
+    return planned, title, prefix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,19 +107,31 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
 @config_options
 @store_option
 @selection_options
+@executor_options
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 @report_config_errors
 def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
-         fmt: str, **selection: Any) -> None:
-    """What `phi4 run` would do and why; runs nothing."""
+         executor: str, cluster_file: str | None, fmt: str, **selection: Any) -> None:
+    """What `phi4 run` would do and why, and how the executor would launch each stage; runs
+    nothing."""
+    from ..executors.base import ExecutorError, RunOptions
     from ..plan_text import plan_json, plan_text
 
-    planned, title, _ = _load_plan(path, profile, overrides, store_dir, read_only=True,
-                                   **selection)
+    cls = executors.get(executor)
+    options = RunOptions(cluster_file=cluster_file)
+    try:
+        cls.check_options(options)
+        planned, title, prefix = _load_plan(path, profile, overrides, store_dir, read_only=True,
+                                            data_elsewhere=cls.runs_elsewhere(options),
+                                            **selection)
+        chosen = cls(planned, dataclasses.replace(options, title=title, prefix=prefix))
+    except ExecutorError as err:
+        raise UsageProblem(str(err)) from None
+    _warn_absent_data(planned)
     if fmt == "json":
-        click.echo(json.dumps(plan_json(planned, path), indent=1))
+        click.echo(json.dumps(plan_json(planned, path, chosen), indent=1))
     else:
-        click.echo(plan_text(planned, title), nl=False)
+        click.echo(plan_text(planned, title, chosen), nl=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +153,7 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
 @click.option("--grace", type=FiniteFloat(minimum=0), default=30.0, show_default=True,
               metavar="SECONDS",
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
-@click.option("--executor", type=click.Choice(executors.NAMES), default="local",
-              show_default=True, help="Where stages run: here, as Slurm batch jobs, or as a "
-                                      "NeMo-Run experiment.")
-@click.option("--cluster", "cluster_file", default=None, metavar="FILE",
-              help="clusters/NAME.yaml: partition, account, container, env (slurm, nemo_run).")
+@executor_options
 @click.option("--wait", is_flag=True,
               help="slurm: follow the submitted jobs until they end (default: return at once).")
 @click.option("--poll", type=FiniteFloat(positive=True), default=1.0, hidden=True)
@@ -136,11 +172,14 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
     try:
         cls.check_options(options)
         if not dry_run:
+            Store(store_dir).ensure_writable()
             cls.sync(Store(store_dir))  # jobs that ended unrecorded: the plan must know
-        planned, title, prefix = _load_plan(path, profile, overrides, store_dir,
-                                            read_only=dry_run, **selection)
+        planned, title, prefix = _load_plan(
+            path, profile, overrides, store_dir, read_only=dry_run,
+            data_elsewhere=dry_run and cls.runs_elsewhere(options), **selection)
         chosen = cls(planned, dataclasses.replace(options, title=title, prefix=prefix),
                      say=click.echo, note=lambda line: click.echo(line, err=True))
+        _warn_absent_data(planned)
         code = run_plan(chosen, dry_run=dry_run)
     except ExecutorError as err:
         raise UsageProblem(str(err)) from None
@@ -156,6 +195,7 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
 @store_option
 @click.option("--all", "every", is_flag=True, help="Every fingerprint, not only the latest.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@report_config_errors
 def status(store_dir: str | None, every: bool, fmt: str) -> None:
     """Every stage in the store: state, duration, last loss, artifacts."""
     from ..status import collect, format_rows

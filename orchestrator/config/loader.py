@@ -3,14 +3,18 @@
 Layers, in order: the file and its `extends:` chain, a pipeline's per-stage overrides, the
 profile (`--profile tiny`), then `--set key=value` overrides; then interpolation, local paths
 made absolute (`paths.py`), then the schema, then the cross-field checks. Every value keeps the
-origin it was written at. Files are read only through `files.read_bytes` (via `read_yaml`);
-an `extends:` chain is at most MAX_EXTENDS_DEPTH files deep and reads at most
+origin it was written at. Files are read only through `files.read_bytes` (via `read_yaml`),
+and within one load each file is parsed once (`_reading_once`: nine recipes extending the same
+base read it once, and a pipeline is not parsed again after `load_any` looked at it); an
+`extends:` chain is at most MAX_EXTENDS_DEPTH files deep and reads at most
 MAX_EXTENDS_FILES files, so no chain can recurse without end or fan out exponentially.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +23,7 @@ from .checks import check_recipe
 from .errors import ConfigError, Loc, Origin, Positions, Problem, did_you_mean, origin_of
 from .files import file_problem
 from .interpolate import resolve
-from .merge import drop_nulls, merge, set_path
+from .merge import copy_document, drop_nulls, merge, set_path
 from .paths import anchor_paths
 from .schema import Pipeline, Recipe, StageEntry
 from .validate import validate
@@ -71,6 +75,42 @@ class Override:
 
 
 # ---------------------------------------------------------------------------------------------
+# reading files, once per load
+# ---------------------------------------------------------------------------------------------
+
+# Parsed files of the load in progress, by the path as given (positions name the file that way);
+# None outside a load, so a later load sees files as they are then.
+_READS: ContextVar[dict[str, tuple[dict, Positions]] | None] = ContextVar("phi4_reads",
+                                                                          default=None)
+
+
+@contextmanager
+def _reading_once() -> Iterator[None]:
+    """Within this block (and the loads nested in it) each file is parsed at most once."""
+    if _READS.get() is not None:
+        yield
+        return
+    token = _READS.set({})
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+
+
+def _read(path: Path) -> tuple[dict, Positions]:
+    """`read_yaml(path)`, from the current load's cache when it was parsed already; callers
+    get their own copy to change."""
+    cache = _READS.get()
+    if cache is None:
+        return read_yaml(path)
+    key = str(path)
+    if key not in cache:
+        cache[key] = read_yaml(path)
+    doc, positions = cache[key]
+    return copy_document(doc), dict(positions)
+
+
+# ---------------------------------------------------------------------------------------------
 # extends
 # ---------------------------------------------------------------------------------------------
 
@@ -82,7 +122,7 @@ def read_with_extends(path: Path) -> tuple[dict, Positions]:
 
 def _read_chain(path: Path, chain: tuple[Path, ...], files_read: list[int]
                 ) -> tuple[dict, Positions]:
-    doc, positions = read_yaml(path)
+    doc, positions = _read(path)
     files_read[0] += 1
     key = path.resolve()
     if key in chain:
@@ -215,6 +255,8 @@ class Profile:
         profiles folder that wrote it (a profile may cover more stages than one pipeline has)."""
         problems = []
         for name in self.per_stage:
+            if name in stage_names:  # the common case: no folder to list
+                continue
             origin = self.stage_origins[name]
             recipes = Path(origin.file).resolve().parent.parent
             known = stage_names | {p.stem for p in _yaml_files(recipes)}
@@ -287,6 +329,7 @@ def build_recipe(path: Path, *, base: tuple[dict, Positions] | None = None,
     return _finish_recipe(path, doc, positions)
 
 
+@_reading_once()
 def load_recipe(path: str | Path, profile: str | None = None,
                 overrides: list[str] = ()) -> LoadedRecipe:
     """One stage, fully resolved and checked (its inputs against sibling recipes)."""
@@ -324,6 +367,7 @@ def _artifact_problems(loaded: LoadedRecipe, input_name: str, upstream: Recipe) 
                     hint=did_you_mean(inp.artifact or "", upstream.outputs))]
 
 
+@_reading_once()
 def load_pipeline(path: str | Path, profile: str | None = None,
                   overrides: list[str] = ()) -> LoadedPipeline:
     path = Path(path)
@@ -355,8 +399,8 @@ def load_pipeline(path: str | Path, profile: str | None = None,
 
     stages: dict[str, LoadedRecipe] = {}
     for i, recipe_path, entry in recipe_paths:
-        layers = [(copy.deepcopy(pipeline.overrides), _sub_positions(positions, ("overrides",))),
-                  (copy.deepcopy(entry.overrides),
+        layers = [(copy_document(pipeline.overrides), _sub_positions(positions, ("overrides",))),
+                  (copy_document(entry.overrides),
                    _sub_positions(positions, ("stages", i, "overrides")))]
         mine = [o for o in parsed if o.stage in (None, names[i])]
         if names[i] in _TRAIN_ONLY_KEYS | RECIPE_FIELDS:
@@ -423,12 +467,13 @@ def is_cluster_document(doc: dict, path: Path) -> bool:
     return bool(keys & CLUSTER_ONLY_KEYS) or path.parent.name == "clusters"
 
 
+@_reading_once()
 def load_any(path: str | Path, profile: str | None = None, overrides: list[str] = (),
              clusters: bool = False) -> LoadedRecipe | LoadedPipeline | LoadedCluster:
     """A pipeline if the file has `stages:`, a cluster file if it looks like one (see
     `is_cluster_document`; refused unless `clusters`), else a recipe."""
     path = Path(path)
-    doc, _ = read_yaml(path)
+    doc, _ = _read(path)
     if "stages" in doc:
         return load_pipeline(path, profile, overrides)
     if is_cluster_document(doc, path):

@@ -24,41 +24,74 @@ def _is_atomic(loc: Loc) -> bool:
     )
 
 
+_IMMUTABLE = (str, int, float, bool, type(None))  # YAML's scalars but dates (rare: deep-copied)
+
+
+def copy_document(value: Any) -> Any:
+    """A deep copy of plain YAML values (mappings, lists, scalars), several times faster than
+    `copy.deepcopy`; anything else is deep-copied the general way."""
+    if isinstance(value, dict):
+        return {key: copy_document(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [copy_document(item) for item in value]
+    if isinstance(value, _IMMUTABLE):
+        return value
+    return copy.deepcopy(value)
+
+
 def merge(base: dict, base_pos: Positions, over: dict, over_pos: Positions,
           at: Loc = ()) -> tuple[dict, Positions]:
     """`over` layered on `base`; returns new values and positions, inputs untouched."""
-    out = copy.deepcopy(base)
+    out = copy_document(base)
     positions = dict(base_pos)
     _merge_into(out, positions, over, over_pos, at)
     return out, positions
 
 
-def _drop_positions(positions: Positions, loc: Loc) -> None:
-    for key in [k for k in positions if k[: len(loc)] == loc]:
-        del positions[key]
+class _Below:
+    """Key paths below one level of a merge (`depth` parts deep), grouped by their next part
+    when first asked for. A level gets the paths of its parent's group, so each path is looked
+    at once per level above it, not once per key replaced. Groups stay exact while each is used
+    once and only the subtrees of other keys of the level change, as `_merge_into` does."""
+
+    def __init__(self, paths: list[Loc], depth: int):
+        self.paths = paths
+        self.depth = depth
+        self.groups: dict[Any, list[Loc]] | None = None
+
+    def under(self, key: Any) -> list[Loc]:
+        """Every path that continues with `key`, in the order of the positions it came from."""
+        if self.groups is None:
+            self.groups = {}
+            for path in self.paths:
+                if len(path) > self.depth:
+                    self.groups.setdefault(path[self.depth], []).append(path)
+        return self.groups.get(key, [])
 
 
-def _copy_positions(positions: Positions, src: Positions, loc: Loc) -> None:
-    for key, origin in src.items():
-        if key[: len(loc)] == loc:
-            positions[key] = origin
-
-
-def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions, at: Loc) -> None:
+def _merge_into(out: dict, positions: Positions, over: dict, over_pos: Positions, at: Loc,
+                mine: _Below | None = None, theirs: _Below | None = None) -> None:
+    if mine is None or theirs is None:
+        mine = _Below([p for p in positions if p[:len(at)] == at], len(at))
+        theirs = _Below([p for p in over_pos if p[:len(at)] == at], len(at))
     for key, value in over.items():
         loc = at + (key,)
         if value is None:
             out.pop(key, None)
-            _drop_positions(positions, loc)
+            for path in mine.under(key):
+                del positions[path]
             continue
         if isinstance(value, dict) and isinstance(out.get(key), dict) and not _is_atomic(loc):
             if loc in over_pos:
                 positions.setdefault(loc, over_pos[loc])
-            _merge_into(out[key], positions, value, over_pos, loc)
+            _merge_into(out[key], positions, value, over_pos, loc,
+                        _Below(mine.under(key), len(loc)), _Below(theirs.under(key), len(loc)))
             continue
-        out[key] = copy.deepcopy(value)
-        _drop_positions(positions, loc)
-        _copy_positions(positions, over_pos, loc)
+        out[key] = copy_document(value)
+        for path in mine.under(key):
+            del positions[path]
+        for path in theirs.under(key):
+            positions[path] = over_pos[path]
 
 
 def drop_nulls(value: Any) -> Any:

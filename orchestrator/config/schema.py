@@ -5,13 +5,12 @@ Shapes only; relations between fields (tp dividing heads, inputs naming real sta
 
 Every pattern validates with `fullmatch` (`$` would accept a trailing newline), so a name
 that reaches a store folder, an environment variable or an `#SBATCH` line is exactly what
-the pattern says.
+the pattern says. Annotations are evaluated as written (no `from __future__ import
+annotations`): pydantic would otherwise compile every field's annotation string at import.
 """
 
-from __future__ import annotations
-
 import re
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -80,7 +79,7 @@ class Input(Strict):
         return None if value is None else _identifier(value, "an artifact name")
 
     @model_validator(mode="after")
-    def _one_source(self) -> Input:
+    def _one_source(self) -> Self:
         given = [k for k in ("stage", "path", "hf") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(

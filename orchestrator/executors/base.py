@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import ConfigError
-from ..config.cluster import LoadedCluster, stage_problems
+from ..config.cluster import Cluster, LoadedCluster, stage_problems
 from ..plan import UP_TO_DATE, Plan, resolve_or_raise
 from ..records import State
+from ..shell import shell_words
 from ..store import Store
+from ..words import count
 from .outcomes import Outcome, exit_status, summary
 
 
@@ -60,11 +62,17 @@ class Executor(ABC):
         self.say = say
         self.note = note
         self.stop_signal: int | None = None  # set when a signal stopped the run
+        self.cluster: Cluster | None = None  # where the stages run, when not on this machine
 
     @classmethod
     def check_options(cls, options: RunOptions) -> None:
         """Flags that do not go with this executor, before anything is planned."""
         return None  # every flag goes with an executor that does not say otherwise
+
+    @classmethod
+    def runs_elsewhere(cls, options: RunOptions) -> bool:
+        """Whether the stages run on other machines (whose data this one may not have)."""
+        return False
 
     @classmethod
     def sync(cls, store: Store) -> None:
@@ -79,8 +87,13 @@ class Executor(ABC):
 
     def check(self) -> None:
         """What would make the run fail, before anything is written: every selected stage's
-        inputs found, and what the executor adds."""
+        inputs found, no damaged record in the way of one to run, and what the executor
+        adds."""
         resolve_or_raise(self.plan)
+        for name in self.plan.to_run():
+            problem = self.plan.stages[name].stage_dir.record_problem()
+            if problem is not None:
+                raise ExecutorError(f"stage {name}: {problem}")
 
     def check_fits(self, lc: LoadedCluster) -> None:
         """Every stage to run asks only what the cluster's nodes have (errors at the recipe
@@ -90,6 +103,15 @@ class Executor(ABC):
         if problems:
             raise ConfigError(problems)
 
+    def command(self, name: str) -> list[str]:
+        """What each of the stage's processes runs, laid out for where this executor runs it."""
+        return list(self.plan.stages[name].launcher(self.cluster).layout().argv)
+
+    def launch_lines(self, name: str) -> list[str]:
+        """The exact launch of a (not blocked) stage, as `phi4 plan` shows it: the command
+        run first, then, for a scheduler, what its job runs."""
+        return [shell_words(self.command(name))]
+
     @abstractmethod
     def dry_run(self) -> str:
         """What `run` would launch, as text; writes nothing."""
@@ -97,8 +119,9 @@ class Executor(ABC):
     def headline(self, verb: str = State.RUNNING, where: str = "") -> str:
         """The line that starts a run: "pipeline P: running 2 of 3 stages (store S)"."""
         todo = self.plan.to_run()
-        return (f"{self.options.title}: {verb} {len(todo)} of {len(self.plan.stages)} stages"
-                f"{where} (store {self.plan.store.root})")
+        total = count(len(self.plan.stages), "stage")
+        return (f"{self.options.title}: {verb} {len(todo)} of {total}{where} "
+                f"(store {self.plan.store.root})")
 
     @abstractmethod
     def submit(self) -> list[Submission]:
@@ -117,7 +140,7 @@ class Executor(ABC):
 
 
 def nothing_to_run(plan: Plan) -> str:
-    return (f"nothing to run: {plan.count(UP_TO_DATE)} stages up to date "
+    return (f"nothing to run: {count(plan.count(UP_TO_DATE), 'stage')} up to date "
             f"(store {plan.store.root})")
 
 
@@ -128,6 +151,9 @@ def run(executor: Executor, *, dry_run: bool = False) -> int:
         executor.say(executor.dry_run().rstrip("\n"))
         return 0
     executor.check()
+    for stage in plan.stages.values():  # what killed publishes left, up-to-date stages too
+        if stage.stage_dir is not None:
+            stage.stage_dir.tidy()
     if not plan.to_run():
         executor.say(nothing_to_run(plan))
         return 0

@@ -44,14 +44,14 @@ def begin(path: str | Path) -> int:
         print(f"=== phi4: {name} is already published (another run finished it); "
               f"job {job} ends here", flush=True)
         return SKIP
-    missing = _missing_input(folder, inputs)
-    if missing is not None:  # an upstream that ended without publishing (afterany, NeMo-Run)
+    # An upstream that ended without publishing (afterany, NeMo-Run), or whose artifact was
+    # changed after it was published: verified before the stage reads it.
+    missing = _missing_input(folder, inputs) or folder.input_problem(inputs)
+    if missing is not None:
         if job:
             folder.record_job(job)
-        folder.end(State.BLOCKED, blocked_by=missing,
-                   error=f"upstream {missing} has no published artifact")
-        print(f"=== phi4: {name} cannot start: upstream {missing} has no published artifact",
-              flush=True)
+        folder.end(State.BLOCKED, blocked_by=missing[0], error=missing[1])
+        print(f"=== phi4: {name} cannot start: {missing[1]}", flush=True)
         return FAILURE
     record = folder.begin(
         (queued.executor if queued else None) or "slurm",
@@ -64,13 +64,14 @@ def begin(path: str | Path) -> int:
     return OK
 
 
-def _missing_input(folder: StageDir, inputs: dict[str, InputRecord]) -> str | None:
+def _missing_input(folder: StageDir, inputs: dict[str, InputRecord]
+                   ) -> tuple[str, str] | None:
     for record in inputs.values():
         if record.source != "stage" or not record.stage or not record.fingerprint:
             continue
         upstream = folder.store.stage_dir(record.stage, record.fingerprint)
-        if upstream.artifact_problem([record.artifact or ""]) is not None:
-            return record.stage
+        if upstream.published_version() is None or upstream.manifest() is None:
+            return record.stage, f"upstream {record.stage} has no published artifact"
     return None
 
 
@@ -105,6 +106,7 @@ def end(path: str | Path, code: int) -> int:
 
 def _job_state(job_id: str) -> str:
     try:
-        return slurm_cli.query([job_id])[job_id].state
+        # Briefly: Slurm's KillWait (30 s by default) is all a cancelled job has left.
+        return slurm_cli.query([job_id], budget=5)[job_id].state
     except slurm_cli.SlurmError:
         return "UNKNOWN"

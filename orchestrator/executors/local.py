@@ -26,7 +26,7 @@ from ..metrics import last_record, progress_text
 from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
 from ..records import State
-from ..store import StageLock
+from ..store import StageLock, StoreError
 from . import lockkeeper
 from .base import Executor, ExecutorError, RunOptions, Say, Submission
 from .outcomes import Outcome, record_exit
@@ -163,7 +163,13 @@ class LocalExecutor(Executor):
             if len(running) >= self.jobs:
                 break
             lock = waiting[name]
-            if lock.try_acquire():
+            try:
+                acquired = lock.try_acquire()
+            except StoreError as err:  # damaged meanwhile: this stage fails, others go on
+                del waiting[name]
+                self._failed(name, Outcome(State.FAILED, str(err)))
+                continue
+            if acquired:
                 del waiting[name]
                 self._launch(name, lock, running)
             elif self.display.rows.get(name) and \
@@ -210,9 +216,24 @@ class LocalExecutor(Executor):
         folder = sp.stage_dir
         layout = sp.launcher().layout()
         argv = list(layout.argv)
-        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
-        record = folder.begin(self.name, command=argv, reasons=sp.reasons,
-                              inputs=sp.lineage_records())
+        lineage = sp.lineage_records()
+        try:
+            # An input changed since it was published (a stage wrote into it) is not read:
+            # blocked by that upstream, which the next run rebuilds.
+            corrupt = folder.input_problem(lineage)
+            if corrupt is not None:
+                lock.release()
+                folder.end(State.BLOCKED, blocked_by=corrupt[0], error=corrupt[1])
+                self.plan.store.set_latest(name, folder.fingerprint)
+                self._finish_event(name, Outcome(State.BLOCKED, corrupt[1],
+                                                 blocked_by=corrupt[0]))
+                return
+            folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+            record = folder.begin(self.name, command=argv, reasons=sp.reasons, inputs=lineage)
+        except StoreError as err:
+            lock.release()
+            self._failed(name, Outcome(State.FAILED, str(err)))
+            return
         log = open(folder.log_file, "ab")
         log.write(f"=== phi4 attempt {record.attempt} of {name} ({folder.fingerprint}) at "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
@@ -250,6 +271,9 @@ class LocalExecutor(Executor):
             child.log.close()
             try:
                 self._collect(name, code, child)
+            except (OSError, StoreError) as err:
+                # Never abandon the other running stages: this one failed, the loop goes on.
+                self._failed(name, Outcome(State.FAILED, f"cannot record its end: {err}"))
             finally:
                 child.lock.release()
 

@@ -75,6 +75,10 @@ class NemoRunExecutor(Executor):
         self._driver_code = 0
 
     @classmethod
+    def runs_elsewhere(cls, options: RunOptions) -> bool:
+        return options.cluster_file is not None  # through NeMo-Run's SlurmExecutor
+
+    @classmethod
     def check_options(cls, options: RunOptions) -> None:
         if options.wait and options.cluster_file:
             raise ExecutorError("--wait goes with --executor slurm: follow a NeMo-Run "

@@ -32,7 +32,15 @@ def record_exit(folder: StageDir, outputs: list[str], code: int, *, cancelled: b
                 preempted_note: str = "checkpointed; rerun to resume") -> Outcome:
     """Publish on exit 0; otherwise record why not. Returns what to report."""
     if code == 0:
-        problem = folder.publish(outputs)
+        status = folder.status()
+        # It read what it was given: a stage that changed (or saw republished) an input
+        # publishes nothing, so nothing is ever up to date on a tampered input.
+        changed = folder.input_problem(status.inputs) if status is not None else None
+        if changed is not None:
+            problem = f"exited 0 but its inputs changed while it ran: {changed[1]}; " \
+                      "nothing published"
+        else:
+            problem = folder.publish(outputs)
         if problem is None:
             folder.end(State.SUCCEEDED, exit_code=0)
             return Outcome(State.SUCCEEDED, exit_code=0)
@@ -44,21 +52,25 @@ def record_exit(folder: StageDir, outputs: list[str], code: int, *, cancelled: b
     if code == PREEMPTED:
         folder.end(State.PREEMPTED, exit_code=code, error=preempted_note)
         return Outcome(State.PREEMPTED, preempted_note, code)
-    folder.end(State.FAILED, exit_code=code, error=describe(code))
     said = last_line(folder.log_file)
-    return Outcome(State.FAILED, f"{describe(code)}{f': {said}' if said else ''}; "
-                   f"log: {folder.log_file}", code)
+    error = f"{describe(code)}{f': {said}' if said else ''}"
+    folder.end(State.FAILED, exit_code=code, error=error)
+    return Outcome(State.FAILED, f"{error}; log: {folder.log_file}", code)
+
+
+# Lines the stage did not write: phi4's and Slurm's bookkeeping around it in the same log.
+_NOT_THE_STAGES = ("=== phi4", "srun: ", "slurmstepd: ")
 
 
 def last_line(log: Path, limit: int = 160) -> str:
     """The stage's last words (usually the error), for the failure line."""
     try:
         with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, 2) - 4096))
+            f.seek(max(0, f.seek(0, 2) - 16384))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
     except OSError:
         return ""
-    last = next((ln for ln in reversed(lines) if ln), "")
+    last = next((ln for ln in reversed(lines) if ln and not ln.startswith(_NOT_THE_STAGES)), "")
     return last if len(last) <= limit else last[: limit - 3] + "..."
 
 

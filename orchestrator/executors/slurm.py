@@ -8,8 +8,10 @@ process layout (nodes, tasks, CPUs, the srun step's argv, the rendezvous) is lau
 
 A rerun submits what the plan says must run; a stage whose job is still queued or running is
 kept (its job id becomes its descendants' dependency), except a pending job that can never
-start (its upstream failed) or that waits on an upstream being resubmitted now: that one is
-cancelled and submitted again.
+start (its upstream failed) or that waits on an upstream being resubmitted now, and a job that
+is ending (cancelled or killed, still completing): those are cancelled and submitted again.
+While Slurm cannot say what became of a stage's job, nothing is submitted (exit 2): a second
+copy of a job that is still running would be worse than waiting.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from .. import launch
 from ..config.cluster import load_cluster, stage_time
 from ..exitcodes import PREEMPTED
 from ..plan import Plan
-from ..records import StageStatus, State
+from ..records import LIVE, StageStatus, State
+from ..shell import shell_words
 from ..status import StatusRow
 from ..store import Store
+from ..words import count
 from . import slurm_cli, slurm_status
 from .base import Executor, ExecutorError, RunOptions, Say, Submission, nothing_to_run
 from .outcomes import Outcome
@@ -52,9 +56,17 @@ class SlurmExecutor(Executor):
             raise ExecutorError("--executor slurm needs --cluster FILE (e.g. clusters/local.yaml)")
 
     @classmethod
+    def runs_elsewhere(cls, options: RunOptions) -> bool:
+        return True
+
+    @classmethod
     def sync(cls, store: Store) -> None:
+        """Records stay as they are while Slurm does not answer: `submit` then refuses to
+        submit the stages whose job it cannot see."""
         try:
             slurm_status.reconcile_store(store)
+        except slurm_cli.SlurmUnavailable:
+            pass
         except slurm_cli.SlurmError as err:
             raise ExecutorError(str(err)) from None
 
@@ -137,14 +149,25 @@ class SlurmExecutor(Executor):
         if not todo:
             return nothing_to_run(self.plan) + "\n"
         out = []
-        placeholders = {n: f"<job of {n}>" for n in todo}
         for name in todo:
-            dep = self.dependency(name, placeholders)
-            script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
-            out.append(f"# ===== {name}: sbatch --parsable"
-                       f"{f' --dependency={dep}' if dep else ''} {script}\n")
+            out.append(f"# ===== {name}: {self._sbatch_line(name)}\n")
             out.append(self.script(name))
         return "".join(out)
+
+    def _sbatch_line(self, name: str) -> str:
+        """How the stage is submitted; upstream jobs named by stage (their ids come later)."""
+        dep = self.dependency(name, {n: f"<job of {n}>" for n in self.plan.to_run()})
+        script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
+        return f"sbatch --parsable{f' --dependency={dep}' if dep else ''} {script}"
+
+    def launch_lines(self, name: str) -> list[str]:
+        """sbatch, what the script asks of Slurm (its #SBATCH lines, bookkeeping left out),
+        and the srun step it runs."""
+        job = self.batch_script(name)
+        asks = " ".join(option + ("" if value is None else f"={directive_value(value)}")
+                        for option, value in job.directives
+                        if option not in ("--job-name", "--output", "--error", "--open-mode"))
+        return [self._sbatch_line(name), f"#SBATCH {asks}", shell_words(job.step)]
 
     def headline(self) -> str:
         return super().headline("submitting", f" to {self.cluster.name}")
@@ -168,30 +191,34 @@ class SlurmExecutor(Executor):
     def _submit_all(self) -> list[Submission]:
         todo = self.plan.to_run()
         statuses = {n: self.plan.stages[n].stage_dir.status() for n in todo}
-        jobs = slurm_cli.query([s.job_id for s in statuses.values()
-                                if s is not None and s.executor == self.name and s.job_id])
+        live = {n: s.job_id for n, s in statuses.items() if s is not None and
+                s.executor == self.name and s.job_id and s.state in LIVE}
+        try:
+            jobs = slurm_cli.query(list(live.values()))
+        except slurm_cli.SlurmUnavailable as err:
+            raise ExecutorError(_unknown_jobs(live, str(err))) from None
         job_of: dict[str, str] = {}
         fresh: set[str] = set()
         done: list[Submission] = []
         for name in todo:
-            status = statuses[name]
-            job = jobs.get(status.job_id or "") if status is not None and \
-                status.executor == self.name else None
+            job = jobs.get(live.get(name) or "")  # a finished attempt's job is not kept
             if job is not None and job.active:
                 ups = {e.upstream for e in self.plan.graph.inputs_of(name)}
                 stale = job.state == "PENDING" and (job.never_runs or bool(ups & fresh))
-                if not stale:
+                if not stale and not job.ending:
                     job_of[name] = job.job_id
                     done.append(Submission(name, job.job_id))
                     self.say(f"kept       {name}: job {job.job_id} is already "
                              f"{job.state.lower()}")
                     continue
+                # Replaced: a requeue must not bring the old job back beside the new one.
                 slurm_cli.cancel([job.job_id])
-                self.plan.stages[name].stage_dir.end(
-                    State.CANCELLED,
-                    error=f"stale job {job.job_id} cancelled: its upstream is resubmitted")
-                self.say(f"cancelled  {name}: stale job {job.job_id} "
-                         f"({job.reason or job.state.lower()})")
+                what = f"stale job {job.job_id}" if stale else f"ending job {job.job_id}"
+                why = "its upstream is resubmitted" if stale else \
+                    f"it was {job.state.lower()}; a new job replaces it"
+                self.plan.stages[name].stage_dir.end(State.CANCELLED,
+                                                     error=f"{what} cancelled: {why}")
+                self.say(f"cancelled  {name}: {what} ({job.reason or job.state.lower()})")
             dependency = self.dependency(name, job_of)
             job_id = self._submit_one(name, dependency, job_of)
             job_of[name] = job_id
@@ -232,11 +259,23 @@ class SlurmExecutor(Executor):
         folders = {n: self.plan.stages[n].stage_dir for n in job_of}
         outcomes: dict[str, Outcome] = {}
         shown: dict[str, str] = {}
+        outage: str | None = None
         while True:
             left = [n for n in job_of if n not in outcomes]
             if not left:
                 return outcomes
-            jobs = slurm_cli.query([job_of[n] for n in left])
+            try:
+                jobs = slurm_cli.query([job_of[n] for n in left])
+            except slurm_cli.SlurmUnavailable as err:
+                if outage is None:  # once per outage: the jobs run on without us
+                    self.note(f"Slurm is not answering ({err}); still following "
+                              f"{count(len(left), 'job')}, Ctrl-C stops following (not the jobs)")
+                outage = str(err)
+                time.sleep(self.options.poll)
+                continue
+            if outage is not None:
+                self.note("Slurm answers again")
+                outage = None
             slurm_status.reconcile([folders[n] for n in left], jobs)
             for name in left:
                 job = jobs[job_of[name]]
@@ -271,6 +310,14 @@ class SlurmExecutor(Executor):
             if o is not None and not o.done:
                 return o.blocked_by or edge.upstream
         return None
+
+
+def _unknown_jobs(live: dict[str, str], why: str) -> str:
+    jobs = ", ".join(f"{name} (job {job_id})" for name, job_id in live.items())
+    return (f"not submitting: Slurm cannot say whether the jobs of {jobs} are still queued or "
+            f"running ({why}), and a second copy must not run beside them. Try again when "
+            "`scontrol ping` answers; `phi4 status` shows what the store knows, `phi4 cancel` "
+            "ends those jobs for good")
 
 
 def _outcome(status: StageStatus | None, job: slurm_cli.Job) -> Outcome:

@@ -3,26 +3,62 @@
 Job states come from `squeue -t all` (queued jobs and those the controller still remembers),
 then for ended jobs from `sacct` where accounting is configured, else `scontrol show job`
 (which knows jobs for MinJobAge seconds after they end).
+
+A controller that is restarting, overloaded or unreachable makes these commands fail, hang or
+print half an answer. A query is retried with backoff (each call under a timeout) for a bounded
+time, then raises SlurmUnavailable: never a guess, since "not listed" would read as "ended" and
+a rerun would then submit a second copy of a job that is still running.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from ..words import count
 
 # States in which a job may still run (or is finishing): never submit a second one then.
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
           "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+# Active, but the job is ending (scancel, time limit, node failure): it will not produce the
+# stage; a rerun replaces it rather than chaining downstream jobs on it.
+ENDING = {"COMPLETING", "SIGNALING", "STAGE_OUT"}
 NEVER = "DependencyNeverSatisfied"
-_TIMEOUT = 60
+_FORGOTTEN = "Invalid job id specified"  # squeue/scontrol on jobs the controller no longer knows
+_LINE = re.compile(r"\d+(_\d+)?\|[A-Z_]+\|.*")  # squeue -o %i|%T|%r
+
+
+def call_timeout() -> float:
+    """Seconds one Slurm command may take ($PHI4_SLURM_TIMEOUT_S, default 30)."""
+    return _seconds("PHI4_SLURM_TIMEOUT_S", 30.0)
+
+
+def retry_budget() -> float:
+    """Seconds a query keeps retrying before it gives up ($PHI4_SLURM_RETRY_S, default 120)."""
+    return _seconds("PHI4_SLURM_RETRY_S", 120.0)
+
+
+def _seconds(variable: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(variable, default))
+    except ValueError:
+        return default
+    return value if value >= 0 and value == value and value != float("inf") else default
 
 
 class SlurmError(RuntimeError):
     """A Slurm command failed; the message says which and what it printed."""
+
+
+class SlurmUnavailable(SlurmError):
+    """Slurm could not say what became of the jobs (its commands failed, hung or printed
+    garbage through every retry): their state is unknown, not "ended"."""
 
 
 @dataclass
@@ -37,19 +73,52 @@ class Job:
         return self.state in ACTIVE
 
     @property
+    def ending(self) -> bool:
+        """Still listed but on its way out (cancelled, timed out): not worth waiting on."""
+        return self.state in ENDING
+
+    @property
     def never_runs(self) -> bool:
         """Waiting on an afterok dependency that failed: only scancel ends it."""
         return self.reason == NEVER
 
 
 def _run(argv: list[str], input_text: str | None = None) -> subprocess.CompletedProcess:
+    timeout = call_timeout()
     try:
         return subprocess.run(argv, capture_output=True, text=True, input=input_text,
-                              timeout=_TIMEOUT)
+                              timeout=timeout)
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]} not found: is Slurm installed on this machine?") from None
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(argv)} did not answer in {_TIMEOUT} s") from None
+        raise SlurmUnavailable(f"{' '.join(argv)} did not answer in {timeout:g} s") from None
+
+
+class _Garbled(Exception):
+    """A command answered, but not in the format asked for."""
+
+
+def _with_retries(what: str, attempt, deadline: float):
+    """`attempt()` until it answers, with backoff (0.5 s doubling, at most 10 s between
+    tries) until the `time.monotonic()` deadline; then SlurmUnavailable with the last problem.
+    `attempt` raises SlurmUnavailable or _Garbled for an answer not to be trusted."""
+    pause, tries = 0.5, 0
+    while True:
+        tries += 1
+        try:
+            return attempt()
+        except (SlurmUnavailable, _Garbled) as err:
+            problem = str(err)
+        if time.monotonic() + pause > deadline:
+            raise SlurmUnavailable(f"{what} failed {count(tries, 'time')} in a row; "
+                                   f"last: {problem}")
+        time.sleep(pause)
+        pause = min(pause * 2, 10.0)
+
+
+def _said(r: subprocess.CompletedProcess) -> str:
+    text = (r.stderr or r.stdout).strip().splitlines()
+    return f"exit {r.returncode}" + (f": {text[-1][:200]}" if text else "")
 
 
 def submit(script: Path, dependency: str | None) -> str:
@@ -77,26 +146,27 @@ def has_accounting() -> bool:
     """Sacct answers only where slurmdbd keeps accounting ("accounting storage is disabled")."""
     try:
         r = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True,
-                           text=True, timeout=_TIMEOUT)
+                           text=True, timeout=call_timeout())
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
 
 
-def query(job_ids: list[str]) -> dict[str, Job]:
-    """What Slurm knows of each job; "UNKNOWN" for jobs it has forgotten."""
+def query(job_ids: list[str], budget: float | None = None) -> dict[str, Job]:
+    """What Slurm knows of each job; "UNKNOWN" for jobs it has forgotten. SlurmUnavailable
+    when Slurm gave no trustworthy answer within `budget` seconds (default retry_budget())."""
     ids = sorted({j for j in job_ids if j and j.isdigit()}, key=int)
     if not ids:
         return {}
-    jobs: dict[str, Job] = {}
-    r = _run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"])
-    for line in r.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3 and parts[0] in ids:
-            jobs[parts[0]] = Job(parts[0], parts[1], "" if parts[2] == "None" else parts[2])
+    deadline = time.monotonic() + (retry_budget() if budget is None else budget)
+    jobs = _with_retries("squeue", lambda: _squeue(ids), deadline)
     ended = [j for j in ids if j not in jobs or not jobs[j].active]
     if ended:
-        details = _sacct(ended) if has_accounting() else {j: _scontrol(j) for j in ended}
+        if has_accounting():
+            details = _with_retries("sacct", lambda: _sacct(ended), deadline)
+        else:
+            details = {j: _with_retries("scontrol show job", lambda j=j: _scontrol(j), deadline)
+                       for j in ended}
         for job_id in ended:
             found = details.get(job_id)
             if found is not None:
@@ -104,9 +174,29 @@ def query(job_ids: list[str]) -> dict[str, Job]:
     return {j: jobs.get(j, Job(j, "UNKNOWN")) for j in ids}
 
 
+def _squeue(ids: list[str]) -> dict[str, Job]:
+    r = _run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    if r.returncode != 0:
+        if _FORGOTTEN in r.stderr:  # none of the jobs is known (any longer)
+            return {}
+        raise SlurmUnavailable(f"squeue {_said(r)}")
+    jobs: dict[str, Job] = {}
+    for line in r.stdout.splitlines():
+        if not line.strip():
+            continue
+        if not _LINE.fullmatch(line.strip()):
+            raise _Garbled(f"squeue printed {line.strip()[:120]!r}")
+        job_id, state, reason = line.strip().split("|", 2)
+        if job_id in ids:
+            jobs[job_id] = Job(job_id, state, "" if reason == "None" else reason)
+    return jobs
+
+
 def _sacct(ids: list[str]) -> dict[str, Job]:
     r = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids),
               "-o", "JobIDRaw,State,ExitCode,Reason"])
+    if r.returncode != 0:
+        raise SlurmUnavailable(f"sacct {_said(r)}")
     out = {}
     for line in r.stdout.splitlines():
         parts = line.split("|")
@@ -114,16 +204,23 @@ def _sacct(ids: list[str]) -> dict[str, Job]:
             # "CANCELLED by 0" -> CANCELLED
             out[parts[0]] = Job(parts[0], parts[1].split()[0] if parts[1] else "UNKNOWN",
                                 "" if parts[3] == "None" else parts[3], parts[2])
+        elif line.strip():
+            raise _Garbled(f"sacct printed {line.strip()[:120]!r}")
     return out
 
 
 def _scontrol(job_id: str) -> Job | None:
+    """None when the controller has forgotten the job (it ended over MinJobAge ago)."""
     r = _run(["scontrol", "-o", "show", "job", job_id])
     if r.returncode != 0:
-        return None
+        if _FORGOTTEN in r.stderr:
+            return None
+        raise SlurmUnavailable(f"scontrol show job {job_id} {_said(r)}")
     fields = dict(re.findall(r"(\w+)=(\S*)", r.stdout))
+    if fields.get("JobId") != job_id or "JobState" not in fields:
+        raise _Garbled(f"scontrol show job {job_id} printed {r.stdout.strip()[:120]!r}")
     reason = fields.get("Reason", "")
-    return Job(job_id, fields.get("JobState", "UNKNOWN"), "" if reason == "None" else reason,
+    return Job(job_id, fields["JobState"], "" if reason == "None" else reason,
                fields.get("ExitCode", ""))
 
 

@@ -25,8 +25,9 @@ def slurm_job(folder: StageDir) -> str | None:
     return None
 
 
-def query_stage_dirs(folders: list[StageDir]) -> dict[str, slurm_cli.Job]:
-    return slurm_cli.query([j for j in map(slurm_job, folders) if j])
+def query_stage_dirs(folders: list[StageDir], budget: float | None = None
+                     ) -> dict[str, slurm_cli.Job]:
+    return slurm_cli.query([j for j in map(slurm_job, folders) if j], budget)
 
 
 def reconcile(folders: list[StageDir], jobs: dict[str, slurm_cli.Job]) -> None:
@@ -91,7 +92,8 @@ def describe(store: Store, folder: StageDir, jobs: dict[str, slurm_cli.Job]
     if job.state != "PENDING":
         state = State.RUNNING if job.state in ("RUNNING", "CONFIGURING", "COMPLETING") \
             else job.state.lower()
-        return state, f"Slurm job {job.job_id} {job.state.lower()}"
+        ending = " (ending: a rerun replaces it)" if job.ending else ""
+        return state, f"Slurm job {job.job_id} {job.state.lower()}{ending}"
 
     def active(job_id: str | None) -> bool:
         known = jobs.get(job_id or "")
@@ -141,7 +143,8 @@ def annotate(store: Store, rows: list) -> list:
         return rows
     folders = {r.path: store.stage_dir(r.stage, r.fingerprint) for r in live}
     try:
-        jobs = query_stage_dirs(list(folders.values()))
+        # Only a look: retried briefly, then the store's records with a note.
+        jobs = query_stage_dirs(list(folders.values()), min(slurm_cli.retry_budget(), 10.0))
     except slurm_cli.SlurmError as err:
         for r in live:
             r.note = f"{r.note + '; ' if r.note else ''}Slurm not reachable: {err}"

@@ -133,24 +133,22 @@ def hf_to_phi4(
     params_dtype: str = "fp32",
     parallel=None,
 ) -> Path:
-    """HF Phi3ForCausalLM folder -> phi4 weights folder (+ phi4_model.json, + the HF folder's
-    tokenizer files under `tokenizer/`)."""
-    from phi4core.interop.hf import (
-        HFCheckpoint,
-        load_hf_weights,
-        model_config_from_hf,
-        read_hf_config,
-    )
+    """HF folder -> phi4 weights folder (+ phi4_model.json, + the HF folder's tokenizer files
+    under `tokenizer/`). A Phi3ForCausalLM folder gives the decoder; a Phi-4-Multimodal one
+    (transformers' with its PEFT adapter folders, or the original phi4mm) the multimodal model
+    with its towers and adapters."""
+    from phi4core.interop.hf import build_model_for, load_hf_weights
+    from phi4core.interop.hf_multimodal import open_hf_source
     from phi4core.model_weights import save_model_weights
-    from phi4core.models.decoder import build_model_chunks
     from phi4core.parallel import ensure_parallel
 
-    mc = model_config_from_hf(read_hf_config(hf_dir))
+    source = open_hf_source(hf_dir)
+    mc = source.model_config
     par = ensure_parallel(parallel)
-    chunks = build_model_chunks(mc, par, Precision(params=dtypes.short_name(params_dtype)),
-                                perform_initialization=False)
+    chunks = build_model_for(mc, par, Precision(params=dtypes.short_name(params_dtype)),
+                             perform_initialization=False)
     load_hf_weights(chunks, hf_dir, mc)
-    hf_dtype = dtypes.long_name(HFCheckpoint(hf_dir).dtype())
+    hf_dtype = dtypes.long_name(source.dtype())
 
     def add_tokenizer(folder: Path) -> None:
         if (Path(hf_dir) / "tokenizer.json").is_file():
@@ -167,25 +165,34 @@ def phi4_to_hf(
     dtype: str | torch.dtype | None = None,
     parallel=None,
     max_shard_bytes: int = 5 * 1024**3,
+    merge_adapters: tuple[str, ...] = (),
 ) -> Path:
-    """phi4 weights (see `resolve_weights`) -> HF Phi3ForCausalLM folder with the tokenizer.
-    ``dtype`` defaults to the dtype of the HF folder the weights came from (a bit-exact round
-    trip), else the parameters' dtype."""
-    from phi4core.interop.hf import save_hf
+    """phi4 weights (see `resolve_weights`) -> HF folder with the tokenizer: a
+    Phi3ForCausalLM folder for a decoder, a Phi4MultimodalForCausalLM folder with its
+    adapters as PEFT folders (``vision-lora/``, ``speech-lora/``) for a multimodal model.
+    ``merge_adapters`` folds those LoRA adapters into the base weights first (their folders
+    are then left out). ``dtype`` defaults to the dtype of the HF folder the weights came from
+    (a bit-exact round trip), else the parameters' dtype."""
+    from phi4core.interop.hf import build_model_for, save_hf
     from phi4core.model_weights import NonFiniteWeights, check_finite, load_model_weights
-    from phi4core.models.decoder import build_model_chunks
+    from phi4core.models.lora import merge_adapter
     from phi4core.parallel import ensure_parallel
 
     source = resolve_weights(src)
     par = ensure_parallel(parallel)
-    chunks = build_model_chunks(source.model_config, par,
-                                Precision(params=dtypes.short_name(source.params_dtype)),
-                                perform_initialization=False)
+    chunks = build_model_for(source.model_config, par,
+                             Precision(params=dtypes.short_name(source.params_dtype)),
+                             perform_initialization=False)
     load_model_weights(chunks, source.folder, require_meta=False)
     try:
         check_finite(chunks)
     except NonFiniteWeights as exc:
         raise ConversionError(f"{source.folder}: {exc}") from None
+    for adapter in merge_adapters:
+        try:
+            merge_adapter(chunks, adapter)
+        except ValueError as exc:
+            raise ConversionError(f"{source.folder}: cannot merge: {exc}") from None
     if dtype is None:
         dtype = (source.meta.get("source") or {}).get("hf_dtype") or source.params_dtype
     if source.tokenizer_dir is None:

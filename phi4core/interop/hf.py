@@ -1,4 +1,8 @@
-"""Hugging Face ``Phi3ForCausalLM`` folders <-> the phi4core decoder.
+"""Hugging Face folders <-> phi4core models: ``Phi3ForCausalLM`` (the decoder) and
+``Phi4MultimodalForCausalLM`` (decoder, towers and LoRA adapters; see ``hf_multimodal``).
+
+Every tensor goes through the one table of ``hf_mapping`` (name, layout transform, TP split),
+read one way to import and inverted to export.
 
 Reading: ``config.json`` (LongRoPE spelled ``rope_scaling: {type: longrope}`` as transformers 4.x
 and the released Phi-4-mini do, or ``rope_parameters: {rope_type: longrope}`` as 5.x writes),
@@ -7,7 +11,8 @@ and single-file or sharded (``model.safetensors.index.json``) safetensors with f
 rank takes its own TP shard of the layers of its PP stage.
 
 Writing: a ``config.json`` in the released Phi-4-mini layout (loads in transformers 4.x and
-5.x) plus safetensors (sharded with an index above ``max_shard_bytes``).
+5.x), or the multimodal one with every field set, plus safetensors (sharded with an index
+above ``max_shard_bytes``) and the adapters' PEFT folders.
 
 Any mismatch raises ``ConversionError`` naming the field or tensor.
 """
@@ -15,6 +20,7 @@ Any mismatch raises ``ConversionError`` naming the field or tensor.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,11 +32,25 @@ import torch
 from phi4core import dtypes
 from phi4core.config import LongRopeConfig, ModelConfig, Precision
 from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
+from phi4core.interop.hf_mapping import (
+    TABLE,
+    TRANSFORMS,
+    Row,
+    find_row,
+    shapes_for,
+    tp_shard,
+    tp_unshard,
+)
 from phi4core.models.chunks import as_chunks, unwrap
 from phi4core.module_groups import group_of as module_group
 
+log = logging.getLogger(__name__)
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's files
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 # A tokenizer folder's files, as transformers writes them (whichever are present are copied).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -70,17 +90,33 @@ def _first_id(v: Any, default: int) -> int:
     return int(v)
 
 
-def model_config_from_hf(cfg: dict, name: str | None = None) -> ModelConfig:
-    """ModelConfig from a Phi-3 ``config.json`` dict (4.x or 5.x spelling)."""
+MULTIMODAL_TYPES = ("phi4_multimodal", "phi4mm")
+
+
+def model_config_from_hf(cfg: dict, name: str | None = None,
+                         folder: str | os.PathLike | None = None) -> ModelConfig:
+    """ModelConfig from a ``config.json`` dict: a Phi-3 decoder (4.x or 5.x spelling), or
+    Phi-4-Multimodal (transformers' ``phi4_multimodal``, whose LoRA adapters are read from
+    the PEFT folders beside it in ``folder``, or the original ``phi4mm``)."""
     model_type = cfg.get("model_type")
+    if model_type in MULTIMODAL_TYPES:
+        from phi4core.interop.hf_multimodal import multimodal_config_from_hf
+
+        return multimodal_config_from_hf(cfg, name, folder)
     archs = cfg.get("architectures") or []
     if model_type != "phi3":
         raise ConversionError(
-            f"config field 'model_type' is {model_type!r}: only Phi-3-family decoders "
-            f"('phi3', Phi3ForCausalLM, as Phi-4-mini ships) are supported"
+            f"config field 'model_type' is {model_type!r}: expected a Phi-3-family decoder "
+            f"('phi3', Phi3ForCausalLM, as Phi-4-mini ships) or Phi-4-Multimodal "
+            f"('phi4_multimodal', Phi4MultimodalForCausalLM; or the original 'phi4mm')"
         )
     if archs and not any(a in ("Phi3ForCausalLM", "Phi3Model") for a in archs):
         raise ConversionError(f"config field 'architectures' is {archs}: expected Phi3ForCausalLM")
+    return ModelConfig(**decoder_fields_from_hf(cfg, name))
+
+
+def decoder_fields_from_hf(cfg: dict, name: str | None = None) -> dict:
+    """The ModelConfig fields of the decoder of a Phi-3 or Phi-4-Multimodal config."""
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config field 'hidden_act' is {act!r}: "
@@ -147,27 +183,29 @@ def model_config_from_hf(cfg: dict, name: str | None = None) -> ModelConfig:
     if name is None:
         src = cfg.get("_name_or_path") or ""
         name = Path(src).name if src else "hf_phi3"
+    fields = dict(
+        name=name or "hf_phi3",
+        vocab_size=int(_req(cfg, "vocab_size")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_req(cfg, "intermediate_size")),
+        num_layers=int(_req(cfg, "num_hidden_layers")),
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=head_dim,
+        rotary_percent=partial,
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=_first_id(cfg.get("bos_token_id"), 1),
+        eos_token_id=_first_id(cfg.get("eos_token_id"), 32000),
+        pad_token_id=_first_id(cfg.get("pad_token_id"), 32000),
+    )
     try:
-        return ModelConfig(
-            name=name or "hf_phi3",
-            vocab_size=int(_req(cfg, "vocab_size")),
-            hidden_size=hidden,
-            ffn_hidden_size=int(_req(cfg, "intermediate_size")),
-            num_layers=int(_req(cfg, "num_hidden_layers")),
-            num_attention_heads=heads,
-            num_query_groups=kv_heads,
-            kv_channels=head_dim,
-            rotary_percent=partial,
-            rotary_base=theta,
-            rope_scaling=scaling,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=_first_id(cfg.get("bos_token_id"), 1),
-            eos_token_id=_first_id(cfg.get("eos_token_id"), 32000),
-            pad_token_id=_first_id(cfg.get("pad_token_id"), 32000),
-        )
+        ModelConfig(**fields)
     except ValueError as exc:  # pydantic validation (e.g. factor list lengths)
         raise ConversionError(f"HF config does not make a valid ModelConfig: {exc}") from exc
+    return fields
 
 
 def hf_config_from_model_config(mc: ModelConfig, dtype: torch.dtype | str = "float32") -> dict:
@@ -228,13 +266,13 @@ def hf_config_from_model_config(mc: ModelConfig, dtype: torch.dtype | str = "flo
 class HFCheckpoint:
     """Lazy access to the tensors of an HF folder (single file or sharded with an index)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, single_file: str = SAFE_SINGLE):
         from safetensors import safe_open
 
         self.path = Path(path)
         index = self.path / SAFE_INDEX
-        single = self.path / SAFE_SINGLE
-        if index.is_file():
+        single = self.path / single_file
+        if single_file == SAFE_SINGLE and index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map") or {}
             if not weight_map:
                 raise ConversionError(f"{index}: empty weight_map")
@@ -242,13 +280,13 @@ class HFCheckpoint:
             weight_map = None
         else:
             raise ConversionError(
-                f"no {SAFE_SINGLE} or {SAFE_INDEX} in {self.path} (only safetensors are read)"
+                f"no {single_file} or {SAFE_INDEX} in {self.path} (only safetensors are read)"
             )
         self._handles: dict[str, Any] = {}
         self._safe_open = safe_open
         if weight_map is None:
-            h = self._open(SAFE_SINGLE)
-            weight_map = {k: SAFE_SINGLE for k in h.keys()}
+            h = self._open(single_file)
+            weight_map = {k: single_file for k in h.keys()}
         self.weight_map: dict[str, str] = weight_map
 
     def _open(self, fname: str):
@@ -277,93 +315,18 @@ class HFCheckpoint:
 
 
 # ---------------------------------------------------------------------------------------------
-# Name and layout mapping
+# Moving tensors through the table (phi4core.interop.hf_mapping)
 # ---------------------------------------------------------------------------------------------
-
-
-def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(t.shape) != tuple(shape):
-        raise ConversionError(
-            f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} for this config"
-        )
-    return t
-
-
-def _hf_layer(L: int) -> str:
-    return f"model.layers.{L}"
-
-
-def hf_qkv(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
-    """HF fused qkv [q(H d); k(G d); v(G d)] of layer L (or q/k/v_proj concatenated)."""
-    d, H, G, hid = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups, mc.hidden_size
-    base = f"{_hf_layer(L)}.self_attn"
-    if f"{base}.qkv_proj.weight" in ck:
-        return _expect(f"{base}.qkv_proj.weight", ck.get(f"{base}.qkv_proj.weight"),
-                       ((H + 2 * G) * d, hid))
-    q = _expect(f"{base}.q_proj.weight", ck.get(f"{base}.q_proj.weight"), (H * d, hid))
-    k = _expect(f"{base}.k_proj.weight", ck.get(f"{base}.k_proj.weight"), (G * d, hid))
-    v = _expect(f"{base}.v_proj.weight", ck.get(f"{base}.v_proj.weight"), (G * d, hid))
-    return torch.cat([q, k, v], 0)
-
-
-def hf_gate_up(ck: HFCheckpoint, L: int, mc: ModelConfig) -> torch.Tensor:
-    base = f"{_hf_layer(L)}.mlp"
-    F, hid = mc.ffn_hidden_size, mc.hidden_size
-    if f"{base}.gate_up_proj.weight" in ck:
-        return _expect(f"{base}.gate_up_proj.weight", ck.get(f"{base}.gate_up_proj.weight"),
-                       (2 * F, hid))
-    g = _expect(f"{base}.gate_proj.weight", ck.get(f"{base}.gate_proj.weight"), (F, hid))
-    u = _expect(f"{base}.up_proj.weight", ck.get(f"{base}.up_proj.weight"), (F, hid))
-    return torch.cat([g, u], 0)
 
 
 def qkv_hf_to_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
     """[q(all heads); k; v] -> megatron's per-query-group [q_g; k_g; v_g] blocks."""
-    d, H, G = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups
-    rep = H // G
-    hid = w.shape[1]
-    q = w[: H * d].view(G, rep * d, hid)
-    k = w[H * d : (H + G) * d].view(G, d, hid)
-    v = w[(H + G) * d :].view(G, d, hid)
-    return torch.cat([q, k, v], dim=1).reshape((H + 2 * G) * d, hid)
+    return TRANSFORMS["grouped_qkv"].to_phi4([w], shapes_for("decoder", mc))
 
 
 def qkv_megatron_to_hf(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
-    d, H, G = mc.kv_channels, mc.num_attention_heads, mc.num_query_groups
-    rep = H // G
-    hid = w.shape[1]
-    blocks = w.view(G, (rep + 2) * d, hid)
-    q = blocks[:, : rep * d].reshape(H * d, hid)
-    k = blocks[:, rep * d : (rep + 1) * d].reshape(G * d, hid)
-    v = blocks[:, (rep + 1) * d :].reshape(G * d, hid)
-    return torch.cat([q, k, v], 0)
-
-
-# Megatron parameter suffix (inside decoder.layers.N.) -> kind. Local and TE spellings.
-_LAYER_KINDS = {
-    "input_layernorm.weight": "input_norm",
-    "self_attention.linear_qkv.layer_norm_weight": "input_norm",
-    "pre_mlp_layernorm.weight": "post_attn_norm",
-    "mlp.linear_fc1.layer_norm_weight": "post_attn_norm",
-    "self_attention.linear_qkv.weight": "qkv",
-    "self_attention.linear_proj.weight": "o_proj",
-    "mlp.linear_fc1.weight": "gate_up",
-    "mlp.linear_fc2.weight": "down",
-}
-
-_HF_LAYER_NAMES = {
-    "input_norm": "input_layernorm.weight",
-    "post_attn_norm": "post_attention_layernorm.weight",
-    "qkv": "self_attn.qkv_proj.weight",
-    "o_proj": "self_attn.o_proj.weight",
-    "gate_up": "mlp.gate_up_proj.weight",
-    "down": "mlp.down_proj.weight",
-}
-
-
-def _layer_numbers(model) -> dict[int, int]:
-    """Local layer index -> global (0-based) layer number for this PP stage / vp chunk."""
-    return {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    (out,) = TRANSFORMS["grouped_qkv"].to_hf(w, shapes_for("decoder", mc))
+    return out
 
 
 def _tp():
@@ -372,169 +335,150 @@ def _tp():
     return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
-def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    if size == 1:
-        return full
-    return torch.chunk(full, size, dim=dim)[rank]
-
-
-def _shard_gate_up(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    if size == 1:
-        return full
-    gate, up = torch.chunk(full, 2, dim=0)
-    return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], 0)
-
-
-def _param_kind(name: str) -> tuple[str, int | None]:
-    """(kind, local layer index or None) of a megatron parameter name."""
-    if name.startswith("decoder.layers."):
-        rest = name[len("decoder.layers.") :]
-        idx, _, suffix = rest.partition(".")
-        kind = _LAYER_KINDS.get(suffix)
-        if kind is None:
-            raise ConversionError(f"no HF counterpart for the model parameter {name!r}")
-        return kind, int(idx)
-    if name in ("embedding.word_embeddings.weight",):
-        return "embed", None
-    if name in ("output_layer.weight",):
-        return "lm_head", None
-    if name in ("decoder.final_layernorm.weight",):
-        return "final_norm", None
-    raise ConversionError(f"no HF counterpart for the model parameter {name!r}")
-
-
-def _full_from_hf(kind: str, layer: int | None, ck: HFCheckpoint, mc: ModelConfig) -> torch.Tensor:
-    hid, F, d = mc.hidden_size, mc.ffn_hidden_size, mc.kv_channels
-    H = mc.num_attention_heads
-    if kind == "embed":
-        return _expect("model.embed_tokens.weight", ck.get("model.embed_tokens.weight"),
-                       (mc.vocab_size, hid))
-    if kind == "lm_head":
-        name = "lm_head.weight"
-        if mc.tie_embeddings or name not in ck:
-            if not mc.tie_embeddings:
-                raise ConversionError(
-                    "tensor 'lm_head.weight' is missing and tie_word_embeddings is false"
-                )
-            name = "model.embed_tokens.weight"
-        return _expect(name, ck.get(name), (mc.vocab_size, hid))
-    if kind == "final_norm":
-        return _expect("model.norm.weight", ck.get("model.norm.weight"), (hid,))
-    assert layer is not None
-    if layer >= mc.num_layers:
-        raise ConversionError(f"layer {layer} is beyond num_hidden_layers {mc.num_layers}")
-    pre = _hf_layer(layer)
-    if kind in ("input_norm", "post_attn_norm"):
-        n = f"{pre}.{_HF_LAYER_NAMES[kind]}"
-        return _expect(n, ck.get(n), (hid,))
-    if kind == "qkv":
-        return qkv_hf_to_megatron(hf_qkv(ck, layer, mc), mc)
-    if kind == "o_proj":
-        n = f"{pre}.self_attn.o_proj.weight"
-        return _expect(n, ck.get(n), (hid, H * d))
-    if kind == "gate_up":
-        return hf_gate_up(ck, layer, mc)
-    if kind == "down":
-        n = f"{pre}.mlp.down_proj.weight"
-        return _expect(n, ck.get(n), (hid, F))
-    raise AssertionError(kind)
-
-
-def _tp_slice(kind: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    if kind in ("embed", "lm_head", "qkv"):
-        return _shard(full, 0, rank, size)
-    if kind in ("o_proj", "down"):
-        return _shard(full, 1, rank, size)
-    if kind == "gate_up":
-        return _shard_gate_up(full, rank, size)
-    return full  # norms are replicated
-
-
-def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
-                    model_cfg: ModelConfig | None = None) -> None:
-    """Copy an HF checkpoint into this rank's model chunk(s), each taking its TP shard of the
-    layers it holds. Shapes are checked against both the config and the model."""
-    chunks = as_chunks(model_or_chunks)
-    ck = HFCheckpoint(hf_dir)
-    if model_cfg is None:
-        model_cfg = model_config_from_hf(read_hf_config(hf_dir))
-    rank, size = _tp()
-    with torch.no_grad():
-        for name, p, kind, layer in _params_by_kind(chunks):
-            full = _full_from_hf(kind, layer, ck, model_cfg)
-            shard = _tp_slice(kind, full, rank, size)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise ConversionError(
-                    f"tensor for {name!r} has shard shape {tuple(shard.shape)} but the model "
-                    f"parameter is {tuple(p.shape)}"
-                )
-            p.copy_(shard.to(p.dtype))
-
-
-def _params_by_kind(chunks):
-    """(name, parameter, kind, global layer number or None) for every backbone parameter of
-    the chunks."""
-    for chunk in chunks:
-        m = unwrap(chunk)
-        layer_no = _layer_numbers(m)
-        for name, p in m.named_parameters():
-            if module_group(name) != "backbone":
-                continue  # LoRA adapters and towers: not in a Phi3ForCausalLM folder
-            kind, local = _param_kind(name)
-            yield name, p, kind, (layer_no[local] if local is not None else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------
-
-
-def _gather_tp(kind: str, t: torch.Tensor) -> torch.Tensor:
+def gather_tp(tp: str, t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from every TP rank's shard (collective over the TP group)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     size = ps.get_tensor_model_parallel_world_size()
-    if size == 1 or kind in ("input_norm", "post_attn_norm", "final_norm"):
+    if size == 1 or tp == "replicated":
         return t
     parts = [torch.empty_like(t) for _ in range(size)]
     dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    if kind in ("embed", "lm_head", "qkv"):
-        return torch.cat(parts, 0)
-    if kind in ("o_proj", "down"):
-        return torch.cat(parts, 1)
-    if kind == "gate_up":
-        gates = [torch.chunk(x, 2, 0)[0] for x in parts]
-        ups = [torch.chunk(x, 2, 0)[1] for x in parts]
-        return torch.cat(gates + ups, 0)
-    raise AssertionError(kind)
+    return tp_unshard(tp, parts)
+
+
+def model_tensors(chunks):
+    """(phi4core name, tensor, row, placeholder values with the global layer number) for every
+    parameter and persistent buffer of the chunks (megatron's ``_extra_state`` left out).
+    A tensor without a row is a ConversionError."""
+    for chunk in chunks:
+        m = unwrap(chunk)
+        layer_no = {i: layer.layer_number - 1 for i, layer in enumerate(m.decoder.layers)}
+        for name, t in m.state_dict(keep_vars=True).items():
+            if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
+                continue
+            found = find_row(name)
+            if found is None:
+                raise ConversionError(f"no Hugging Face counterpart for the model tensor {name!r}")
+            row, values = found
+            if "L" in values:
+                values = {**values, "L": str(layer_no[int(values["L"])])}
+            yield name, t, row, values
+
+
+def _adapter_of(row: Row, values: dict) -> str | None:
+    return values.get("a") if row.where == "adapter" else None
+
+
+def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
+                    model_cfg: ModelConfig | None = None) -> int:
+    """Copy an HF folder into this rank's model chunk(s), each tensor its TP shard of the
+    layers the rank holds. A Phi3ForCausalLM folder fills the backbone only (a multimodal
+    model's towers and adapters come from elsewhere); a multimodal folder (transformers' with
+    its PEFT adapter folders, or the original phi4mm) fills every tensor. Shapes are checked
+    against the config and the model. Returns the number of tensors loaded."""
+    from phi4core.interop.hf_multimodal import open_hf_source
+
+    chunks = as_chunks(model_or_chunks)
+    source = open_hf_source(hf_dir)
+    if model_cfg is None:
+        model_cfg = source.model_config
+    rank, size = _tp()
+    loaded = 0
+    with torch.no_grad():
+        for name, p, row, values in model_tensors(chunks):
+            if source.backbone_only and module_group(name) != "backbone":
+                continue
+            full = _read_row(source, row, values, name, model_cfg)
+            shard = tp_shard(row.tp, full, rank, size)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise ConversionError(
+                    f"{hf_dir}: {', '.join(row.hf_names(values))} gives {name!r} a shard of "
+                    f"shape {tuple(shard.shape)}, the model's is {tuple(p.shape)}")
+            p.copy_(shard.to(p.dtype))
+            loaded += 1
+    whole = all(unwrap(c).pre_process and unwrap(c).post_process for c in chunks)
+    if whole and not source.backbone_only:  # nothing of the folder may be left behind
+        unused = sorted(f"{n} ({a} LoRA)" if a else n for n, a in source.unused()
+                        if not (n == "lm_head.weight" and model_cfg.tie_embeddings))
+        if unused:
+            raise ConversionError(
+                f"{hf_dir}: {len(unused)} tensor(s) have no place in the model: "
+                f"{', '.join(unused[:5])}{'...' if len(unused) > 5 else ''}")
+    return loaded
+
+
+def _read_row(source, row: Row, values: dict, name: str, mc: ModelConfig) -> torch.Tensor:
+    adapter = _adapter_of(row, values)
+    names = row.hf_names(values)
+    if row.tied_to is not None and (mc.tie_embeddings or not source.has(names[0])):
+        if not mc.tie_embeddings:
+            raise ConversionError(f"tensor {names[0]!r} is missing and tie_word_embeddings "
+                                  "is false")
+        names = [row.tied_to]
+    if not all(source.has(n, adapter) for n in names) and row.alternatives:
+        alt = [n.format(**values) for n in row.alternatives]
+        if all(source.has(n, adapter) for n in alt):
+            names = [torch.cat([source.get(n, adapter) for n in alt], 0)]
+    tensors = [n if isinstance(n, torch.Tensor) else source.get(n, adapter) for n in names]
+    return TRANSFORMS[row.transform].to_phi4(tensors, shapes_for(name, mc))
+
+
+def state_from_hf(module: torch.nn.Module, phi4_prefix: str, hf_tensor, model_cfg: ModelConfig
+                  ) -> dict[str, torch.Tensor]:
+    """A module's whole (TP=1) state dict from Hugging Face tensors, through the table:
+    ``phi4_prefix`` is the module's place in the model (``vision.``), ``hf_tensor(name)``
+    returns an HF tensor by its full name (a tower on its own, for instance)."""
+    out = {}
+    for name, t in module.state_dict().items():
+        if not isinstance(t, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        found = find_row(phi4_prefix + name)
+        if found is None:
+            raise ConversionError(f"no Hugging Face counterpart for {phi4_prefix + name!r}")
+        row, values = found
+        tensors = [hf_tensor(n) for n in row.hf_names(values)]
+        out[name] = TRANSFORMS[row.transform].to_phi4(tensors, shapes_for(phi4_prefix + name,
+                                                                          model_cfg))
+    return out
 
 
 def hf_state_dict(model_or_chunks, model_cfg: ModelConfig,
                   dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """This rank's layers as full (TP-gathered) HF tensors. Collective over the TP group."""
+    """This rank's model tensors (no LoRA factors) as whole (TP-gathered) HF tensors.
+    Collective over the TP group."""
+    return hf_state_dicts(model_or_chunks, model_cfg, dtype)["model"]
+
+
+def hf_state_dicts(model_or_chunks, model_cfg: ModelConfig, dtype: torch.dtype | None = None,
+                   backbone_only: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's tensors as whole (TP-gathered) HF tensors: {"model": {name: tensor}, and
+    per LoRA adapter, "vision"/"speech": {name without the PEFT prefix: tensor}}; with
+    ``backbone_only`` the decoder's only (a Phi3ForCausalLM export). Collective over the TP
+    group."""
     chunks = as_chunks(model_or_chunks)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {"model": {}}
     with torch.no_grad():
-        for _, p, kind, layer in _params_by_kind(chunks):
-            full = _gather_tp(kind, p.detach())
-            if dtype is not None:
+        for name, p, row, values in model_tensors(chunks):
+            if backbone_only and module_group(name) != "backbone":
+                continue
+            full = gather_tp(row.tp, p.detach())
+            if dtype is not None and full.is_floating_point():
                 full = full.to(dtype)
-            if kind == "embed":
-                out["model.embed_tokens.weight"] = full
-            elif kind == "lm_head":
-                if not model_cfg.tie_embeddings:
-                    out["lm_head.weight"] = full
-            elif kind == "final_norm":
-                out["model.norm.weight"] = full
-            else:
-                if kind == "qkv":
-                    full = qkv_megatron_to_hf(full, model_cfg)
-                out[f"{_hf_layer(layer)}.{_HF_LAYER_NAMES[kind]}"] = full
-    return {k: v.contiguous().cpu() for k, v in out.items()}
+            names = row.hf_names(values)
+            if row.tied_to is not None and model_cfg.tie_embeddings:
+                continue
+            where = _adapter_of(row, values) or "model"
+            parts = TRANSFORMS[row.transform].to_hf(full, shapes_for(name, model_cfg))
+            for n, t in zip(names, parts):
+                out.setdefault(where, {})[n] = t.contiguous().cpu()
+    return out
 
 
-def _gather_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Union of every PP stage's tensors on global rank 0 (TP rank 0, DP rank 0 send)."""
+def _gather_to_rank0(local: dict) -> dict | None:
+    """Union of every PP stage's tensors on global rank 0 (TP rank 0, DP rank 0 send); a dict
+    of dicts (``hf_state_dict``) is merged one level down."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -548,9 +492,13 @@ def _gather_to_rank0(local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
     dist.gather_object(send, gathered, dst=0)
     if parallel.rank() != 0:
         return None
-    merged: dict[str, torch.Tensor] = {}
+    merged: dict = {}
     for part in gathered:
-        merged.update(part or {})
+        for k, v in (part or {}).items():
+            if isinstance(v, dict):
+                merged.setdefault(k, {}).update(v)
+            else:
+                merged[k] = v
     return merged
 
 
@@ -572,9 +520,11 @@ def write_hf_folder(
     out_dir: str | os.PathLike,
     max_shard_bytes: int = 5 * 1024**3,
     tokenizer_dir: str | os.PathLike | None = None,
+    adapters: dict[str, tuple[dict[str, torch.Tensor], dict]] | None = None,
 ) -> Path:
-    """Write config.json + safetensors (sharded with an index above max_shard_bytes), and the
-    tokenizer files of `tokenizer_dir`, into a temporary sibling folder and rename it into
+    """Write config.json + safetensors (sharded with an index above max_shard_bytes), the
+    tokenizer files of `tokenizer_dir` and each of `adapters` ({folder name: (tensors by PEFT
+    key, adapter_config)}) as a PEFT folder, into a temporary sibling folder and rename it into
     place."""
     from safetensors.torch import save_file
 
@@ -611,6 +561,11 @@ def write_hf_folder(
         (tmp / "generation_config.json").write_text(json_text({**gen, "_from_model_config": True},
                                                               indent=2))
         copy_tokenizer(tokenizer_dir, tmp)
+        for folder, (adapter_tensors, adapter_cfg) in (adapters or {}).items():
+            (tmp / folder).mkdir()
+            save_file(adapter_tensors, str(tmp / folder / ADAPTER_WEIGHTS), metadata=meta)
+            follow_umask(tmp / folder / ADAPTER_WEIGHTS)
+            (tmp / folder / ADAPTER_CONFIG).write_text(json_text(adapter_cfg, indent=2))
         for written in tmp.glob("*.safetensors"):
             follow_umask(written)  # safetensors writes its files 0600
         replace_dir(tmp, out)
@@ -636,32 +591,54 @@ def save_hf(
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> Path | None:
     """Write the model (and the tokenizer files of `tokenizer_dir`, if given) as a
-    Phi3ForCausalLM folder. Collective: every rank calls it; global rank 0 writes. ``dtype``
+    Phi3ForCausalLM folder, or with towers as a Phi4MultimodalForCausalLM folder with each
+    LoRA adapter the model still has (not merged) as a PEFT folder (``vision-lora/``,
+    ``speech-lora/``). Collective: every rank calls it; global rank 0 writes. ``dtype``
     defaults to the parameters' dtype."""
     from phi4core import parallel
+    from phi4core.interop import hf_multimodal
 
     chunks = as_chunks(model_or_chunks)
     if model_cfg is None:
         model_cfg = unwrap(chunks[0]).model_cfg
     dtype = dtypes.to_dtype(dtype if dtype is not None
                             else next(unwrap(chunks[0]).parameters()).dtype)
-    hf_cfg = hf_config_from_model_config(model_cfg, dtype)
-    local = hf_state_dict(chunks, model_cfg, dtype)
+    multimodal = hf_multimodal.is_multimodal(model_cfg)
+    if multimodal:
+        hf_cfg = hf_multimodal.hf_config_from_model_config(model_cfg, dtype)
+        lora_cfgs = hf_multimodal.adapter_configs(chunks)
+    else:
+        text = model_cfg.model_copy(update={"lora_vision": None, "lora_speech": None})
+        hf_cfg = hf_config_from_model_config(text, dtype)
+        lora_cfgs = {}
+        if hf_multimodal.adapter_configs(chunks):
+            log.warning("%s gets the decoder only: its LoRA adapters are not part of a "
+                        "Phi3ForCausalLM folder (save them with lora_adapters.save_adapter, or "
+                        "merge them first)", out_dir)
+    local = hf_state_dicts(chunks, model_cfg, dtype, backbone_only=not multimodal)
     merged = _gather_to_rank0(local)
     result = None
     if merged is not None:
-        _check_complete(merged, model_cfg)
-        result = write_hf_folder(merged, hf_cfg, out_dir, max_shard_bytes, tokenizer_dir)
+        tensors = merged.pop("model")
+        if not multimodal:
+            _check_complete(tensors, model_cfg)
+        adapters = {f"{a}-lora": ({PEFT_PREFIX + k: v for k, v in t.items()}, lora_cfgs[a])
+                    for a, t in merged.items()}
+        result = write_hf_folder(tensors, hf_cfg, out_dir, max_shard_bytes, tokenizer_dir,
+                                 adapters)
     parallel.barrier()
     return result if result is not None else Path(out_dir)
 
 
 def expected_hf_names(mc: ModelConfig) -> list[str]:
+    """The tensors of a Phi3ForCausalLM folder of this config."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not mc.tie_embeddings:
         names.append("lm_head.weight")
-    for L in range(mc.num_layers):
-        names += [f"{_hf_layer(L)}.{v}" for v in _HF_LAYER_NAMES.values()]
+    for row in TABLE:
+        if row.phi4.startswith("decoder.layers.{L}.") and row.where == "model" \
+                and "layer_norm_weight" not in row.phi4:
+            names += [n.format(L=L) for L in range(mc.num_layers) for n in row.hf]
     return names
 
 
@@ -691,27 +668,64 @@ class HFLoadedModel(torch.nn.Module):
         return logits.float()
 
 
+class HFLoadedMultimodalModel(HFLoadedModel):
+    """``forward(input_ids, input_mode, <the processors' outputs>) -> float32 logits``; the
+    placeholders in ``input_ids`` already expanded, as the processor returns them."""
+
+    def forward(self, input_ids: torch.Tensor, input_mode=0, image_pixel_values=None,
+                image_sizes=None, image_attention_mask=None, audio_input_features=None,
+                audio_embed_sizes=None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+
+        def on(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        logits = self.model(on(input_ids), None, None, input_mode=input_mode,
+                            image_pixel_values=on(image_pixel_values),
+                            image_sizes=on(image_sizes),
+                            image_attention_mask=on(image_attention_mask),
+                            audio_input_features=on(audio_input_features),
+                            audio_embed_sizes=on(audio_embed_sizes))
+        return logits.float()
+
+
+def build_model_for(mc: ModelConfig, parallel, precision, **kwargs):
+    """The decoder, or for a config with towers the multimodal model (one chunk per virtual
+    pipeline stage)."""
+    from phi4core.interop.hf_multimodal import is_multimodal
+
+    if is_multimodal(mc) or mc.lora_vision is not None or mc.lora_speech is not None:
+        from phi4core.models.multimodal import build_multimodal_chunks
+
+        return build_multimodal_chunks(mc, parallel, precision, **kwargs)
+    from phi4core.models.decoder import build_model_chunks
+
+    return build_model_chunks(mc, parallel, precision, **kwargs)
+
+
 def load_hf_model(
     path: str | os.PathLike,
     dtype: torch.dtype | str = torch.float32,
     parallel=None,
 ) -> HFLoadedModel:
-    """Build the decoder from an HF Phi-3 folder and load its weights.
+    """Build the model of an HF folder and load its weights: for a Phi-3 folder the decoder
+    (``forward(input_ids)``), for a Phi-4-Multimodal one (either layout) the multimodal model
+    with its towers and adapters (``HFLoadedMultimodalModel``).
 
     Initialises single-process distributed + parallel state when none exists (with
     ``parallel`` given, that layout instead; PP must be 1 to produce logits in one forward).
     """
-    from phi4core.models.decoder import build_model
+    from phi4core.interop.hf_multimodal import is_multimodal
     from phi4core.parallel import ParallelSettings, ensure_parallel
 
-    mc = model_config_from_hf(read_hf_config(path))
+    mc = model_config_from_hf(read_hf_config(path), folder=path)
     par = ensure_parallel(parallel)
     if par.pp != 1:
         raise ValueError("load_hf_model gives logits in one forward: it needs pp=1")
     prec = Precision(params=dtypes.short_name(dtype))
-    model = build_model(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
-                        parallel_output=False, perform_initialization=False)
+    (model,) = build_model_for(mc, ParallelSettings(tp=par.tp, cp=par.cp), prec,
+                               parallel_output=False, perform_initialization=False)
     load_hf_weights(model, path, mc)
     model.eval()
-    return HFLoadedModel(model, mc)
-
+    wrapper = HFLoadedMultimodalModel if is_multimodal(mc) else HFLoadedModel
+    return wrapper(model, mc)

@@ -22,34 +22,26 @@ import torch
 from phi4core import dtypes, parallel
 from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
 from phi4core.interop.hf import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     ConversionError,
     _gather_to_rank0,
-    _gather_tp,
     _tp,
-    _tp_slice,
-    qkv_hf_to_megatron,
-    qkv_megatron_to_hf,
+    gather_tp,
 )
+from phi4core.interop.hf_mapping import TRANSFORMS, Row, find_row, shapes_for, tp_shard
 from phi4core.models.chunks import as_chunks, unwrap
 from phi4core.models.lora import Target, lora_linears
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_REPLICATED = "input_norm"  # hf.py's kind for a tensor every TP rank holds whole
 
 
 def peft_key(layer: int, target: Target, factor: str) -> str:
     return f"base_model.model.model.layers.{layer}.{target.hf_module}.lora_{factor}.weight"
 
 
-def _tp_kind(target: Target, factor: str) -> str:
-    """hf.py's gather/shard kind of one factor: B of a column base is split like the base
-    weight (qkv and gate_up with their layouts), A of a row base on its input dim."""
-    if target.parallel == "column":
-        if factor == "A":
-            return _REPLICATED
-        return {"qkv": "qkv", "gate_up": "gate_up", "plain": "embed"}[target.layout]
-    return "o_proj" if factor == "A" else _REPLICATED
+def factor_row(target: Target, adapter: str, factor: str) -> Row:
+    """The mapping table's row of one factor (its TP split and row-layout transform)."""
+    row, _ = find_row(f"decoder.layers.0.{'.'.join(target.path)}.lora_{adapter}.{factor}")
+    return row
 
 
 def adapter_state_dict(model_or_chunks, adapter: str,
@@ -65,15 +57,15 @@ def adapter_state_dict(model_or_chunks, adapter: str,
             if factors is None:
                 continue
             for factor in ("A", "B"):
-                full = _gather_tp(_tp_kind(target, factor), getattr(factors, factor).detach())
-                if target.layout == "qkv" and factor == "B":
-                    full = qkv_megatron_to_hf(full, mc)
+                row = factor_row(target, adapter, factor)
+                full = gather_tp(row.tp, getattr(factors, factor).detach())
+                (full,) = TRANSFORMS[row.transform].to_hf(full, shapes_for("decoder", mc))
                 out[peft_key(layer, target, factor)] = (
                     full.to(dtype) if dtype is not None else full).contiguous().cpu()
     return out
 
 
-def _adapter_config(model_or_chunks, adapter: str) -> dict:
+def adapter_config(model_or_chunks, adapter: str) -> dict:
     ranks, scales, dropouts, targets = set(), set(), set(), []
     for _, target, linear in lora_linears(model_or_chunks):
         f = linear.lora_factors().get(adapter)
@@ -113,7 +105,7 @@ def save_adapter(model_or_chunks, adapter: str, out_dir: str | os.PathLike,
     from safetensors.torch import save_file
 
     chunks = as_chunks(model_or_chunks)
-    config = _adapter_config(chunks, adapter)
+    config = adapter_config(chunks, adapter)
     tensors = adapter_state_dict(chunks, adapter,
                                  dtypes.to_dtype(dtype) if dtype is not None else None)
     merged = _gather_to_rank0(tensors)
@@ -176,10 +168,10 @@ def load_adapter(model_or_chunks, adapter: str, folder: str | os.PathLike) -> in
                 key = peft_key(layer, target, factor)
                 if key not in names:
                     raise ConversionError(f"{weights}: tensor {key!r} is missing")
-                full = f.get_tensor(key)
-                if target.layout == "qkv" and factor == "B":
-                    full = qkv_hf_to_megatron(full, mc)
-                shard = _tp_slice(_tp_kind(target, factor), full, rank, size)
+                row = factor_row(target, adapter, factor)
+                full = TRANSFORMS[row.transform].to_phi4([f.get_tensor(key)],
+                                                         shapes_for("decoder", mc))
+                shard = tp_shard(row.tp, full, rank, size)
                 p = getattr(factors, factor)
                 if tuple(shard.shape) != tuple(p.shape):
                     raise ConversionError(

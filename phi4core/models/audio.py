@@ -40,7 +40,7 @@ from phi4core.models.conformer import (
 )
 from phi4core.models.lora import InputMode, to_input_mode
 from phi4core.models.tower_common import (
-    ShardedTower,
+    ShardedCheckpointing,
     count,
     decoder_settings,
     place_like_megatron,
@@ -133,7 +133,7 @@ class AudioEncoder(nn.Module):
         return x, lengths
 
 
-class AudioTower(ShardedTower, nn.Module):
+class AudioTower(ShardedCheckpointing, nn.Module):
     """Features -> projected speech embeddings, clip after clip, `audio_embed_sizes` each."""
 
     def __init__(self, ac: AudioConfig, out_hidden: int, *, dtype: torch.dtype = torch.float32,

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from phi4core import dtypes
 from phi4core.config import ModelConfig, Precision
+from phi4core.models import cpu_fast as cpu_fast_paths
 from phi4core.models.attention import use_sdpa_core_attention
 from phi4core.models.rope import LongRopeRotaryEmbedding, attach_attention_factor
 from phi4core.module_groups import GROUP_NAMES, group_of
@@ -289,6 +290,7 @@ def build_model(
     vp_stage: int | None = None,
     parallel_output: bool = True,
     use_te: bool | None = None,
+    cpu_fast: bool | None = None,
     config_overrides: dict | None = None,
     model_class: type[Phi4Decoder] | None = None,
     model_kwargs: dict | None = None,
@@ -302,6 +304,10 @@ def build_model(
     initialised with the same tp/pp/cp/vpp (``phi4core.parallel.init_parallel``). On a CPU the
     weights are initialised in full and split (``use_cpu_initialization``), so every TP/PP
     layout starts from the same weights for the same seed.
+
+    On a CPU without Transformer Engine the modules that qualify get their CPU fast paths
+    (``phi4core.models.cpu_fast``: the same math, less overhead); ``cpu_fast=False`` keeps
+    megatron's modules throughout, ``True`` raises where the fast paths cannot apply.
     """
     par = ParallelSettings.from_any(parallel)
     prec = _precision(precision)
@@ -329,6 +335,12 @@ def build_model(
     )
     if not cfg.use_cpu_initialization and gpu_available() and _default_device_is_cpu():
         model.cuda(torch.cuda.current_device())
+    if cpu_fast is None:
+        cpu_fast = cpu_fast_paths.applies(use_te)
+    elif cpu_fast and not cpu_fast_paths.applies(use_te):
+        raise RuntimeError("cpu_fast=True needs a CPU-only torch and the local layer spec")
+    if cpu_fast:
+        cpu_fast_paths.apply(model)
     return model
 
 

@@ -1,5 +1,6 @@
 """What the image and speech towers share: megatron config defaults, the projector's config,
-parameter counting and a tree of persistent buffers for checkpoint weights that never run."""
+parameter counting, a tree of persistent buffers for checkpoint weights that never run, and
+their distributed-checkpoint entries."""
 
 from __future__ import annotations
 
@@ -8,13 +9,25 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "ShardedTower", "base_config_kwargs", "count", "decoder_settings",
-           "place_like_megatron", "projector_config", "tp_group", "use_transformer_engine"]
+__all__ = ["BufferTree", "ShardedCheckpointing", "base_config_kwargs", "count",
+           "decoder_settings", "place_like_megatron", "projector_config", "tp_group",
+           "use_transformer_engine"]
+
+
+class ShardedCheckpointing:
+    """Put in front of ``nn.Module`` for a tower: its distributed-checkpoint entries come from
+    each child as megatron's modules do (a tensor-parallel linear's weight sharded on its
+    partition dim). A plain ``nn.Module`` would otherwise be saved whole as replicated, every
+    TP rank's different shard under the full tensor's key (megatron's default for modules it
+    does not know)."""
+
+    sharded_state_dict = MegatronModule.sharded_state_dict
 
 
 def tp_group():
@@ -82,18 +95,6 @@ def place_like_megatron(module: nn.Module, config: TransformerConfig) -> None:
     if (not config.use_cpu_initialization and gpu_available()
             and torch.empty(0).device.type == "cpu"):
         module.cuda(torch.cuda.current_device())
-
-
-class ShardedTower:
-    """A tower's distributed-checkpoint entries: megatron's recursion (``MegatronModule``'s),
-    so its megatron layers declare their own tensor-parallel splits and everything else is
-    replicated. Without it a plain torch module holding megatron layers is taken whole as
-    replicated, and a TP-split projector would be saved from one rank's shard only."""
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        from megatron.core.transformer.module import MegatronModule
-
-        return MegatronModule.sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
 
 def count(module: nn.Module) -> int:

@@ -46,7 +46,7 @@ from phi4core.config import VisionConfig
 from phi4core.models.hd_transform import num_image_tokens, process_images  # noqa: F401
 from phi4core.models.tower_common import (
     BufferTree,
-    ShardedTower,
+    ShardedCheckpointing,
     base_config_kwargs,
     count,
     decoder_settings,
@@ -171,7 +171,7 @@ class PatchEmbedding(nn.Module):
         return x + self.position_embedding(self.position_ids(patch_mask))
 
 
-class VisionTower(ShardedTower, nn.Module):
+class VisionTower(ShardedCheckpointing, nn.Module):
     """Pixels of the HD transform -> projected image embeddings, in the processor's order."""
 
     def __init__(self, vc: VisionConfig, out_hidden: int, *, dtype: torch.dtype = torch.float32,

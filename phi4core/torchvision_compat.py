@@ -1,11 +1,13 @@
-"""Makes the PyPI torchvision wheel importable beside the CPU torch wheel, for the tests only.
+"""Makes the PyPI torchvision wheel importable beside the CPU torch wheel.
 
 PyPI's torchvision is a CUDA build: its compiled ops (`_C.so`) cannot load beside torch's CPU
 wheel, and the package then fails at import while registering fake kernels for two of those
 ops (`torchvision::nms`, `torchvision::qnms`). Declaring their schemas first lets it import;
 only its pure-torch parts (the v2 transforms the transformers image processors use) are
 needed, and the missing ops still raise if anything calls them. Nothing changes where the ops
-load (a matching CPU or GPU build).
+load (a matching CPU or GPU build). `runtime.init()` installs it: transformers imports
+torchvision as soon as it is present (its image utilities do), so without this even
+`Phi3ForCausalLM` fails to import in such an environment (the dev extra is one).
 """
 
 from __future__ import annotations
