@@ -28,14 +28,14 @@ def _model(**kw):
 
 def _batch(images_per_row=1, clips_per_row=1, rows=2, seed=0):
     """Token rows with placeholders expanded, and the stand-in processor outputs."""
-    from phi4core.models.multimodal import expand_placeholders
+    from phi4core.data.placeholders import expand_placeholders
 
     g = torch.Generator().manual_seed(seed)
     ids = []
     for _ in range(rows):
         row = [1] + [IMG] * images_per_row + [20, 21] + [AUD] * clips_per_row + [22, 2]
-        row = expand_placeholders(row, IMG, [TOKENS_PER_IMAGE] * images_per_row)
-        row = expand_placeholders(row, AUD, [TOKENS_PER_CLIP] * clips_per_row)
+        row = expand_placeholders(row, {IMG: [TOKENS_PER_IMAGE] * images_per_row}).tolist()
+        row = expand_placeholders(row, {AUD: [TOKENS_PER_CLIP] * clips_per_row}).tolist()
         ids.append(row)
     x = torch.tensor(ids)
     pix = torch.randn(rows * images_per_row, TOKENS_PER_IMAGE, 8, generator=g)
@@ -44,14 +44,15 @@ def _batch(images_per_row=1, clips_per_row=1, rows=2, seed=0):
 
 
 def test_expand_placeholders():
-    from phi4core.models.multimodal import expand_placeholders
+    from phi4core.data.placeholders import expand_placeholders
 
-    assert expand_placeholders([5, IMG, 6, IMG], IMG, [2, 3]) == [5, IMG, IMG, 6, IMG, IMG, IMG]
-    assert expand_placeholders([5, 6], IMG, []) == [5, 6]
+    expanded = expand_placeholders([5, IMG, 6, IMG], {IMG: [2, 3]}).tolist()
+    assert expanded == [5, IMG, IMG, 6, IMG, IMG, IMG]
+    assert expand_placeholders([5, 6], {IMG: []}).tolist() == [5, 6]
     with pytest.raises(ValueError, match="2 placeholder"):
-        expand_placeholders([IMG, IMG], IMG, [3])
-    with pytest.raises(ValueError, match="has 0 tokens"):
-        expand_placeholders([IMG], IMG, [0])
+        expand_placeholders([IMG, IMG], {IMG: [3]}).tolist()
+    with pytest.raises(ValueError, match="has no tokens"):
+        expand_placeholders([IMG], {IMG: [0]}).tolist()
 
 
 def test_parameter_groups_from_the_one_table(single):

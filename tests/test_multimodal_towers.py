@@ -34,7 +34,7 @@ def model(single):
 
 def _image_batch(seed=0):
     """Two token rows, each with one image (448 x 448 and 600 x 300) expanded to its count."""
-    from phi4core.models.multimodal import expand_placeholders
+    from phi4core.data.placeholders import expand_placeholders
     from phi4core.models.vision import process_images
 
     rng = np.random.default_rng(seed)
@@ -42,21 +42,21 @@ def _image_batch(seed=0):
                                                                            (300, 600))]
     inputs = process_images(images)
     counts = inputs.pop("num_img_tokens").tolist()
-    rows = [expand_placeholders([1, 20, IMG, 21, 22, 2], IMG, [n]) for n in counts]
+    rows = [expand_placeholders([1, 20, IMG, 21, 22, 2], {IMG: [n]}).tolist() for n in counts]
     width = max(len(r) for r in rows)
     x = torch.tensor([r + [0] * (width - len(r)) for r in rows])
     return x, inputs
 
 
 def _audio_batch(seed=0):
+    from phi4core.data.placeholders import expand_placeholders
     from phi4core.models.audio import extract_features
-    from phi4core.models.multimodal import expand_placeholders
 
     rng = np.random.default_rng(seed)
     clips = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16000, 9000)]
     inputs = extract_features(clips)
     counts = inputs["audio_embed_sizes"].tolist()
-    rows = [expand_placeholders([1, 30, AUD, 31, 2], AUD, [n]) for n in counts]
+    rows = [expand_placeholders([1, 30, AUD, 31, 2], {AUD: [n]}).tolist() for n in counts]
     width = max(len(r) for r in rows)
     return torch.tensor([r + [0] * (width - len(r)) for r in rows]), inputs
 

@@ -34,8 +34,10 @@ import numpy as np
 import torch
 
 from phi4core.data.chat import ChatFormatError, render_chat, tokenize_chat
+from phi4core.data.epochs import Epochs
 from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.media_files import MediaError, png_size, read_png, read_wav, wav_num_samples
+from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import PhiTokenizer
 from phi4core.models import hd_transform as hd
@@ -45,9 +47,11 @@ from phi4core.models.audio_features import (
     extract_features,
     num_audio_tokens,
 )
+from phi4core.models.lora import InputMode
 
-# input_mode per modality: the values of phi4core.models.lora.InputMode.
-INPUT_MODES: dict[str, int] = {"image": 1, "audio": 2, "image_audio": 3}
+# input_mode per modality.
+INPUT_MODES: dict[str, InputMode] = {"image": InputMode.VISION, "audio": InputMode.SPEECH,
+                                     "image_audio": InputMode.VISION_SPEECH}
 MEDIA_KEYS = ("image_pixel_values", "image_sizes", "image_attention_mask",
               "audio_input_features", "audio_embed_sizes", "audio_attention_mask")
 TEXT_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -78,20 +82,6 @@ def modality_of(num_images: int, num_audios: int) -> str | None:
     if num_images and num_audios:
         return "image_audio"
     return "image" if num_images else ("audio" if num_audios else None)
-
-
-def expand_placeholders(ids: np.ndarray, mask: np.ndarray, counts: dict[int, Sequence[int]]
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Each occurrence of a placeholder id (a key of `counts`) repeated to its medium's token
-    count, in order; the loss mask follows (a placeholder is never trained)."""
-    reps = np.ones(len(ids), dtype=np.int64)
-    for token_id, per_item in counts.items():
-        where = np.flatnonzero(ids == token_id)
-        if len(where) != len(per_item):
-            raise ValueError(f"{len(where)} placeholder(s) {token_id} in the tokens but "
-                             f"{len(per_item)} media item(s) to put there")
-        reps[where] = per_item
-    return np.repeat(ids, reps), np.repeat(mask, reps)
 
 
 @dataclass
@@ -182,7 +172,7 @@ class MultimodalDataset(torch.utils.data.Dataset):
             raise _Bad("placeholder in an assistant turn",
                        "media go in user turns; the answer cannot be a placeholder")
         try:
-            ids, mask = expand_placeholders(chat.ids, chat.mask, counts)
+            ids, mask = expand_placeholders(chat.ids, counts, mask=chat.mask)
         except ValueError as e:
             raise _Bad("placeholders do not match the media", str(e)) from None
         if len(ids) > self.seq_length + 1:
@@ -283,21 +273,6 @@ def _check_counts(what: str, got: torch.Tensor, items, key: str) -> None:
     if got.tolist() != want:
         raise RuntimeError(f"{what} token counts {got.tolist()} of the features differ from "
                            f"the {want} expanded in the tokens")
-
-
-class Epochs:
-    """A dataset cycled through epochs, each in its own seeded order (index -> item)."""
-
-    def __init__(self, dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def __getitem__(self, i: int):
-        epoch, j = divmod(i, len(self.dataset))
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(
-                len(self.dataset)))
-        return self.dataset[int(self._order[1][j])]
 
 
 class MultimodalSamples:

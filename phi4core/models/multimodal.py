@@ -25,7 +25,8 @@ keys and HF mapping) with
 
 Assembly: every placeholder id (``image_token_id`` 200010, ``audio_token_id`` 200011) in
 ``input_ids`` takes the next row of its tower's output; the ids must already be expanded to
-each input's token count (``expand_placeholders``, as the HF processors do). Under sequence
+each input's token count (``phi4core.data.placeholders.expand_placeholders``, as the HF
+processors do). Under sequence
 parallelism each rank writes the rows of its own sequence slice.
 
 Training: a batch that leaves out trainable modules (a tower without inputs, an adapter the mode
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -88,26 +89,6 @@ def default_tower_builders(model_cfg: ModelConfig) -> dict[str, TowerBuilder]:
                                  f"the {tower} tower builder phi4core.models.multimodal calls")
         builders[tower] = getattr(module, attr)
     return builders
-
-
-def expand_placeholders(token_ids: Sequence[int], placeholder: int,
-                        counts: Sequence[int]) -> list[int]:
-    """Each occurrence of ``placeholder`` repeated to its input's token count, in order."""
-    found = sum(1 for t in token_ids if t == placeholder)
-    if found != len(counts):
-        raise ValueError(f"{found} placeholder(s) {placeholder} in the tokens but "
-                         f"{len(counts)} input(s) to put there")
-    out: list[int] = []
-    it = iter(counts)
-    for t in token_ids:
-        if t == placeholder:
-            n = next(it)
-            if n < 1:
-                raise ValueError(f"an input of placeholder {placeholder} has {n} tokens")
-            out.extend([placeholder] * n)
-        else:
-            out.append(t)
-    return out
 
 
 def write_at_placeholders(embeddings: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from phi4core.config import StageSpec
+from phi4core.data.epochs import Epochs
 from phi4core.parallel import rank0_first
 
 log = logging.getLogger("phi4core.train")
@@ -121,21 +122,6 @@ class TextSamples:
         return {k: item[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
 
 
-class _Epochs:
-    """A dataset cycled through epochs, each in its own seeded order (index -> sample)."""
-
-    def __init__(self, dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-        self._order: tuple[int, np.ndarray] | None = None
-
-    def __getitem__(self, i: int) -> dict:
-        n = len(self.dataset)
-        epoch, j = divmod(i, n)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(n))
-        return self.dataset[int(self._order[1][j])]
-
-
 class ChatSamples:
     """Packed chat sequences, sources sampled in proportion to their weights.
 
@@ -158,7 +144,7 @@ class ChatSamples:
         paths = rank0_first(files)
         seed = spec.train.seed
         self.sources = [
-            _Epochs(ChatDataset(path, tokenizer, spec.train.seq_length, pack=True, seed=seed + k,
+            Epochs(ChatDataset(path, tokenizer, spec.train.seq_length, pack=True, seed=seed + k,
                                 on_bad_record=spec.data.on_bad_record), seed + 1000 * k)
             for k, path in enumerate(paths)]
         self.size = max(1, num_samples)
