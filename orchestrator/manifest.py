@@ -24,6 +24,8 @@ import stat
 import time
 from pathlib import Path
 
+from .config.files import special_kind
+
 RACY_SECONDS = 2.0
 _CHUNK = 1 << 20
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
@@ -41,19 +43,7 @@ class UnreadableFile(Exception):
         self.rel, self.why = rel, why
 
 
-def kind_problem(mode: int) -> str | None:
-    """Why a file of this mode holds no hashable content (None: a regular file or folder)."""
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    if stat.S_ISLNK(mode):
-        return "is a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "is a FIFO, not a regular file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "is a device, not a regular file"
-    if stat.S_ISSOCK(mode):
-        return "is a socket, not a regular file"
-    return "is not a regular file"
+kind_problem = special_kind  # why a file of this mode holds no hashable content
 
 
 class HashCache:

@@ -26,12 +26,13 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTT
                | getattr(os, "O_CLOEXEC", 0))
 
 
-def _kind(mode: int) -> str | None:
-    """Why a file of this mode is not readable as configuration (None: a regular file)."""
-    if stat.S_ISREG(mode):
+def special_kind(mode: int) -> str | None:
+    """Why a file of this mode holds no readable content (None: a regular file or a folder).
+    One wording for the configuration reader and the store's manifests."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
-    if stat.S_ISDIR(mode):
-        return "is a directory"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
     if stat.S_ISFIFO(mode):
         return "is a FIFO, not a regular file"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -39,6 +40,11 @@ def _kind(mode: int) -> str | None:
     if stat.S_ISSOCK(mode):
         return "is a socket, not a regular file"
     return "is not a regular file"
+
+
+def _kind(mode: int) -> str | None:
+    """Why a file of this mode is not readable as configuration (None: a regular file)."""
+    return "is a directory" if stat.S_ISDIR(mode) else special_kind(mode)
 
 
 def file_problem(path: Path) -> str | None:
