@@ -51,12 +51,13 @@ def siglip_mismatch(vc: dict, vision) -> str | None:
     return "; ".join(diff) or None
 
 
-def _rename(key: str) -> str | None:
+def _rename(key: str) -> tuple[str, None] | None:
+    """A SigLIP tensor's key in an HFSource: its Phi4MM name (None: a SiglipModel's other half)."""
     if key.startswith(_IGNORED):
         return None
     from phi4core.interop.hf_mapping import SIGLIP_PREFIX
 
-    return SIGLIP_PREFIX + key.removeprefix(_VISION_PREFIX)
+    return SIGLIP_PREFIX + key.removeprefix(_VISION_PREFIX), None
 
 
 def load_siglip_weights(chunks, path: str | os.PathLike, model_cfg) -> int:
