@@ -62,7 +62,7 @@ def test_plan_gives_the_encoder(siglip, tmp_path):
 
 
 def test_every_encoder_tensor_is_the_siglip_one(siglip, loaded):
-    hf = {k.removeprefix("vision_model."): v for k, v in siglip[0].state_dict().items()}
+    hf = siglip[0].state_dict()
     tower, vc = loaded, preset("phi4_multimodal_tiny").vision
     heads, h = vc.num_heads, vc.hidden_size
     d = h // heads
@@ -130,3 +130,86 @@ def test_a_mismatched_siglip_is_a_clear_error(tmp_path, change, message):
     with pytest.raises(InputError, match=r"input 'encoder': SigLIP config of .* does not match "
                                          r"model phi4_multimodal_tiny's vision: .*" + message):
         plan_inputs(_spec(tmp_path, folder))
+
+
+def test_a_whole_siglip_model_gives_its_vision_half(siglip, loaded, tmp_path):
+    """A SiglipModel folder: vision_config nested, text_model.* and logit_scale/bias ignored."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from phi4core.models.multimodal import build_multimodal_chunks
+    from phi4core.parallel import init_single_process
+
+    vision_model, _ = siglip
+    cfg = SiglipConfig(vision_config=vision_model.config.to_dict(),
+                       text_config=dict(hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        vocab_size=64, max_position_embeddings=16))
+    whole = SiglipModel(cfg)
+    whole.vision_model.load_state_dict(vision_model.state_dict())  # saved as vision_model.*
+    folder = tmp_path / "siglip_whole"
+    whole.save_pretrained(folder)
+    spec = _spec(tmp_path, folder)
+    chunks = build_multimodal_chunks(spec.model, init_single_process())
+    assert load_inputs(spec, chunks) == {"encoder": ["vision.encoder"]}
+    want = loaded.state_dict()
+    got = chunks[0].vision.state_dict()
+    for k in want:
+        if k.startswith(("encoder.", "embeddings.", "unused_tail.")) and "_extra_state" not in k:
+            assert torch.equal(got[k], want[k]), k
+
+
+def test_a_text_model_has_no_place_for_siglip(siglip, tmp_path):
+    spec = _spec(tmp_path, siglip[1])
+    spec.model = preset("phi4_mini_tiny")
+    with pytest.raises(InputError, match="holds the module groups vision.encoder, none of"):
+        plan_inputs(spec)
+
+
+@pytest.mark.slow
+def test_projector_alignment_trains_from_a_siglip_folder(siglip, loaded, tmp_path):
+    """vision_projector_align in small: the SigLIP encoder frozen, only the projector trains."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from phi4core.train.testing import write_spec
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = tiny_multimodal_spec(tmp_path, "align", "image", trainable=["vision.projector"],
+                                frozen=["backbone", "vision.encoder"], outputs=["vision"],
+                                inputs={"vision_encoder": {"source": "hf",
+                                                           "path": str(siglip[1]),
+                                                           "frozen": True}}, steps=6)
+    path = write_spec(spec, tmp_path / "align.json")
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1",
+           "PHI4_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "phi4core", "train", str(path)], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = Path(spec.output_dir) / "vision"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["inputs"] == {"vision_encoder": ["vision.encoder"]}
+    sums = json.loads((out / "frozen_checksums.json").read_text())
+    assert sums["before"] == sums["after"]
+    assert "vision.encoder" in sums["after"]["groups"]
+    # The artifact's encoder is the SigLIP folder's, bit for bit.
+    saved = dist_checkpointing.load_plain_tensors(str(out))
+    mine = loaded.state_dict()
+    checked = 0
+    for key, t in saved.items():
+        if not key.startswith(("vision.encoder.", "vision.embeddings.")) or "_extra" in key:
+            continue
+        name = key.removeprefix("vision.")
+        if name.startswith("encoder.layers."):  # saved stacked: [layer, ...]
+            rest = name.removeprefix("encoder.layers.")
+            pairs = [(t[i], mine[f"encoder.layers.{i}.{rest}"]) for i in range(t.shape[0])]
+        else:
+            pairs = [(t, mine[name])]
+        for a, b in pairs:
+            assert torch.equal(a, b), key
+            checked += 1
+    assert checked > 0

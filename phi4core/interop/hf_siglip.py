@@ -2,9 +2,10 @@
 
 A ``SiglipVisionModel`` folder (model_type ``siglip_vision_model``) or a whole ``SiglipModel``
 (``siglip``: its text side, ``logit_scale`` and ``logit_bias`` are ignored) provides the
-``vision.encoder`` group and the tower's unused tail: its ``vision_model.*`` tensors are the
-Phi-4-Multimodal image encoder's ``img_processor.*`` under another prefix, so they load through
-the same rows of the mapping table, at any TP/PP layout.
+``vision.encoder`` group and the tower's unused tail: its vision tensors (``vision_model.*``;
+a SiglipVisionModel saved by transformers 5 drops that prefix) are the Phi-4-Multimodal image
+encoder's ``img_processor.*`` under another prefix, so they load through the same rows of the
+mapping table, at any TP/PP layout.
 
 The config part is torch-free (the orchestrator's checks may read it).
 """
