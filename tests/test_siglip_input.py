@@ -213,3 +213,26 @@ def test_projector_alignment_trains_from_a_siglip_folder(siglip, loaded, tmp_pat
             assert torch.equal(a, b), key
             checked += 1
     assert checked > 0
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only
+def test_the_encoder_loads_alike_at_every_layout(siglip, tmp_path):
+    """TP=2 and PP=2 (gloo, torchrun) hold the same encoder as TP=1, saved whole."""
+    from test_artifacts_mp import _run, _tensors
+
+    from phi4core.module_groups import group_of
+
+    def encoder(tp: int, pp: int) -> dict:
+        out = tmp_path / f"tp{tp}pp{pp}"
+        _run(tp * pp, "siglip", str(siglip[1]), str(out), str(tp), str(pp))
+        return {k: v for k, v in _tensors(out / "model").items()
+                if group_of(k) == "vision.encoder" or k.startswith("vision.unused_tail.")}
+
+    want = encoder(1, 1)
+    assert want
+    for tp, pp in ((2, 1), (1, 2)):
+        got = encoder(tp, pp)
+        assert sorted(got) == sorted(want)
+        for k, t in want.items():
+            assert got[k].equal(t), (tp, pp, k)
