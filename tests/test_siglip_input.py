@@ -121,6 +121,7 @@ def test_features_equal_transformers(siglip, loaded):
     (dict(hidden_size=64), "hidden_size 64 != 32"),
     (dict(patch_size=16), "patch_size 16 != 14"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(vision_use_head=False), "vision_use_head false"),
 ])
 def test_a_mismatched_siglip_is_a_clear_error(tmp_path, change, message):
     vc = preset("phi4_multimodal_tiny").vision

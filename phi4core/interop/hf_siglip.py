@@ -49,6 +49,8 @@ def siglip_mismatch(vc: dict, vision) -> str | None:
             if vc[theirs] != getattr(vision, ours)]
     diff += [f"{k} {vc[k]!r} != {want!r}" for k, want in
              (("hidden_act", "gelu_pytorch_tanh"), ("num_channels", 3)) if vc[k] != want]
+    if vc.get("vision_use_head") is False:  # the tower carries (never runs) the pooling head
+        diff.append("vision_use_head false != true")
     return "; ".join(diff) or None
 
 
