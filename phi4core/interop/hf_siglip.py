@@ -66,7 +66,8 @@ def _rename(key: str) -> tuple[str, None] | None:
 def load_siglip_weights(chunks, path: str | os.PathLike, model_cfg) -> int:
     """Copy a SigLIP folder into this rank's chunks: the vision encoder (and the tower's unused
     tail), each tensor its TP shard; a rank holding the tower must use every vision tensor
-    (a missing or extra one is an error). Raises ConversionError on a config or shape mismatch. Returns tensors loaded."""
+    (a missing or extra one is an error). Raises ConversionError on a config or shape
+    mismatch. Returns the number of tensors loaded."""
     from phi4core.interop.hf import ConversionError, HFCheckpoint, check_all_used, load_from_source
     from phi4core.interop.hf_multimodal import HFSource
     from phi4core.module_groups import group_of
