@@ -4,6 +4,8 @@
 adapters are not zeros, saved as three artifacts SRC/backbone, SRC/vision and SRC/speech, each
 with exactly its module groups. `assemble SRC OUT TP PP`: the same model built from other
 seeds at TP x PP, its groups loaded from the three artifacts, saved whole to OUT/model.
+`siglip DIR OUT TP PP`: the model at TP x PP, its vision encoder loaded from the transformers
+SigLIP folder DIR, saved whole to OUT/model.
 """
 
 from __future__ import annotations
@@ -53,8 +55,19 @@ def assemble(src: Path, out: Path, tp: int, pp: int) -> None:
     save_model_weights(chunks, out / "model", mc)
 
 
+def siglip(folder: Path, out: Path, tp: int, pp: int) -> None:
+    from phi4core.interop.hf_siglip import load_siglip_weights
+    from phi4core.model_weights import save_model_weights
+
+    mc, chunks = _chunks(tp, pp, seed=7)
+    load_siglip_weights(chunks, folder, mc)
+    save_model_weights(chunks, out / "model", mc)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "save":
         save(Path(sys.argv[2]))
+    elif sys.argv[1] == "siglip":
+        siglip(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     else:
         assemble(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -384,11 +384,23 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
     source = open_hf_source(hf_dir)
     if model_cfg is None:
         model_cfg = source.model_config
+    keep = (lambda name: module_group(name) == "backbone") if source.backbone_only else None
+    loaded = load_from_source(chunks, source, model_cfg, keep)
+    whole = all(unwrap(c).pre_process and unwrap(c).post_process for c in chunks)
+    if whole and not source.backbone_only:  # nothing of the folder may be left behind
+        check_all_used(source, model_cfg)
+    return loaded
+
+
+def load_from_source(chunks, source, model_cfg: ModelConfig, keep=None) -> int:
+    """Copy the tensors of ``source`` (an HFSource) into this rank's chunks, each its TP shard
+    through the table; ``keep(name)``: only the model tensors it accepts (None: all)."""
+    hf_dir = source.path
     rank, size = _tp()
     loaded = 0
     with torch.no_grad():
         for name, p, row, values in model_tensors(chunks):
-            if source.backbone_only and module_group(name) != "backbone":
+            if keep is not None and not keep(name):
                 continue
             full = _read_row(source, row, values, name, model_cfg)
             shard = tp_shard(row.tp, full, rank, size)
@@ -398,15 +410,17 @@ def load_hf_weights(model_or_chunks, hf_dir: str | os.PathLike,
                     f"shape {tuple(shard.shape)}, the model's is {tuple(p.shape)}")
             p.copy_(shard.to(p.dtype))
             loaded += 1
-    whole = all(unwrap(c).pre_process and unwrap(c).post_process for c in chunks)
-    if whole and not source.backbone_only:  # nothing of the folder may be left behind
-        unused = sorted(f"{n} ({a} LoRA)" if a else n for n, a in source.unused()
-                        if not (n == "lm_head.weight" and model_cfg.tie_embeddings))
-        if unused:
-            raise ConversionError(
-                f"{hf_dir}: {len(unused)} tensor(s) have no place in the model: "
-                f"{', '.join(unused[:5])}{'...' if len(unused) > 5 else ''}")
     return loaded
+
+
+def check_all_used(source, model_cfg: ModelConfig) -> None:
+    """Every tensor of ``source`` was read (a tied lm_head excepted), else ConversionError."""
+    unused = sorted(f"{n} ({a} LoRA)" if a else n for n, a in source.unused()
+                    if not (n == "lm_head.weight" and model_cfg.tie_embeddings))
+    if unused:
+        raise ConversionError(
+            f"{source.path}: {len(unused)} tensor(s) have no place in the model: "
+            f"{', '.join(unused[:5])}{'...' if len(unused) > 5 else ''}")
 
 
 def _read_row(source, row: Row, values: dict, name: str, mc: ModelConfig) -> torch.Tensor:

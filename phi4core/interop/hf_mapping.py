@@ -169,6 +169,7 @@ _D = "decoder.layers.{L}."
 _H = "model.layers.{L}."
 _IMG = "model.embed_tokens_extend.image_embed."
 _SIG = _IMG + "img_processor."
+SIGLIP_PREFIX = _SIG  # the image encoder's SigLIP, as a SiglipVisionModel's `vision_model.`
 _AUD = "model.embed_tokens_extend.audio_embed."
 _V = "vision.encoder.layers.{i}."
 _SL = _SIG + "encoder.layers.{i}."

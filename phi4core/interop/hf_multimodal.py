@@ -287,8 +287,11 @@ class HFSource:
         self._used: set[tuple[str, str | None]] = set()
 
     def add(self, ck: HFCheckpoint, rename) -> None:
+        """Index ``ck``'s tensors under ``rename(key)``; a key renamed to None is left out."""
         for key in ck.keys():
-            self._index[rename(key)] = (ck, key)
+            name = rename(key)
+            if name is not None:
+                self._index[name] = (ck, key)
 
     def has(self, name: str, adapter: str | None = None) -> bool:
         return (name, adapter) in self._index

@@ -3,7 +3,8 @@
 Each input provides module groups (phi4core.module_groups): a phi4 weights folder the groups
 it holds (a text checkpoint: ``backbone``; a `vision` artifact: the vision encoder, separators,
 projector and LoRA_V; a `speech` artifact: the audio encoder, projectors and LoRA_A; a whole
-multimodal model: all of them), a Hugging Face Phi-3 folder the ``backbone``. The model takes
+multimodal model: all of them), a Hugging Face Phi-3 folder the ``backbone``, a SigLIP folder
+(SiglipVisionModel or SiglipModel) the ``vision.encoder``. The model takes
 from each input exactly the groups it provides, so a multimodal stage assembles its model from
 the backbone and the artifacts of its upstream stages at any TP/PP layout. Two inputs may not
 provide the same group; groups no input provides keep their fresh initialisation (logged).
@@ -49,7 +50,15 @@ def provided_groups(spec: StageSpec, name: str, inp) -> list[str]:
     if not path.is_dir():
         raise InputError(f"input {name!r}: {path} is not a folder")
     if inp.source == "hf":
-        have = ["backbone"]  # a Phi-3 folder: the decoder (the towers' import comes with HF)
+        from phi4core.interop.hf_siglip import siglip_config, siglip_mismatch
+
+        # A SigLIP folder: the image encoder; else a Phi-3 folder: the decoder.
+        siglip = siglip_config(path)
+        have = ["vision.encoder"] if siglip is not None else ["backbone"]
+        bad = siglip and spec.model.vision and siglip_mismatch(siglip, spec.model.vision)
+        if bad:
+            raise InputError(f"input {name!r}: SigLIP config of {path} does not match model "
+                             f"{spec.model.name}'s vision: {bad}")
     else:
         try:
             have = folder_groups(path)
@@ -94,7 +103,15 @@ def load_inputs(spec: StageSpec, chunks: list) -> dict[str, list[str]]:
         inp = spec.inputs[name]
         path = Path(inp.path)
         where = f"{name!r} ({path})"
-        if inp.source == "hf":
+        if inp.source == "hf" and groups == ["vision.encoder"]:
+            from phi4core.interop.hf import ConversionError
+            from phi4core.interop.hf_siglip import load_siglip_weights
+
+            try:
+                load_siglip_weights(chunks, path, spec.model)
+            except ConversionError as e:
+                raise InputError(f"input {where}: {e}") from None
+        elif inp.source == "hf":
             from phi4core.interop.hf import (
                 ConversionError,
                 load_hf_weights,
