@@ -51,3 +51,21 @@ def test_begin_skips_only_an_unforced_rerun_with_the_same_inputs(tmp_path: Path)
     _publish(up, "v2")  # a forced upstream rerun that came out different
     _submit(down, force=False, inputs=_lineage(store, inputs))
     assert hooks.begin(down.path) == OK and down.status().state == State.RUNNING
+
+
+def test_hooks_report_a_damaged_record_in_one_line(tmp_path: Path) -> None:
+    """A record the hook cannot use (a folder where status.json belongs) is one line in the
+    job log and exit 2, never a traceback: begin and end alike."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+    from orchestrator.exitcodes import BAD_INPUT
+
+    folder = Store(tmp_path).stage_dir("a", "a" * 16)
+    folder.path.mkdir(parents=True)
+    write_json(folder.spec_file, {"outputs": ["out"]})
+    folder.status_file.mkdir()
+    for args in (["begin"], ["end", "--exit-code", "0"]):
+        result = CliRunner().invoke(cli, ["stage-hook", *args, str(folder.path)])
+        assert result.exit_code == BAD_INPUT, (args, result.output, result.exception)
+        assert "Traceback" not in result.output and str(folder.status_file) in result.output

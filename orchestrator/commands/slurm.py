@@ -52,6 +52,7 @@ def stage_hook() -> None:
 
 @stage_hook.command("begin")
 @click.argument("stage_dir")
+@report_config_errors  # a damaged record: one line in the job log, exit 2, no traceback
 def hook_begin(stage_dir: str) -> None:
     from ..executors.hooks import begin
 
@@ -61,6 +62,7 @@ def hook_begin(stage_dir: str) -> None:
 @stage_hook.command("end")
 @click.option("--exit-code", type=int, required=True)
 @click.argument("stage_dir")
+@report_config_errors
 def hook_end(stage_dir: str, exit_code: int) -> None:
     from ..executors.hooks import end
 
