@@ -50,15 +50,21 @@ def provided_groups(spec: StageSpec, name: str, inp) -> list[str]:
     if not path.is_dir():
         raise InputError(f"input {name!r}: {path} is not a folder")
     if inp.source == "hf":
+        from phi4core.interop.hf import ConversionError, model_config_from_hf, read_hf_config
         from phi4core.interop.hf_siglip import siglip_config, siglip_mismatch
 
-        # A SigLIP folder: the image encoder; else a Phi-3 folder: the decoder.
+        # A SigLIP folder: the image encoder; else the groups of the model the folder holds
+        # (a Phi-3 folder: the decoder; a Phi-4-Multimodal folder: towers and adapters too).
         siglip = siglip_config(path)
-        have = ["vision.encoder"] if siglip is not None else ["backbone"]
         bad = siglip and spec.model.vision and siglip_mismatch(siglip, spec.model.vision)
         if bad:
             raise InputError(f"input {name!r}: SigLIP config of {path} does not match model "
                              f"{spec.model.name}'s vision: {bad}")
+        try:
+            have = (["vision.encoder"] if siglip is not None
+                    else groups_of(model_config_from_hf(read_hf_config(path), folder=path)))
+        except ConversionError as e:
+            raise InputError(f"input {name!r}: {e}") from None
     else:
         try:
             have = folder_groups(path)
@@ -120,7 +126,8 @@ def load_inputs(spec: StageSpec, chunks: list) -> dict[str, list[str]]:
             )
 
             try:
-                _check_shapes(spec, model_config_from_hf(read_hf_config(path)), groups, where)
+                _check_shapes(spec, model_config_from_hf(read_hf_config(path), folder=path), groups,
+                              where)
                 load_hf_weights(chunks, path, spec.model)
             except ConversionError as e:
                 raise InputError(f"input {where}: {e}") from None
