@@ -36,6 +36,7 @@ from megatron.core.tensor_parallel.layers import (
     VocabParallelEmbedding,
 )
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -286,6 +287,7 @@ def _attention_ok(m) -> bool:
         and getattr(m.core_attention, "softmax_offset", None) is None
         and getattr(cfg, "window_size", None) is None
         and m.attention_type == "self"
+        and m.attn_mask_type == AttnMaskType.causal  # the fast path is SDPA with is_causal
         and _fast_linears(m.linear_qkv, m.linear_proj)  # swapped already: children first
         and m.num_attention_heads_per_partition % m.num_query_groups_per_partition == 0
         and (m.q_layernorm is None or isinstance(m.q_layernorm, IdentityOp))
