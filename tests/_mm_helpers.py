@@ -1,6 +1,7 @@
-"""Stand-in towers for the multimodal model's tests, until the real towers land: they keep the
-tower contract of phi4core.models.multimodal (keyword processor outputs and input_mode in,
-[n_tokens, hidden] out; an `encoder` child; the rest is the projector group)."""
+"""Shared by the multimodal model's tests: stand-in towers that keep the tower contract of
+phi4core.models.multimodal (keyword processor outputs and input_mode in, [n_tokens, hidden]
+out; an `encoder` child; the rest is the projector group), so assembly is tested apart from
+the real towers, and which groups a backward reaches."""
 
 from __future__ import annotations
 
@@ -61,3 +62,23 @@ class StandInAudio(nn.Module):
 
 
 TOWERS = {"vision": StandInVision, "audio": StandInAudio}
+
+
+def gradient_kinds(m, trainable, x, **forward) -> dict[str, str]:
+    """One training backward with only `trainable` groups trainable: per module group, whether
+    its parameters got no gradient ("none"), exact zeros ("zero"), gradients ("some") or a mix
+    ("partial")."""
+    from phi4core.models.decoder import param_groups, set_trainable
+
+    set_trainable(m, trainable)
+    m.train()
+    m.zero_grad(set_to_none=True)
+    m(x, None, None, labels=x, **forward).float().mean().backward()
+    params = dict(m.named_parameters())
+    out = {}
+    for group, names in param_groups(m).items():
+        grads = [params[n].grad for n in names]
+        out[group] = ("none" if all(g is None for g in grads)
+                      else "zero" if all(g is not None and not g.any() for g in grads)
+                      else "some" if all(g is not None for g in grads) else "partial")
+    return out

@@ -155,21 +155,10 @@ def test_language_mode_equals_the_decoder_bit_for_bit(single):
 
 
 def _grads_after(m, trainable, **forward):
-    from phi4core.models.decoder import param_groups, set_trainable
+    from _mm_helpers import gradient_kinds
 
-    set_trainable(m, trainable)
-    m.train()
-    m.zero_grad(set_to_none=True)
     x = forward.pop("x")
-    m(x, None, None, labels=x, **forward).float().mean().backward()
-    params = dict(m.named_parameters())
-    out = {}
-    for group, names in param_groups(m).items():
-        grads = [params[n].grad for n in names]
-        out[group] = ("none" if all(g is None for g in grads)
-                      else "zero" if all(g is not None and not g.any() for g in grads)
-                      else "some" if all(g is not None for g in grads) else "partial")
-    return out
+    return gradient_kinds(m, trainable, x, **forward)
 
 
 def test_vision_backward_reaches_exactly_the_trainable_groups_of_vision_sft(single):

@@ -62,20 +62,9 @@ def _audio_batch(seed=0):
 
 
 def _grad_state(m, trainable, x, **forward):
-    from phi4core.models.decoder import param_groups, set_trainable
+    from _mm_helpers import gradient_kinds
 
-    set_trainable(m, trainable)
-    m.train()
-    m.zero_grad(set_to_none=True)
-    m(x, None, None, labels=x, **forward).float().mean().backward()
-    params = dict(m.named_parameters())
-    out = {}
-    for group, names in param_groups(m).items():
-        grads = [params[n].grad for n in names]
-        out[group] = ("none" if all(g is None for g in grads)
-                      else "zero" if all(g is not None and not g.any() for g in grads)
-                      else "some" if all(g is not None for g in grads) else "partial")
-    return out
+    return gradient_kinds(m, trainable, x, **forward)
 
 
 def test_default_builders_are_the_real_towers(model):
