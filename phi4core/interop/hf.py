@@ -403,14 +403,21 @@ def load_from_source(chunks, source, model_cfg: ModelConfig, keep=None) -> int:
             if keep is not None and not keep(name):
                 continue
             full = _read_row(source, row, values, name, model_cfg)
-            shard = tp_shard(row.tp, full, rank, size)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise ConversionError(
-                    f"{hf_dir}: {', '.join(row.hf_names(values))} gives {name!r} a shard of "
-                    f"shape {tuple(shard.shape)}, the model's is {tuple(p.shape)}")
-            p.copy_(shard.to(p.dtype))
+            copy_shard(p, row, full, rank, size,
+                       f"{hf_dir}: {', '.join(row.hf_names(values))} gives {name!r}")
             loaded += 1
     return loaded
+
+
+def copy_shard(p: torch.Tensor, row: Row, full: torch.Tensor, rank: int, size: int,
+               what: str) -> None:
+    """This TP rank's shard of ``full`` into ``p`` (``what`` names the source in the error
+    when the shapes differ)."""
+    shard = tp_shard(row.tp, full, rank, size)
+    if tuple(shard.shape) != tuple(p.shape):
+        raise ConversionError(f"{what} a shard of shape {tuple(shard.shape)}, the model's is "
+                              f"{tuple(p.shape)}")
+    p.copy_(shard.to(p.dtype))
 
 
 def check_all_used(source, model_cfg: ModelConfig) -> None:

@@ -279,43 +279,50 @@ def shapes_for(phi4_name: str, model_cfg) -> Shapes:
 # ---------------------------------------------------------------------------------------------
 
 _LORA_MODULES = r"(self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj)"
-# (transformers name regex, phi4mm replacement) and the inverse pairs, tried in order.
-PHI4MM_RENAMES: tuple[tuple[str, str, str, str], ...] = (
-    (_AUD + r"encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.gate_up_proj",
-     _AUD + r"encoder.encoders.\1.feed_forward_\2.net.0.linear",
-     _AUD + r"encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.0\.linear",
-     _AUD + r"encoder.encoders.\1.feed_forward_\2.gate_up_proj"),
-    (_AUD + r"encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.down_proj",
-     _AUD + r"encoder.encoders.\1.feed_forward_\2.net.2",
-     _AUD + r"encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.2",
-     _AUD + r"encoder.encoders.\1.feed_forward_\2.down_proj"),
-    (_AUD + r"encoder\.encoders\.(\d+)\.self_attn\.(q|k|v)_proj",
-     _AUD + r"encoder.encoders.\1.self_attn.linear_\2",
-     _AUD + r"encoder\.encoders\.(\d+)\.self_attn\.linear_(q|k|v)",
-     _AUD + r"encoder.encoders.\1.self_attn.\2_proj"),
-    (_AUD + r"encoder\.encoders\.(\d+)\.self_attn\.o_proj",
-     _AUD + r"encoder.encoders.\1.self_attn.linear_out",
-     _AUD + r"encoder\.encoders\.(\d+)\.self_attn\.linear_out",
-     _AUD + r"encoder.encoders.\1.self_attn.o_proj"),
-    (_IMG + r"img_projection_up", _IMG + "img_projection.0",
-     _IMG + r"img_projection\.0", _IMG + "img_projection_up"),
-    (_IMG + r"img_projection_down", _IMG + "img_projection.2",
-     _IMG + r"img_projection\.2", _IMG + "img_projection_down"),
-    (_IMG + r"global_img_feature_extensor", _IMG + "glb_GN",
-     _IMG + r"glb_GN", _IMG + "global_img_feature_extensor"),
-    (_IMG + r"sub_img_feature_extensor", _IMG + "sub_GN",
-     _IMG + r"sub_GN", _IMG + "sub_img_feature_extensor"),
-    (_AUD + r"up_proj_for_speech", _AUD + "audio_projection.speech.0",
-     _AUD + r"audio_projection\.speech\.0", _AUD + "up_proj_for_speech"),
-    (_AUD + r"down_proj_for_speech", _AUD + "audio_projection.speech.2",
-     _AUD + r"audio_projection\.speech\.2", _AUD + "down_proj_for_speech"),
-    (_AUD + r"up_proj_for_vision_speech", _AUD + "audio_projection.vision.0",
-     _AUD + r"audio_projection\.vision\.0", _AUD + "up_proj_for_vision_speech"),
-    (_AUD + r"down_proj_for_vision_speech", _AUD + "audio_projection.vision.2",
-     _AUD + r"audio_projection\.vision\.2", _AUD + "down_proj_for_vision_speech"),
+# (transformers name, phi4mm name) templates, tried in order both ways; each {field} stands
+# for the same text on both sides (its pattern in _PHI4MM_FIELDS).
+PHI4MM_RENAMES: tuple[tuple[str, str], ...] = (
+    (_AUD + "encoder.encoders.{n}.feed_forward_{io}.gate_up_proj",
+     _AUD + "encoder.encoders.{n}.feed_forward_{io}.net.0.linear"),
+    (_AUD + "encoder.encoders.{n}.feed_forward_{io}.down_proj",
+     _AUD + "encoder.encoders.{n}.feed_forward_{io}.net.2"),
+    (_AUD + "encoder.encoders.{n}.self_attn.{qkv}_proj",
+     _AUD + "encoder.encoders.{n}.self_attn.linear_{qkv}"),
+    (_AUD + "encoder.encoders.{n}.self_attn.o_proj",
+     _AUD + "encoder.encoders.{n}.self_attn.linear_out"),
+    (_IMG + "img_projection_up",
+     _IMG + "img_projection.0"),
+    (_IMG + "img_projection_down",
+     _IMG + "img_projection.2"),
+    (_IMG + "global_img_feature_extensor",
+     _IMG + "glb_GN"),
+    (_IMG + "sub_img_feature_extensor",
+     _IMG + "sub_GN"),
+    (_AUD + "up_proj_for_speech",
+     _AUD + "audio_projection.speech.0"),
+    (_AUD + "down_proj_for_speech",
+     _AUD + "audio_projection.speech.2"),
+    (_AUD + "up_proj_for_vision_speech",
+     _AUD + "audio_projection.vision.0"),
+    (_AUD + "down_proj_for_vision_speech",
+     _AUD + "audio_projection.vision.2"),
 )
-_RENAME_TO = tuple((re.compile("^" + a), b) for a, b, _, _ in PHI4MM_RENAMES)
-_RENAME_FROM = tuple((re.compile("^" + c), d) for _, _, c, d in PHI4MM_RENAMES)
+_PHI4MM_FIELDS = {"n": r"\d+", "io": "in|out", "qkv": "q|k|v"}
+
+
+def _compile_rename(source: str, target: str) -> tuple[re.Pattern, str]:
+    """A template pair as (regex matching ``source`` from the start, its replacement)."""
+    fields = re.findall(r"\{(\w+)\}", source)
+    pattern, repl = re.escape(source), target
+    for i, field in enumerate(fields, 1):
+        slot = "{" + field + "}"
+        pattern = pattern.replace(re.escape(slot), f"({_PHI4MM_FIELDS[field]})", 1)
+        repl = repl.replace(slot, f"\\g<{i}>")
+    return re.compile("^" + pattern), repl
+
+
+_RENAME_TO = tuple(_compile_rename(hf, mm) for hf, mm in PHI4MM_RENAMES)
+_RENAME_FROM = tuple(_compile_rename(mm, hf) for hf, mm in PHI4MM_RENAMES)
 _LORA_BASE = re.compile(rf"^(model\.layers\.\d+\.{_LORA_MODULES})\.weight$")
 _LORA_BASE_MM = re.compile(rf"^(model\.layers\.\d+\.{_LORA_MODULES})\.base_layer\.weight$")
 _LORA_FACTOR = re.compile(rf"^(model\.layers\.\d+\.{_LORA_MODULES})\.lora_(A|B)\.weight$")

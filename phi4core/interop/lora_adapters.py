@@ -27,9 +27,10 @@ from phi4core.interop.hf import (
     ConversionError,
     _gather_to_rank0,
     _tp,
+    copy_shard,
     gather_tp,
 )
-from phi4core.interop.hf_mapping import TRANSFORMS, Row, find_row, shapes_for, tp_shard
+from phi4core.interop.hf_mapping import TRANSFORMS, Row, find_row, shapes_for
 from phi4core.models.chunks import as_chunks, unwrap
 from phi4core.models.lora import Target, lora_linears
 
@@ -171,13 +172,8 @@ def load_adapter(model_or_chunks, adapter: str, folder: str | os.PathLike) -> in
                 row = factor_row(target, adapter, factor)
                 full = TRANSFORMS[row.transform].to_phi4([f.get_tensor(key)],
                                                          shapes_for("decoder", mc))
-                shard = tp_shard(row.tp, full, rank, size)
-                p = getattr(factors, factor)
-                if tuple(shard.shape) != tuple(p.shape):
-                    raise ConversionError(
-                        f"{weights}: {key} gives a shard of shape {tuple(shard.shape)}, the "
-                        f"model's is {tuple(p.shape)}")
-                p.copy_(shard.to(p.dtype))
+                copy_shard(getattr(factors, factor), row, full, rank, size,
+                           f"{weights}: {key} gives")
                 loaded += 1
     return loaded
 
