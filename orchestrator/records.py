@@ -133,6 +133,31 @@ class StageStatus(_Record):
         return {name: record.digest for name, record in self.inputs.items()}
 
 
+class EvaluationResult(_Record):
+    """One held-out measurement of a stage's model. `chance`: what guessing scores on the same
+    items (so a reader sees the margin); `model`: which model was measured ("trained", or
+    "base" for the model before this stage, when an evaluation compares the two)."""
+
+    name: str  # e.g. caption_accuracy, transcription_accuracy, heldout_perplexity
+    value: float | None  # None: not finite
+    higher_is_better: bool = True
+    chance: float | None = None
+    samples: int | None = None
+    model: str = "trained"
+
+
+class EvaluationRecord(_Record):
+    """`evaluation.json` in a stage folder: the held-out evaluations of its latest attempt,
+    written (atomically) by the stage's process when its training ends."""
+
+    stage: str
+    fingerprint: str
+    results: list[EvaluationResult] = []
+
+    def result(self, name: str, model: str = "trained") -> EvaluationResult | None:
+        return next((r for r in self.results if r.name == name and r.model == model), None)
+
+
 class ManifestRecord(_Record):
     """`manifest.json`: the published artifacts' files (relative path -> size and sha256),
     when they were published, and the digest of each input they were made from (None in a

@@ -2,7 +2,7 @@
 
     <store>/stages/<name>/<fingerprint>/
         spec.json  status.json  fields.json  .lock
-        logs/stdout.log  metrics.jsonl  checkpoints/  staging/<artifact>/
+        logs/stdout.log  metrics.jsonl  evaluation.json  checkpoints/  staging/<artifact>/
         versions/<id>/manifest.json  versions/<id>/<artifact>/    one published version
         artifacts -> versions/<id>     the published version: the only link publish switches
     <store>/stages/<name>/latest      fingerprint of the stage's most recent attempt
@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import manifest as mf
 from .artifact_tree import ArtifactError, make_read_only, remove_tree, settle_links
-from .records import InputRecord, ManifestRecord, StageStatus, State
+from .records import EvaluationRecord, InputRecord, ManifestRecord, StageStatus, State
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -179,6 +179,7 @@ class StageDir:
     logs = property(lambda self: self.path / "logs")
     log_file = property(lambda self: self.path / "logs" / "stdout.log")
     metrics = property(lambda self: self.path / "metrics.jsonl")
+    evaluation_file = property(lambda self: self.path / "evaluation.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     staging = property(lambda self: self.path / "staging")
     artifacts = property(lambda self: self.path / "artifacts")  # -> versions/<id>
@@ -196,6 +197,11 @@ class StageDir:
         (a new attempt then starts from scratch, as for a stage never run, keeping the
         checkpoints; record_problem says whether it was damaged)."""
         return _load(StageStatus, self.status_file)
+
+    def evaluation(self) -> EvaluationRecord | None:
+        """The held-out evaluations of the latest attempt (None when it wrote none or the
+        file cannot be read as a record)."""
+        return _load(EvaluationRecord, self.evaluation_file)
 
     def published_version(self) -> Path | None:
         """The folder of the published artifacts: where `artifacts` points, `artifacts`
@@ -377,6 +383,8 @@ class StageDir:
             stale.append(self.checkpoints)
             if self.metrics.exists():  # kept as history; the new attempt logs from step 0
                 os.replace(self.metrics, self.path / f"metrics.attempt{attempt}.jsonl")
+            if self.evaluation_file.exists():  # likewise: the new attempt evaluates anew
+                os.replace(self.evaluation_file, self.path / f"evaluation.attempt{attempt}.json")
         for folder in stale:
             if os.path.lexists(folder):
                 self._discard(folder)
