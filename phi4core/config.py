@@ -428,7 +428,7 @@ class DataSource(Strict):
     kind: Literal["indexed", "text_jsonl", "chat_jsonl", "webdataset", "lhotse", "synthetic"]
     path: str | None = Field(default=None, description="file, folder, prefix or shard pattern")
     weight: float = Field(default=1.0, gt=0)
-    modality: Literal["text", "chat", "image", "audio", "image_audio"] | None = Field(
+    modality: Literal["text", "chat", "image", "audio", "image_audio", "speech"] | None = Field(
         default=None, description="synthetic sources: what to generate"
     )
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")

@@ -48,3 +48,23 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
     except DataError as err:
         raise UsageProblem(str(err)) from None
     click.echo(report.summary())
+
+
+@data.command("demo")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="The same seed writes the same bytes.")
+def demo_cmd(out: Path, seed: int) -> None:
+    """Write the demo corpus to OUT: text, chat and tool-call JSONL; shape images with
+    captions and conversations; speech-like clips with transcripts and translations; each
+    with a held-out split. No download; seconds."""
+    from phi4core.data.demo_corpus import CorpusExists, write_demo_corpus
+
+    try:
+        info = write_demo_corpus(out, seed=seed)
+    except CorpusExists as err:
+        raise UsageProblem(str(err)) from None
+    except OSError as err:
+        raise UsageProblem(f"{out}: cannot write the demo corpus: {err}") from None
+    counts = ", ".join(f"{kind} {c['train']}+{c['heldout']}" for kind, c in info["counts"].items())
+    click.echo(f"demo corpus in {out}: {counts} (train+held-out records)")

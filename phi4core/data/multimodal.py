@@ -52,6 +52,15 @@ from phi4core.models.lora import InputMode
 # input_mode per modality.
 INPUT_MODES: dict[str, InputMode] = {"image": InputMode.VISION, "audio": InputMode.SPEECH,
                                      "image_audio": InputMode.VISION_SPEECH}
+# Synthetic modalities whose records carry another modality's media: spoken words are clips.
+_MEDIA_OF = {"speech": "audio"}
+
+
+def media_modality(modality: str) -> str:
+    """The modality of the media a synthetic `modality`'s records carry (its input mode)."""
+    return _MEDIA_OF.get(modality, modality)
+
+
 MEDIA_KEYS = ("image_pixel_values", "image_sizes", "image_attention_mask",
               "audio_input_features", "audio_embed_sizes", "audio_attention_mask")
 TEXT_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -342,10 +351,10 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
 
     datasets = []
     for i, s in enumerate(sources):
-        if s.kind != "synthetic" or s.modality not in INPUT_MODES:
+        if s.kind != "synthetic" or media_modality(s.modality) not in INPUT_MODES:
             what = s.kind if s.kind != "synthetic" else f"synthetic {s.modality}"
             raise ValueError(f"data.sources[{i}] ({what}): a multimodal stage reads synthetic "
-                             f"image, audio or image_audio sources for now (webdataset and "
+                             f"image, audio, image_audio or speech sources for now (webdataset and "
                              f"lhotse loaders come next); text and chat sources cannot share "
                              f"its batches")
         n = s.samples or SYNTHETIC_SAMPLES
@@ -354,6 +363,6 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
             extra["max_image_tokens"] = image_token_budget(seq_length)
             name += f"_max{extra['max_image_tokens']}"
         index = write_media_corpus(Path(data_dir) / name, s.modality, n, seed=seed + i, **extra)
-        datasets.append(MultimodalDataset(index, tokenizer, seq_length, vision, s.modality,
-                                          on_bad_record))
+        datasets.append(MultimodalDataset(index, tokenizer, seq_length, vision,
+                                          media_modality(s.modality), on_bad_record))
     return MultimodalSamples(datasets, [s.weight for s in sources], group, num_samples, seed)

@@ -37,6 +37,11 @@ class SampleContext:
 Generator = Callable[[SampleContext], dict]
 
 
+# The seed of held-out records (demo corpus splits, stage evaluations): no training corpus uses
+# it, so held-out records are never trained on.
+HELDOUT_SEED = 987_654_321
+
+
 def _rng(seed: int, index: int) -> random.Random:
     # An integer seed derived without hash(): Python salts str hashes per process.
     return random.Random(seed * 1_000_003 + index)

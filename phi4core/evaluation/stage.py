@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
+from phi4core.data.synthetic import HELDOUT_SEED
 from phi4core.evaluation.answers import blind_chance, exact_answers
 from phi4core.evaluation.language import heldout_loss, heldout_texts, text_batches
 from phi4core.files import write_json
 
 log = logging.getLogger("phi4core.evaluation")
 
-HELDOUT_SEED = 987_654_321  # no stage trains on this seed's records
 TEXT_DOCS = 64
 TEXT_SEQ = 128  # fixed, whatever the stage's seq_length: text stages and multimodal ones compare
 MEDIA_ITEMS = 48

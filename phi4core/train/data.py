@@ -38,7 +38,7 @@ class DataSpecError(ValueError):
 
 
 # Sources whose samples carry media: synthetic modalities, and the real loaders' kinds.
-MEDIA_MODALITIES = ("image", "audio", "image_audio")
+MEDIA_MODALITIES = ("image", "audio", "image_audio", "speech")
 MEDIA_KINDS = ("webdataset", "lhotse")
 
 

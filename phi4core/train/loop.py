@@ -324,7 +324,32 @@ class Trainer:
         check_unchanged(self.checksums_before, after)
         self.write_artifacts({"before": self.checksums_before, "after": after},
                              first_loss, last_loss, start, skips.total)
+        if self.rank == 0:
+            self.evaluate()
         return exitcodes.OK
+
+    def evaluate(self) -> None:
+        """The held-out evaluations (phi4core.evaluation.stage) into the stage folder, and
+        printed. One process holding the whole model runs them: a model split by tp or pp
+        is measured by an evaluation stage instead. A failed evaluation is logged, never
+        fails the trained stage."""
+        if len(self.raw_chunks) != 1 or self.spec.parallel.model_parallel_size != 1:
+            log.info("held-out evaluation skipped: the model is split across processes")
+            return
+        began = time.perf_counter()
+        try:
+            from phi4core.evaluation.stage import evaluate_stage, write_evaluation
+
+            results = evaluate_stage(self.spec, self.raw_chunks[0], self.tokenizer)
+        except Exception:
+            log.exception("held-out evaluation of stage %s failed", self.spec.name)
+            return
+        if results is None:
+            return
+        path = write_evaluation(self.spec, results)
+        for r in results:
+            print(f"evaluation {self.spec.name}: {r.line()}", flush=True)
+        log.info("held-out evaluation in %.1f s: %s", time.perf_counter() - began, path)
 
     def write_artifacts(self, checksums: dict, first_loss, last_loss, start: int,
                         skipped: int) -> None:
