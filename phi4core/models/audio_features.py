@@ -7,6 +7,10 @@ Per 25 ms frame (400 samples, hop 160, edges snipped): pre-emphasis 0.97 within 
 samples scaled to the int16 range, a symmetric Hamming window, a 512-point power spectrum, 80
 triangular filters on the Kaldi/HTK mel scale from 0 to 7690 Hz (unnormalised) and
 log(max(x, 1)). No dither, no DC removal. Needs only torch (no megatron).
+
+`lhotse_log_mel` computes the same features with lhotse's Kaldi-compatible `Fbank`, configured
+from the constants below (`lhotse_fbank_config`), for features precomputed into a corpus; the
+tests hold both to transformers' extractor.
 """
 
 from __future__ import annotations
@@ -68,6 +72,45 @@ def _frames_to_log_mel(frames: torch.Tensor) -> torch.Tensor:
     power = spec.abs() ** 2
     mel = power @ mel_filters().to(frames.device)
     return torch.log(torch.clamp(mel, min=1.0))
+
+
+def lhotse_fbank_config():
+    """The `FbankConfig` of lhotse that equals these features (its defaults do not: povey window,
+    DC removal, 20 Hz low edge, no edge snipping). Apply it to samples scaled to the int16
+    range, then clamp at 0 (lhotse has no log-floor setting)."""
+    from lhotse import FbankConfig
+
+    return FbankConfig(
+        sampling_rate=SAMPLE_RATE, frame_length=WIN / SAMPLE_RATE, frame_shift=HOP / SAMPLE_RATE,
+        remove_dc_offset=False, preemph_coeff=PREEMPHASIS, window_type="hamming", dither=0.0,
+        snip_edges=True, low_freq=MEL_LOW_HZ, high_freq=MEL_HIGH_HZ, num_filters=MEL_BINS,
+        torchaudio_compatible_mel_scale=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _lhotse_fbank():
+    import warnings
+
+    from lhotse import Fbank
+
+    with warnings.catch_warnings():  # "snip_edges=True" is what Phi-4 does; lhotse warns
+        warnings.simplefilter("ignore", UserWarning)
+        return Fbank(lhotse_fbank_config())
+
+
+def lhotse_log_mel(clip: Any):
+    """[frames, 80] float32 numpy features of one mono 16 kHz clip, through lhotse."""
+    import warnings
+
+    import numpy as np
+
+    x = np.asarray(clip, dtype=np.float32)
+    if x.ndim != 1 or x.size < WIN:
+        raise ValueError(f"expected a mono clip of at least {WIN} samples, got shape {x.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        feats = _lhotse_fbank().extract(x * INT16_SCALE, SAMPLE_RATE)
+    return np.maximum(np.asarray(feats, dtype=np.float32), 0.0)  # log(max(x, 1))
 
 
 def log_mel(clip: Any) -> torch.Tensor:
