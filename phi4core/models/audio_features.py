@@ -134,7 +134,14 @@ def extract_features(clips: Sequence[Any], sampling_rate: int = SAMPLE_RATE
                          "resample it first")
     if not clips:
         raise ValueError("extract_features needs at least one clip")
-    feats = [log_mel(c) for c in clips]
+    return pad_features([log_mel(c) for c in clips])
+
+
+def pad_features(feats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-clip [frames, 80] features (computed here or precomputed into a corpus) as the
+    batch `extract_features` returns."""
+    if not feats:
+        raise ValueError("pad_features needs at least one clip")
     longest = max(f.shape[0] for f in feats)
     out = torch.zeros(len(feats), longest, MEL_BINS)
     for i, f in enumerate(feats):
