@@ -27,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# As the trainer: one thread per process (tiny tensors on shared cores; else ~25x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 WARMUP = 5
 
 
