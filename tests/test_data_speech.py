@@ -236,6 +236,11 @@ def test_audio_that_stops_decoding_is_skipped_or_fails(prepared, tok, tmp_path):
     assert item["audio_tokens"] == [ds.clips[1].tokens]
     with pytest.raises(DataError, match="clip0.wav.*unreadable audio"):
         strict[0]
+    # in a loader worker too: it reaches the training process as a DataError (a clean stop)
+    loader = torch.utils.data.DataLoader(strict, batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")
+    with pytest.raises(DataError, match="clip0.wav.*unreadable audio"):
+        next(iter(loader))
 
 
 def test_long_clips_kept_whole_up_to_the_maximum(tmp_path, tok):
@@ -288,6 +293,16 @@ def test_lhotse_stage_source(prepared, tok, tmp_path):
         assert batch["input_mode"] == 2
         ref = extract_features([c for i in (g, g + 1) for c in samples[i]["audios"]])
         assert torch.equal(batch["audio_input_features"], ref["audio_input_features"])
+    # the trainer's loader: the same batches with 2 worker processes as without
+    from phi4core.train.data import StepBatches
+
+    def steps(workers):
+        b = StepBatches(samples, 1, 4, 4, 2, 0, 1, False, num_workers=workers, collate=collate)
+        return [mb for _ in range(3) for mb in b.next_step()]
+
+    for x, y in zip(steps(0), steps(2)):
+        assert torch.equal(x["tokens"], y["tokens"])
+        assert torch.equal(x["audio_input_features"], y["audio_input_features"])
     # the same indices give the same samples: a resumed run continues exactly
     again = build_multimodal_samples(sources, tmp_path, tok, SEQ, group=2, num_samples=16,
                                      seed=3)
