@@ -178,6 +178,12 @@ def test_precomputed_features_match_the_loader(prepared, with_features, tok):
     # lilcom stores the log features in steps of 2^-8
     diff = (a["audio_input_features"] - b["audio_input_features"]).abs().max()
     assert float(diff) < 1e-2
+    # a corpus whose features file is gone: every clip counted, none served half-read
+    moved = with_features.parent / "features_moved"
+    shutil.copytree(with_features, moved)
+    (moved / "features.lca").unlink()
+    with pytest.raises(ValueError, match="missing features: 8"):
+        SpeechDataset(moved, tok, SEQ)
 
 
 def test_bucketing_never_exceeds_its_budget():

@@ -79,5 +79,7 @@ def prepare_speech_cmd(audio_dir: Path, transcripts: Path, out_dir: Path, featur
     except DataError as err:
         raise UsageProblem(f"{err}; nothing written (--on-bad-record skip counts such "
                            "records instead)") from None
+    except OSError as err:  # an unwritable --out, a full disk
+        raise UsageProblem(f"cannot write {out_dir}: {err}") from None
     click.echo(report.summary())  # each skipped record was logged with its file:line
     click.echo(f"wrote {out_dir}")

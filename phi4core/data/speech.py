@@ -171,8 +171,10 @@ class SpeechDataset(torch.utils.data.Dataset):
                        f"{cut.id}: {cut.duration:.1f} s > max_clip_seconds "
                        f"{self.max_clip_seconds:g}")
         if cut.custom and FEATURES_FIELD in cut.custom:
-            feats = cut.custom[FEATURES_FIELD]
-            cut.custom[FEATURES_FIELD] = feats.with_path_prefix(self.root)
+            feats = cut.custom[FEATURES_FIELD].with_path_prefix(self.root)
+            if not Path(feats.array.storage_path).is_file():
+                raise _Bad("missing features", f"{feats.array.storage_path}: no such file")
+            cut.custom[FEATURES_FIELD] = feats
         else:
             self._check_audio(cut)
         sup = cut.supervisions[0]
