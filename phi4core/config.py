@@ -432,6 +432,13 @@ class DataSource(Strict):
         default=None, description="synthetic sources: what to generate"
     )
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
+    task: Literal["asr", "translate", "qa", "summarize"] | None = Field(
+        default=None, description="lhotse sources: the chat each clip becomes (default asr)")
+    max_clip_seconds: float | None = Field(
+        default=None, gt=0, description="lhotse sources: longer clips are skipped (default 1800)")
+    max_duration: float | None = Field(
+        default=None, gt=0,
+        description="lhotse sources: seconds of audio per duration bucket's batch (default 3600)")
 
     @model_validator(mode="after")
     def _source_named(self) -> Self:
@@ -440,6 +447,14 @@ class DataSource(Strict):
                 raise ValueError("a synthetic source needs `modality:`")
         elif self.path is None:
             raise ValueError(f"a {self.kind} source needs `path:`")
+        speech_only = [k for k in ("task", "max_clip_seconds", "max_duration")
+                       if getattr(self, k) is not None]
+        if speech_only and self.kind != "lhotse":
+            raise ValueError(f"{', '.join(speech_only)}: only for lhotse sources, not "
+                             f"{self.kind}")
+        if (self.max_clip_seconds or 0) > (self.max_duration or float("inf")):
+            raise ValueError(f"max_clip_seconds ({self.max_clip_seconds}) exceeds max_duration "
+                             f"({self.max_duration}): such a clip fits no batch")
         return self
 
 

@@ -1,4 +1,5 @@
-"""`phi4 data`: dataset preparation (megatron indexed datasets from JSONL)."""
+"""`phi4 data`: dataset preparation (megatron indexed datasets from JSONL, lhotse speech
+corpora)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,37 @@ def demo_cmd(out: Path, seed: int) -> None:
         raise UsageProblem(f"{out}: cannot write the demo corpus: {err}") from None
     counts = ", ".join(f"{kind} {c['train']}+{c['heldout']}" for kind, c in info["counts"].items())
     click.echo(f"demo corpus in {out}: {counts} (train+held-out records)")
+
+
+@data.command("prepare-speech")
+@click.option("--audio", "audio_dir", required=True, metavar="DIR",
+              type=click.Path(path_type=Path), help="Folder of WAV/FLAC clips (16 kHz, mono).")
+@click.option("--transcripts", required=True, metavar="FILE", type=click.Path(path_type=Path),
+              help='JSONL, one clip a line: {"audio": "rel/path.wav", "text": "..."}, '
+                   "optional translation, language, question, answer, summary.")
+@click.option("--out", "out_dir", required=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="The prepared folder: cuts.jsonl.gz, report.json (features.lca).")
+@click.option("--features", is_flag=True,
+              help="Also precompute Phi-4's 80-bin features (lilcom-compressed).")
+@click.option("--on-bad-record", type=click.Choice(["skip", "fail"]), default="skip",
+              show_default=True)
+def prepare_speech_cmd(audio_dir: Path, transcripts: Path, out_dir: Path, features: bool,
+                       on_bad_record: str) -> None:
+    """Build a lhotse speech corpus (a `{kind: lhotse}` source) from a folder of clips."""
+    if not audio_dir.is_dir():
+        raise UsageProblem(f"{audio_dir}: no such folder (--audio)")
+    if not transcripts.is_file():
+        raise UsageProblem(f"{transcripts}: file not found (--transcripts)")
+    from phi4core.data.report import DataError
+    from phi4core.data.speech_prepare import prepare_speech
+
+    try:
+        report = prepare_speech(audio_dir, transcripts, out_dir, features=features,
+                                on_bad_record=on_bad_record)
+    except DataError as err:
+        raise UsageProblem(f"{err}; nothing written (--on-bad-record skip counts such "
+                           "records instead)") from None
+    except OSError as err:  # an unwritable --out, a full disk
+        raise UsageProblem(f"cannot write {out_dir}: {err}") from None
+    click.echo(report.summary())  # each skipped record was logged with its file:line
+    click.echo(f"wrote {out_dir}")

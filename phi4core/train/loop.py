@@ -428,6 +428,7 @@ class SkippedSteps:
 
 def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     """Train one stage; returns the process exit code (see phi4core.exitcodes)."""
+    from phi4core.data.report import DataError
     from phi4core.model_weights import NonFiniteWeights
     from phi4core.train.data import DataSpecError
     from phi4core.train.freezing import FrozenWeightsChanged
@@ -436,7 +437,8 @@ def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     try:
         check_spec(spec)
         return Trainer(spec, hooks).run()
-    except (SpecError, DataSpecError, InputError) as e:
+    except (SpecError, DataSpecError, InputError, DataError) as e:
+        # DataError: a bad record met while training under data.on_bad_record: fail
         log.error("cannot train stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     except (FrozenWeightsChanged, NonFiniteWeights, TrainingDiverged) as e:
