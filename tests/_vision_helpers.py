@@ -30,8 +30,9 @@ def write_corpus(folder: Path, n: int, *, seed: int = 0, tag: str = "cap",
     return images, captions
 
 
-def packed(folder: Path, n: int, shard_size: int = 1000, **kw) -> Path:
+def packed(folder: Path, n: int, shard_size: int = 1000, name: str = "ds", **kw) -> Path:
+    """An energon dataset `folder/name` of `n` caption samples."""
     from phi4core.data.pack_images import pack_images
 
-    images, captions = write_corpus(folder, n, **kw)
-    return pack_images(images, captions, folder / "ds", shard_size=shard_size).out
+    images, captions = write_corpus(folder / f"{name}_src", n, **kw)
+    return pack_images(images, captions, folder / name, shard_size=shard_size).out

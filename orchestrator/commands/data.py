@@ -48,3 +48,37 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
     except DataError as err:
         raise UsageProblem(str(err)) from None
     click.echo(report.summary())
+
+
+@data.command("pack-images")
+@click.option("--images", "images_dir", required=True, metavar="DIR",
+              type=click.Path(path_type=Path), help="Folder the records' image paths are in.")
+@click.option("--captions", required=True, metavar="JSONL", type=click.Path(path_type=Path),
+              help='Lines {"image", "caption"}, {"images", "messages"} or {"images", "text"}.')
+@click.option("--out", required=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="New folder: WebDataset shards and energon's .nv-meta/.")
+@click.option("--shard-size", default=1000, show_default=True, type=int,
+              help="Samples per shard.")
+@click.option("--on-bad-record", type=click.Choice(["skip", "fail"]), default="skip",
+              show_default=True)
+def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int,
+                    on_bad_record: str) -> None:
+    """Pack images and their captions or conversations into an energon dataset."""
+    import contextlib
+    import io
+
+    from phi4core.data.pack_images import PackError, pack_images
+    from phi4core.data.report import DataError
+
+    chatter = io.StringIO()  # energon's own progress lines; the summary below says it all
+    try:
+        with contextlib.redirect_stdout(chatter):
+            result = pack_images(images_dir, captions, out, shard_size=shard_size,
+                                 on_bad_record=on_bad_record)
+    except (PackError, DataError) as err:
+        raise UsageProblem(str(err)) from None
+    for line in result.report.examples:
+        click.echo(f"skipped {line}")
+    click.echo(f"{result.report.summary()}")
+    click.echo(f"wrote {result.samples} samples in {result.shards} shards to {result.out} "
+               f"(energon dataset; a recipe source: {{kind: webdataset, path: {result.out}}})")

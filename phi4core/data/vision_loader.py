@@ -12,7 +12,7 @@ the HD transform.
 
 A sample that cannot be used (an image that does not decode, a record longer than
 seq_length...) is never dropped silently: the worker raises energon's SkipSample and the next
-batch carries `(source, reason, detail)` of it, `source` being `shard.tar:key`;
+batch carries `(source, reason, detail)` of it, `source` being `dataset/shard.tar:key`;
 `VisionStream.report` counts them in the training process, and under on_bad_record="fail" the
 first one stops the run with a DataError naming it. Any other error in this code is re-raised
 (energon's default would log it and drop the sample).
@@ -115,11 +115,13 @@ class VisionItems:
 
 
 def _source_of(sample: dict) -> str:
-    shard = "?"
+    """`dataset/shard.tar:key`: where a sample is, for reports."""
+    where = "?"
     for info in sample.get("__sources__") or ():
-        shard = f"{Path(str(getattr(info, 'shard_name', '?'))).name}"
+        dataset = Path(str(getattr(info, "dataset_path", "?"))).name
+        where = f"{dataset}/{Path(str(getattr(info, 'shard_name', '?'))).name}"
         break
-    return f"{shard}:{sample.get('__key__', '?')}"
+    return f"{where}:{sample.get('__key__', '?')}"
 
 
 def _raw_sample(sample: dict) -> dict:
