@@ -64,17 +64,12 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
 def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int,
                     on_bad_record: str) -> None:
     """Pack images and their captions or conversations into an energon dataset."""
-    import contextlib
-    import io
-
     from phi4core.data.pack_images import PackError, pack_images
     from phi4core.data.report import DataError
 
-    chatter = io.StringIO()  # energon's own progress lines; the summary below says it all
     try:
-        with contextlib.redirect_stdout(chatter):
-            result = pack_images(images_dir, captions, out, shard_size=shard_size,
-                                 on_bad_record=on_bad_record)
+        result = pack_images(images_dir, captions, out, shard_size=shard_size,
+                             on_bad_record=on_bad_record)
     except (PackError, DataError) as err:
         raise UsageProblem(str(err)) from None
     for line in result.report.examples:

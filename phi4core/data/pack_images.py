@@ -17,6 +17,7 @@ renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -113,9 +114,10 @@ def prepare_energon(folder: Path, shards: list[str]) -> None:
     from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
     from megatron.energon.flavors.webdataset.config import MAIN_FOLDER_NAME
 
-    BaseWebdatasetFactory.prepare_dataset(
-        folder, shards, split_parts_patterns=[(SPLIT, r".*\.tar$")], shuffle_seed=None,
-        workers=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines name the temp folder
+        BaseWebdatasetFactory.prepare_dataset(
+            folder, shards, split_parts_patterns=[(SPLIT, r".*\.tar$")], shuffle_seed=None,
+            workers=1)
     (folder / MAIN_FOLDER_NAME / "dataset.yaml").write_text(DATASET_YAML)
 
 

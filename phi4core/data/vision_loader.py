@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -257,11 +258,13 @@ class VisionStream:
             str(self.path), split_part=SPLIT, worker_config=config,
             batch_size=self.micro, shuffle_buffer_size=self.shuffle_buffer or None,
             max_samples_per_sequence=None, task_encoder=encoder)
-        loader = get_savable_loader(dataset, checkpoint_every_min_n_samples=1,
-                                    watchdog_timeout_seconds=None)
-        if self._restore is not None:
-            loader.restore_state_rank(self._restore)
-        self._loader, self._it = loader, iter(loader)
+        with warnings.catch_warnings():  # energon asks for pinned memory; moot without a GPU
+            warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
+            loader = get_savable_loader(dataset, checkpoint_every_min_n_samples=1,
+                                        watchdog_timeout_seconds=None)
+            if self._restore is not None:
+                loader.restore_state_rank(self._restore)
+            self._loader, self._it = loader, iter(loader)
 
     def next(self) -> dict:
         if self._it is None:
