@@ -40,18 +40,13 @@ class IndexedStream:
         self.limit = len(samples) // (micro * dp)
         self._it: Iterator | None = None
 
-    def _indices(self, start: int) -> Iterator[list[int]]:
-        per_round = self.micro * self.dp
-        for k in range(start, self.limit):
-            first = k * per_round + self.dp_rank * self.micro
-            yield list(range(first, first + self.micro))
-
     def next(self) -> dict:
         if self._it is None:
             from torch.utils.data import DataLoader
 
             loader = DataLoader(
-                self.samples, batch_sampler=list(self._indices(self.rounds)),
+                self.samples, batch_sampler=_Rounds(self.rounds, self.limit, self.micro,
+                                                    self.dp_rank, self.dp),
                 collate_fn=self.collate, num_workers=self.num_workers,
                 multiprocessing_context="fork" if self.num_workers else None,
                 worker_init_fn=self.worker_init_fn if self.num_workers else None)
@@ -76,6 +71,23 @@ class IndexedStream:
 
     def close(self) -> None:
         self._it = None
+
+
+class _Rounds:
+    """Sample indices of one rank's rounds [start, stop), made lazily (a long run has
+    millions)."""
+
+    def __init__(self, start: int, stop: int, micro: int, dp_rank: int, dp: int) -> None:
+        self.start, self.stop, self.micro, self.dp_rank, self.dp = start, stop, micro, dp_rank, dp
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_round = self.micro * self.dp
+        for k in range(self.start, self.stop):
+            first = k * per_round + self.dp_rank * self.micro
+            yield list(range(first, first + self.micro))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
 
 
 def interleave_choice(weights: np.ndarray, counts: np.ndarray, slot: int) -> int:
