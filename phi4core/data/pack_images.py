@@ -25,7 +25,6 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from phi4core.data.chat import ChatFormatError, render_chat
 from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.vision_records import RecordError, vision_record
@@ -137,6 +136,8 @@ def pack_images(images_dir: str | os.PathLike, captions: str | os.PathLike,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PackError(f"--out {out}: exists and is not an empty folder; choose a new one "
                         "(packing never overwrites a dataset)")
+    from phi4core.data.chat import ChatFormatError, render_chat  # torch: after the checks
+
     report = DataReport(name="pack-images")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
