@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _vision_helpers import packed, write_corpus
 
 from phi4core.config import preset
 from phi4core.data.pack_images import PackError, pack_images
@@ -22,9 +23,6 @@ from phi4core.data.tokenizer import IMAGE_PLACEHOLDER, get_demo_tokenizer
 from phi4core.data.vision_loader import VisionItems, VisionStream
 from phi4core.data.vision_records import RecordError, vision_record
 from phi4core.train.mixture import MixedBatches
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _vision_helpers import packed, write_corpus  # noqa: E402
 
 VISION = preset("phi4_multimodal_tiny").vision
 REPO = Path(__file__).resolve().parents[1]

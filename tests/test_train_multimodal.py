@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _vision_helpers import packed
 
 from phi4core.module_groups import group_of
 from phi4core.train.testing import tiny_multimodal_spec, tiny_spec, write_spec
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _vision_helpers import packed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

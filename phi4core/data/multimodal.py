@@ -344,9 +344,10 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
     for i, s in enumerate(sources):
         if s.kind != "synthetic" or s.modality not in INPUT_MODES:
             what = s.kind if s.kind != "synthetic" else f"synthetic {s.modality}"
-            raise ValueError(f"data.sources[{i}] ({what}): not a synthetic image, audio or "
-                             f"image_audio source (the trainer reads the other kinds through "
-                             f"their own streams: phi4core.train.data.build_mixed_batches)")
+            raise ValueError(f"data.sources[{i}] ({what}): a multimodal stage reads synthetic "
+                             f"image, audio or image_audio sources for now (webdataset and "
+                             f"lhotse loaders come next); text and chat sources cannot share "
+                             f"its batches")
         n = s.samples or SYNTHETIC_SAMPLES
         name, extra = f"synthetic_{i}_{s.modality}_{n}", {}
         if "image" in s.modality:

@@ -55,16 +55,19 @@ def tokenizer_for(spec: StageSpec):
 
 
 def source_family(source) -> str:
-    """'text', 'chat', 'media' (synthetic image/audio), or a stream kind (webdataset, lhotse)."""
+    """'text', 'chat', a stream kind (STREAM_BUILDERS: webdataset), or 'media': the media
+    sources addressed by sample index (synthetic image/audio, and a loader kind with no stream
+    of its own, read by phi4core.data.multimodal)."""
     if source.kind in ("indexed", "text_jsonl") or (source.kind == "synthetic"
                                                      and source.modality == "text"):
         return "text"
     if source.kind == "chat_jsonl" or (source.kind == "synthetic" and source.modality == "chat"):
         return "chat"
-    if source.kind == "synthetic" and source.modality in MEDIA_MODALITIES:
-        return "media"
-    if source.kind in MEDIA_KINDS:
+    if source.kind in STREAM_BUILDERS:
         return source.kind
+    if source.kind in MEDIA_KINDS or (source.kind == "synthetic"
+                                      and source.modality in MEDIA_MODALITIES):
+        return "media"
     raise DataSpecError(f"source {source.kind}/{source.modality}: not a kind this trainer reads")
 
 
@@ -90,7 +93,8 @@ def data_kind(spec: StageSpec) -> str:
 def uses_streams(spec: StageSpec) -> bool:
     """Whether the stage's batches come from a MixedBatches of streams (a loader position in
     the checkpoints) rather than from one sample set addressed by global sample index."""
-    return data_kind(spec) == "mixed" or any(s.kind in MEDIA_KINDS for s in spec.data.sources)
+    return data_kind(spec) == "mixed" or any(source_family(s) in STREAM_BUILDERS
+                                             for s in spec.data.sources)
 
 
 def _synthetic_file(spec: StageSpec, i: int, modality: str, n: int) -> Path:
@@ -255,8 +259,6 @@ def build_mixed_batches(spec: StageSpec, tokenizer, num_samples: int, dp_rank: i
         sub = _subspec(spec, sources)
         if family in STREAM_BUILDERS:
             stream = STREAM_BUILDERS[family](spec, sources, tokenizer, dp_rank, dp)
-        elif family in MEDIA_KINDS:
-            raise DataSpecError(f"{family} sources: this build has no {family} loader")
         else:
             if family == "text":
                 samples, collate = TextSamples(sub, tokenizer, num_samples), _Collate(block_mask)

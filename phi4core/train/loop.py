@@ -426,12 +426,9 @@ def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     try:
         check_spec(spec)
         return Trainer(spec, hooks).run()
-    except (SpecError, DataSpecError, InputError) as e:
+    except (SpecError, DataSpecError, InputError, DataError) as e:
+        # DataError: a bad record met while training under data.on_bad_record: fail
         log.error("cannot train stage %s: %s", spec.name, e)
-        return exitcodes.BAD_SPEC
-    except DataError as e:  # a bad record under data.on_bad_record: fail
-        log.error("stage %s stopped on a bad record: %s (data.on_bad_record is 'fail'; 'skip' "
-                  "counts and skips such records)", spec.name, e)
         return exitcodes.BAD_SPEC
     except (FrozenWeightsChanged, NonFiniteWeights, TrainingDiverged) as e:
         log.error("stage %s failed: %s; nothing is published", spec.name, e)
