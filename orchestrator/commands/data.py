@@ -103,3 +103,32 @@ def prepare_speech_cmd(audio_dir: Path, transcripts: Path, out_dir: Path, featur
         raise UsageProblem(f"cannot write {out_dir}: {err}") from None
     click.echo(report.summary())  # each skipped record was logged with its file:line
     click.echo(f"wrote {out_dir}")
+
+
+@data.command("pack-images")
+@click.option("--images", "images_dir", required=True, metavar="DIR",
+              type=click.Path(path_type=Path), help="Folder the records' image paths are in.")
+@click.option("--captions", required=True, metavar="JSONL", type=click.Path(path_type=Path),
+              help='Lines {"image", "caption"}, {"images", "messages"} or {"images", "text"}.')
+@click.option("--out", required=True, metavar="DIR", type=click.Path(path_type=Path),
+              help="New folder: WebDataset shards and energon's .nv-meta/.")
+@click.option("--shard-size", default=1000, show_default=True, type=int,
+              help="Samples per shard.")
+@click.option("--on-bad-record", type=click.Choice(["skip", "fail"]), default="skip",
+              show_default=True)
+def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int,
+                    on_bad_record: str) -> None:
+    """Pack images and their captions or conversations into an energon dataset."""
+    from phi4core.data.pack_images import PackError, pack_images
+    from phi4core.data.report import DataError
+
+    try:
+        result = pack_images(images_dir, captions, out, shard_size=shard_size,
+                             on_bad_record=on_bad_record)
+    except (PackError, DataError) as err:
+        raise UsageProblem(str(err)) from None
+    for line in result.report.examples:
+        click.echo(f"skipped {line}")
+    click.echo(f"{result.report.summary()}")
+    click.echo(f"wrote {result.samples} samples in {result.shards} shards to {result.out} "
+               f"(energon dataset; a recipe source: {{kind: webdataset, path: {result.out}}})")

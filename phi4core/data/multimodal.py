@@ -365,8 +365,8 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
             what = s.kind if s.kind != "synthetic" else f"synthetic {s.modality}"
             raise ValueError(f"data.sources[{i}] ({what}): a multimodal stage reads lhotse "
                              f"and synthetic image, audio, image_audio or speech sources for now "
-                             f"(webdataset comes next); text and chat sources cannot share "
-                             f"its batches")
+                             f"(webdataset sources are read by their own stream); text "
+                             f"and chat sources cannot share its batches")
         n = s.samples or SYNTHETIC_SAMPLES
         name, extra = f"synthetic_{i}_{s.modality}_{n}", {}
         if "image" in s.modality:

@@ -134,8 +134,16 @@ class Trainer:
 
         self.kind = tdata.data_kind(spec)
         self.tokenizer = tdata.tokenizer_for(spec)
-        self.samples = tdata.build_samples(spec, self.tokenizer,
-                                           t.total_steps * t.global_batch_size)
+        # Stream sources (energon, lhotse) and mixed modalities: a MixedBatches whose loader
+        # position goes into the checkpoints; otherwise one sample set addressed by index.
+        self.samples, self.mixture = None, None
+        if tdata.uses_streams(spec):
+            self.mixture = tdata.build_mixed_batches(
+                spec, self.tokenizer, t.total_steps * t.global_batch_size, self.dp_rank,
+                self.dp, block_mask=not self.on_gpu)
+        else:
+            self.samples = tdata.build_samples(spec, self.tokenizer,
+                                               t.total_steps * t.global_batch_size)
 
         if is_multimodal(spec):
             from phi4core.models.multimodal import build_multimodal_chunks
@@ -258,17 +266,21 @@ class Trainer:
         skips = SkippedSteps(t.max_skipped_steps)
         resume = ckpt.newest_intact(ckpt_root)
         if resume is not None:
-            progress = ckpt.load(resume, self.model, self.optimizer)
+            progress = ckpt.load(resume, self.model, self.optimizer,
+                                 with_data_state=self.mixture is not None)
+            if self.mixture is not None:
+                self.mixture.load_state_dict(progress.pop("data_state"))
             start, consumed = progress["step"], progress["consumed_samples"]
             first_loss, last_loss = progress.get("first_loss"), progress.get("last_loss")
             skips.restore(progress)
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
         metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
-        batches = StepBatches(self.samples, start, t.total_steps, t.global_batch_size,
-                              t.micro_batch_size, self.dp_rank, self.dp,
-                              block_mask=not self.on_gpu, num_workers=spec.data.num_workers,
-                              collate=collator_for(spec, self.tokenizer, not self.on_gpu))
+        batches = self.mixture or StepBatches(
+            self.samples, start, t.total_steps, t.global_batch_size, t.micro_batch_size,
+            self.dp_rank, self.dp, block_mask=not self.on_gpu,
+            num_workers=spec.data.num_workers,
+            collate=collator_for(spec, self.tokenizer, not self.on_gpu))
         if self.rank == 0:
             print(f"stage {spec.name}: peak lr {t.peak_lr:.6g} ({t.schedule}), "
                   f"{t.total_steps} steps from step {start}", flush=True)
@@ -280,7 +292,7 @@ class Trainer:
 
         def save(step: int) -> None:
             ckpt.save(ckpt_root, step, self.model, self.optimizer, progress(step), t.keep_last,
-                      meta)
+                      meta, data_state=None if self.mixture is None else batches.state_dict())
 
         tokens_per_step = t.global_batch_size * t.seq_length
         try:
@@ -384,6 +396,8 @@ class Trainer:
                 "trainable": spec.trainable, "groups": list(groups),
                 "weights_sha256": weights,
             }
+            if self.mixture is not None:  # what the stream loaders skipped, with examples
+                summary["data_reports"] = [r.to_dict() for r in self.mixture.reports()]
             (out / "train_summary.json").write_text(json_text(summary, indent=1))
 
 
