@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import manifest as mf
 from .artifact_tree import ArtifactError, make_read_only, remove_tree, settle_links
-from .records import EvaluationRecord, InputRecord, ManifestRecord, StageStatus, State
+from .records import EvaluationRecord, InputRecord, LoginRecord, ManifestRecord, StageStatus, State
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -352,7 +352,8 @@ class StageDir:
     def queue(self, executor: str, *, force: bool, command: list[str], reasons: list[str],
               inputs: dict[str, InputRecord], cluster: str | None = None,
               script: str | None = None, dependency: str | None = None,
-              depends_on: dict[str, str] | None = None) -> StageStatus:
+              depends_on: dict[str, str] | None = None,
+              login: LoginRecord | None = None) -> StageStatus:
         """A submission to a scheduler: `pending` until its job's `stage-hook begin`, which
         honours `force` and `start_over` (whether the finished attempt before it must not be
         resumed) as a local run would have."""
@@ -362,6 +363,7 @@ class StageDir:
             start_over=previous.starts_over if previous else False, force=force,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=script, dependency=dependency, depends_on=depends_on or {},
+            login=login,
             command=list(command), reasons=list(reasons), inputs=inputs)
         self.store.set_latest(self.name, self.fingerprint)
         return record
