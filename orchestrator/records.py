@@ -102,6 +102,7 @@ class StageStatus(_Record):
     cluster: str | None = None
     login: LoginRecord | None = None  # Slurm is reached over ssh (NeMo-Run's SSHTunnel)
     script: str | None = None  # the batch script submitted
+    job_log: str | None = None  # the job's own output, when not the stage's log (NeMo-Run)
     dependency: str | None = None  # sbatch --dependency
     depends_on: dict[str, str] = {}  # upstream stage -> the job id this one waits on
     command: list[str] = []

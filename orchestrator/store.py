@@ -363,7 +363,7 @@ class StageDir:
             start_over=previous.starts_over if previous else False, force=force,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=script, dependency=dependency, depends_on=depends_on or {},
-            login=login,
+            login=login, job_log=None,
             command=list(command), reasons=list(reasons), inputs=inputs)
         self.store.set_latest(self.name, self.fingerprint)
         return record
@@ -402,9 +402,16 @@ class StageDir:
         self.store.set_latest(self.name, self.fingerprint)
         return record
 
-    def record_job(self, job_id: str, child_pid: int | None = None) -> StageStatus:
-        """The job (or, locally, the process) that carries the attempt."""
-        return self._write(self.status(), job_id=job_id, child_pid=child_pid)
+    def record_job(self, job_id: str, child_pid: int | None = None, *,
+                   job_log: str | None = None,
+                   depends_on: dict[str, str] | None = None) -> StageStatus:
+        """The job (or, locally, the process) that carries the attempt; `job_log`: where the
+        scheduler writes the job's own output, when not in the stage's log (NeMo-Run's);
+        `depends_on`: upstream stage -> job, when known only once submitted (NeMo-Run)."""
+        changes: dict[str, Any] = {"job_log": job_log} if job_log else {}
+        if depends_on is not None:
+            changes["depends_on"] = depends_on
+        return self._write(self.status(), job_id=job_id, child_pid=child_pid, **changes)
 
     def end(self, state: State, *, exit_code: int | None = None, error: str | None = None,
             blocked_by: str | None = None, ended: float | None = None) -> StageStatus:

@@ -21,9 +21,7 @@ from ..config.cluster import load_cluster, stage_time
 from ..plan import Plan
 from ..records import LIVE, State
 from ..shell import shell_words
-from ..status import StatusRow
-from ..store import Store
-from . import slurm_cli, slurm_status
+from . import slurm_cli
 from .base import ExecutorError, RunOptions, Say, Submission, nothing_to_run
 from .sbatch import BatchScript, directive_value, render
 from .slurm_wait import FollowsSlurmJobs
@@ -53,21 +51,6 @@ class SlurmExecutor(FollowsSlurmJobs):
     @classmethod
     def runs_elsewhere(cls, options: RunOptions) -> bool:
         return True
-
-    @classmethod
-    def sync(cls, store: Store) -> None:
-        """Records stay as they are while Slurm does not answer: `submit` then refuses to
-        submit the stages whose job it cannot see."""
-        try:
-            slurm_status.reconcile_store(store)
-        except slurm_cli.SlurmUnavailable:
-            pass
-        except slurm_cli.SlurmError as err:
-            raise ExecutorError(str(err)) from None
-
-    @classmethod
-    def status(cls, store: Store, rows: list[StatusRow]) -> list[StatusRow]:
-        return slurm_status.annotate(store, rows)
 
     # ------------------------------------------------------------------------------------
     # checks and rendering

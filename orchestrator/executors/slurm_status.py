@@ -79,7 +79,7 @@ def reconcile(folders: list[StageDir], jobs: dict[str, slurm_cli.Job]) -> None:
         else:
             state, error = State.FAILED, (f"Slurm job {job_id} ended {job.state} (exit "
                                           f"{job.exit_code or '?'}) without phi4's end record; "
-                                          f"log: {folder.log_file}")
+                                          f"log: {status.job_log or folder.log_file}")
         folder.end(state, error=error, exit_code=code, ended=status.ended)
 
 

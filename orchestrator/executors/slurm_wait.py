@@ -12,10 +12,11 @@ import time
 
 from ..exitcodes import PREEMPTED
 from ..records import StageStatus, State
-from ..store import StageDir
+from ..status import StatusRow
+from ..store import StageDir, Store
 from ..words import count
 from . import slurm_cli, slurm_status
-from .base import Executor, Submission
+from .base import Executor, ExecutorError, Submission
 from .outcomes import Outcome
 from .ssh import Login
 
@@ -24,6 +25,21 @@ class FollowsSlurmJobs(Executor):
     """`wait` for an executor whose submissions are Slurm jobs (reached over `login`)."""
 
     login: Login | None = None
+
+    @classmethod
+    def sync(cls, store: Store) -> None:
+        """Records stay as they are while Slurm does not answer: `submit` then refuses to
+        submit the stages whose job it cannot see."""
+        try:
+            slurm_status.reconcile_store(store)
+        except slurm_cli.SlurmUnavailable:
+            pass
+        except slurm_cli.SlurmError as err:
+            raise ExecutorError(str(err)) from None
+
+    @classmethod
+    def status(cls, store: Store, rows: list[StatusRow]) -> list[StatusRow]:
+        return slurm_status.annotate(store, rows)
 
     def wait(self, submitted: list[Submission]) -> dict[str, Outcome]:
         """Follow the jobs (requeues included) until each has ended or can never start."""
