@@ -88,10 +88,11 @@ def test_two_stages_run_through_slurm_with_afterok(slurm, tmp_path: Path) -> Non
     assert counts(tmp_path) == {"a": 1, "b": 1}
     # NeMo-Run's own sbatch script: afterok on a's job, removed by Slurm if a fails, and our
     # paths intact (its home is <store>/nemorun: nothing in it holds '/nemo_run').
+    assert b["started"] >= a["ended"]  # afterok (on sbatch's command line)
     script = next((store / "nemorun" / "experiments").rglob("b_sbatch.sh")).read_text()
-    assert f"#SBATCH --dependency=afterok:{a['job_id']}" in script
-    assert "#SBATCH --kill-on-invalid-dep=yes" in script
-    assert str(store / "stages" / "b") in script and "/nemo_run" not in script
+    assert "#SBATCH --kill-on-invalid-dep=yes" in script and "/nemo_run" not in script
+    task = next((store / "nemorun" / "experiments").rglob("scripts/b.sh")).read_text()
+    assert f"phi4_stage_dir={store / 'stages' / 'b'}/" in task
     assert Path(b["job_log"]).is_file()
 
 
@@ -208,15 +209,13 @@ def sshd(tmp_path: Path):
 
 
 def _no_local_slurm(tmp_path: Path) -> dict[str, str]:
-    """PATH for a "laptop": ssh and rsync, and Slurm commands that fail if ever run here."""
+    """PATH for a "laptop": Slurm's commands fail if ever run here (they come first)."""
     bin_dir = tmp_path / "laptop-bin"
     bin_dir.mkdir()
-    for tool in ("ssh", "rsync"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
     for tool in ("sbatch", "squeue", "scontrol", "sacct", "scancel"):
         (bin_dir / tool).write_text("#!/bin/sh\necho 'no Slurm on the laptop' >&2\nexit 1\n")
         (bin_dir / tool).chmod(0o755)
-    return {"PATH": str(bin_dir)}
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_laptop_to_cluster_through_ssh(slurm, sshd, tmp_path: Path) -> None:
@@ -252,7 +251,7 @@ def test_laptop_to_cluster_through_ssh(slurm, sshd, tmp_path: Path) -> None:
     out = phi4("cancel", "c", "--store", str(store), env=laptop, check=0)
     assert out.stdout.splitlines() == [f"cancelled  c: job {c_job}"]
     rows = _wait_status(store, lambda r: r["c"]["state"] == "cancelled", "c cancelled", laptop)
-    assert rows["c"]["note"] == f"cancelled by phi4 cancel (job {c_job})"
+    assert rows["c"]["note"].startswith(f"cancelled by phi4 cancel (job {c_job})")
     deadline = time.monotonic() + 30
     while _squeue([c_job]):
         assert time.monotonic() < deadline, _squeue([c_job])
