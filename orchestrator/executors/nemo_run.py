@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import launch
 from ..config import ConfigError
-from ..config.cluster import Cluster, LoadedCluster, load_cluster, stage_time
+from ..config.cluster import Cluster, LoadedCluster, SshLogin, load_cluster, stage_time
 from ..config.errors import Problem
 from ..exitcodes import BAD_INPUT, FAILURE
 from ..plan import Plan, StagePlan
@@ -382,7 +382,7 @@ def run_document(doc: dict[str, Any]) -> int:
         with run.Experiment(doc["title"], base_dir=doc["home"], log_level="WARN") as exp:
             ids: dict[str, str] = {}
             for task in doc["tasks"]:
-                executor = _executor(run, task, cluster, doc["home"], doc["title"])
+                executor = _executor(run, task, cluster, doc["title"], doc["dryrun"])
                 if doc["dryrun"] and cluster is not None:
                     # Handles exist only once upstream jobs are submitted: show them by name.
                     executor.dependencies = [f"slurm://dryrun/<job-of-{u}>"
@@ -432,7 +432,7 @@ def failure_reason(err: BaseException) -> str:
     return ((errors or lines or [type(err).__name__])[-1])[:300]
 
 
-def _executor(run, task: dict[str, Any], cluster: Cluster | None, home: str, title: str):
+def _executor(run, task: dict[str, Any], cluster: Cluster | None, title: str, dryrun: bool):
     if cluster is None:
         return run.LocalExecutor(env_vars=task["env"])
     c = cluster
@@ -446,7 +446,8 @@ def _executor(run, task: dict[str, Any], cluster: Cluster | None, home: str, tit
         # NeMo-Run writes `export KEY=value` into its sbatch script unquoted: quote here.
         env_vars={k: shlex.quote(v) for k, v in task["env"].items()},
         setup_lines="\n".join(c.setup) or None, dependency_type=task["dependency_type"],
-        additional_parameters=_sbatch_extras(task, c) or None, tunnel=_tunnel(run, c),
+        additional_parameters=_sbatch_extras(task, c) or None,
+        tunnel=_tunnel(run, None if dryrun else c.ssh),
         packager=run.Packager())
 
 
@@ -457,11 +458,11 @@ def _sbatch_extras(task: dict[str, Any], c: Cluster) -> dict[str, str]:
     return extras
 
 
-def _tunnel(run, c: Cluster):
-    """Where sbatch runs: here, or on the login node (NeMo-Run copies its job folders there
-    with rsync over ssh)."""
-    if c.ssh is None:
+def _tunnel(run, ssh: SshLogin | None):
+    """Where sbatch runs: here (and a dry run, which connects nowhere), or on the login node
+    (NeMo-Run copies its job folders there with rsync over ssh)."""
+    if ssh is None:
         return run.LocalTunnel(job_dir="")
-    identity = str(Path(c.ssh.identity).expanduser()) if c.ssh.identity else None
-    return run.SSHTunnel(host=c.ssh.host, user=c.ssh.user, port=c.ssh.port, identity=identity,
-                         job_dir=c.ssh.job_dir)
+    identity = str(Path(ssh.identity).expanduser()) if ssh.identity else None
+    return run.SSHTunnel(host=ssh.host, user=ssh.user, port=ssh.port, identity=identity,
+                         job_dir=ssh.job_dir)
