@@ -37,7 +37,14 @@ demo: $(STAMP)
 	$(PHI4) status --store $(DEMO_STORE)
 	$(PHI4) graph pipelines/phi4_multimodal.yaml --profile tiny --store $(DEMO_STORE)
 
-test: $(NEMO_STAMP)
+# ... and the W&B and MLflow clients, whose tests log offline / to a local file store.
+TRACKERS_STAMP := $(VENV)/.installed-trackers
+
+$(TRACKERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,trackers]'
+	@touch $(TRACKERS_STAMP)
+
+test: $(NEMO_STAMP) $(TRACKERS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from phi4core.config import Strict
+from phi4core.config import MlflowLogging, Strict, WandbLogging
 
 from .checks import defaulted
 from .errors import Loc, Origin, Positions, Problem, origin_of
@@ -37,6 +37,14 @@ def _plain(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} must not hold newlines or control characters")
     return value
+
+
+class ClusterLogging(Strict):
+    """Tracker settings for every stage run on the cluster; a recipe's `logging:` values win,
+    key by key."""
+
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
 
 
 class Cluster(Strict):
@@ -71,6 +79,8 @@ class Cluster(Strict):
     host_python: str | None = Field(
         default=None, description="runs phi4's bookkeeping in the batch script (outside any "
                                   "container); default: this interpreter")
+    logging: ClusterLogging | None = Field(
+        default=None, description="W&B / MLflow defaults for every stage (recipes override)")
 
     @field_validator("name")
     @classmethod

@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import launch
 from ..config.cluster import load_cluster, stage_time
 from ..exitcodes import PREEMPTED
 from ..plan import Plan
@@ -232,7 +231,7 @@ class SlurmExecutor(Executor):
         sp = self.plan.stages[name]
         folder = sp.stage_dir
         script = self.batch_script(name)
-        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        folder.prepare(self.spec_document(name), sp.fields)
         path = folder.path / SCRIPT_NAME
         path.write_text(render(script))
         folder.queue(
