@@ -75,7 +75,16 @@ def field_changes(a: dict[str, Any], b: dict[str, Any],
             continue
         changes.append(FieldChange(key, left, right, group_of(key), source_of(sources_a, key),
                                    source_of(sources_b, key)))
+    # A section one side leaves out (`logging.wandb: null`) shows as its keys the other sets.
+    keys = {c.key for c in changes}
+    changes = [c for c in changes
+               if not (_empty(c.a) and _empty(c.b)
+                       and any(k.startswith(c.key + ".") for k in keys))]
     return sorted(changes, key=lambda c: (GROUPS.index(c.group), c.key))
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value is MISSING
 
 
 def folder_fields(folder: StageDir) -> dict[str, Any]:

@@ -265,7 +265,7 @@ class Trainer:
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
         metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging, self.rank == 0,
-                                spec.run)
+                                spec.run, resumed=resume is not None)
         batches = StepBatches(self.samples, start, t.total_steps, t.global_batch_size,
                               t.micro_batch_size, self.dp_rank, self.dp,
                               block_mask=not self.on_gpu, num_workers=spec.data.num_workers,

@@ -19,8 +19,9 @@ class MetricsWriter:
     """Only rank 0 writes. The JSONL is appended (a resumed run continues the same file)."""
 
     def __init__(self, stage_dir: Path, total_steps: int, logging: Logging, enabled: bool,
-                 run: TrackerRun | None = None):
-        """`run`: the tracker run's name and tags (default: named after the stage folder)."""
+                 run: TrackerRun | None = None, resumed: bool = False):
+        """`run`: the tracker run's name and tags (default: named after the stage folder);
+        `resumed`: the attempt goes on from a checkpoint (its tracker runs go on too)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.started = time.monotonic()
@@ -35,7 +36,7 @@ class MetricsWriter:
             from phi4core.train.trackers import open_trackers
 
             run = run or TrackerRun(name=f"{stage_dir.parent.name}.{stage_dir.name}")
-            self._trackers = open_trackers(stage_dir, logging, run)
+            self._trackers = open_trackers(stage_dir, logging, run, resumed)
         self._file = open(stage_dir / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
         if logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

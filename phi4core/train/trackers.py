@@ -3,13 +3,17 @@
 Each is turned on by its section in the stage's `logging:` (recipe or cluster file) and
 imported only then (`pip install 'phi4[trackers]'`; missing, the stage fails at once with that
 line, before training). A stage logs to one tracker run for all its attempts: the run's id is
-kept in the stage folder (`trackers.json`), so a resumed stage appends to the run it began.
+kept in the stage folder (`trackers.json`), so an attempt that resumes from a checkpoint appends
+to the run it began; one that starts from step 0 (new, forced, or no checkpoint yet) begins a
+new run, since a tracker's steps only go forward.
 Runs are named `<pipeline>.<stage>.<fingerprint>` and tagged with the lineage (StageSpec.run).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,15 +51,17 @@ def _remember(stage_dir: Path, tracker: str, run_id: str) -> None:
         write_json(stage_dir / RUN_IDS, {**ids, tracker: run_id})
 
 
-def open_trackers(stage_dir: Path, logging: Logging, run: TrackerRun) -> list[Tracker]:
-    """The trackers `logging` asks for, each attached to the stage's run (a new one the first
-    time)."""
+def open_trackers(stage_dir: Path, logging: Logging, run: TrackerRun, resumed: bool
+                  ) -> list[Tracker]:
+    """The trackers `logging` asks for, each attached to the stage's run: the one recorded
+    when the attempt `resumed`, else a new one."""
+    ids = _run_ids(stage_dir) if resumed else {}
     trackers: list[Tracker] = []
     try:
         if logging.wandb is not None:
-            trackers.append(WandbTracker(stage_dir, logging.wandb, run))
+            trackers.append(WandbTracker(stage_dir, logging.wandb, run, ids.get("wandb")))
         if logging.mlflow is not None:
-            trackers.append(MlflowTracker(stage_dir, logging.mlflow, run))
+            trackers.append(MlflowTracker(stage_dir, logging.mlflow, run, ids.get("mlflow")))
     except BaseException:
         for tracker in trackers:
             tracker.close(ok=False)
@@ -70,16 +76,17 @@ def scalars_of(values: dict[str, Any]) -> dict[str, float]:
 
 
 class WandbTracker:
-    def __init__(self, stage_dir: Path, config: WandbLogging, run: TrackerRun):
+    def __init__(self, stage_dir: Path, config: WandbLogging, run: TrackerRun,
+                 run_id: str | None):
         try:
             import wandb
         except ImportError:
             raise TrackerMissing(f"logging.wandb is set but wandb is not installed: {EXTRA}") \
                 from None
-        run_id = _run_ids(stage_dir).get("wandb") or wandb.util.generate_id()
+        run_id = run_id or secrets.token_hex(6)
         self._run = wandb.init(
             project=config.project, entity=config.entity, name=run.name, id=run_id,
-            resume="allow", mode=config.mode, dir=str(stage_dir), reinit=True,
+            resume="allow", mode=config.mode, dir=str(stage_dir),
             tags=[f"{k}={v}"[:64] for k, v in sorted(run.tags.items())],
             config={"phi4": run.tags},
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
@@ -93,14 +100,18 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, stage_dir: Path, config: MlflowLogging, run: TrackerRun):
+    def __init__(self, stage_dir: Path, config: MlflowLogging, run: TrackerRun,
+                 run_id: str | None):
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise TrackerMissing(f"logging.mlflow is set but mlflow is not installed: {EXTRA}") \
                 from None
-        self._client = MlflowClient(tracking_uri=config.tracking_uri)
-        run_id = _run_ids(stage_dir).get("mlflow")
+        uri = config.tracking_uri
+        if uri is not None and (uri.startswith("file:") or "://" not in uri):
+            # Asked for by name: MLflow 3 keeps its file store behind this opt-in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self._client = MlflowClient(tracking_uri=uri)
         if run_id is not None:
             self._client.update_run(run_id, status="RUNNING")  # resumed: the same run goes on
         else:

@@ -1,0 +1,195 @@
+"""`phi4 diff`, `phi4 metrics`, `phi4 gc` and the W&B / MLflow trackers on a store with several
+attempts of a tiny stage: text_pretrain trained 4 steps at two learning rates (A, B), then B
+forced once more (a second attempt in the same folder). B logs to W&B (offline) and MLflow (a
+local file store)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tracker_files
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["--set", "train.steps=4", "--set", "train.warmup_steps=1"]
+LR_B = ["--set", "train.lr=1.0e-3"]
+
+
+def phi4(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(root / "cache"),
+           "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+           "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wd")}
+    store = root / "store"
+    mlruns = root / "mlruns"
+    trackers = ["--set", "logging.wandb.mode=offline", "--set", "logging.wandb.project=tests",
+                "--set", f"logging.mlflow.tracking_uri=file:{mlruns}"]
+    base = ["run", "recipes/text_pretrain.yaml", "--profile", "tiny", "--store", str(store),
+            *STEPS]
+    for extra in ([], [*LR_B, *trackers], [*LR_B, *trackers, "--force"]):
+        done = phi4(*base, *extra, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return {"store": store, "env": env, "mlruns": mlruns, "rerun_b": [*base, *LR_B, *trackers]}
+
+
+def cli(trained: dict, *args: str, store: Path | None = None):
+    """The command in this process (they are torch-free): .returncode, .stdout, .stderr."""
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli as phi4_cli
+
+    result = CliRunner().invoke(phi4_cli, [*args, "--store", str(store or trained["store"])],
+                                catch_exceptions=False)
+    result.returncode = result.exit_code
+    return result
+
+
+def folders(store: Path) -> dict[str, Path]:
+    """The stage folder trained with each learning rate."""
+    out = {}
+    for folder in (store / "stages" / "text_pretrain").glob("*/spec.json"):
+        out[json.loads(folder.read_text())["train"]["lr"]] = folder.parent
+    return out
+
+
+def losses(path: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_diff_names_exactly_the_changed_fields_and_the_results(trained: dict) -> None:
+    by_lr = folders(trained["store"])
+    a, b = by_lr[3.0e-3], by_lr[1.0e-3]
+    done = cli(trained, "diff", "text_pretrain@1", "text_pretrain", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["a"]["fingerprint"], report["b"]["fingerprint"]) == (a.name, b.name)
+    assert report["b"]["attempt"] == 2
+    changed = {c["key"]: (c["a"], c["b"]) for c in report["changes"] if c["group"] != "setting"}
+    assert changed == {"train.lr": (3.0e-3, 1.0e-3)}
+    settings = {c["key"] for c in report["changes"] if c["group"] == "setting"}
+    assert settings == {"logging.wandb.mode", "logging.wandb.project", "logging.wandb.entity",
+                        "logging.mlflow.tracking_uri", "logging.mlflow.experiment"}
+    results = report["results"]
+    assert results["a"]["final_loss"] == losses(a / "metrics.jsonl")[-1]
+    assert results["b"]["best_loss"] == min(losses(b / "metrics.jsonl"))
+    assert results["a"]["steps"] == results["b"]["steps"] == 4
+    assert results["b"]["state"] == "succeeded" and results["b"]["duration_s"] > 0
+
+    text = cli(trained, "diff", a.name[:8], "text_pretrain").stdout
+    assert "train.lr: 0.003 -> 0.001" in text and "final loss" in text
+
+
+@pytest.mark.slow
+def test_attempt_references_and_a_same_fingerprint_diff(trained: dict) -> None:
+    b = folders(trained["store"])[1.0e-3]
+    done = cli(trained, "diff", "text_pretrain@2", f"{b.name}@2", "--format", "json")
+    report = json.loads(done.stdout)
+    assert report["same_fingerprint"] and report["changes"] == []
+    assert (report["a"]["attempt"], report["b"]["attempt"]) == (1, 2)
+    # The first attempt's curve was kept aside when the forced one started over.
+    first = losses(b / "metrics.attempt1.jsonl")
+    assert report["results"]["a"]["final_loss"] == first[-1]
+    for bad, said in (("text_pretrain@9", "has 3 attempt(s)"), ("nosuch", "no stage or "),
+                      ("text_pretrain@0", "counted from 1"), ("text_pretrain@x", "after @")):
+        refused = cli(trained, "diff", bad, "text_pretrain")
+        assert refused.returncode == 2 and said in refused.stderr, (bad, refused.stderr)
+        assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_metrics_table_formats_and_terminal_curves(trained: dict) -> None:
+    rows = json.loads(cli(trained, "metrics", "--format", "json").stdout)["attempts"]
+    assert [(r["attempt"], r["final_loss"] is not None) for r in rows].count((1, True)) == 2
+    assert len(rows) == 3
+    table = list(csv.DictReader(io.StringIO(cli(trained, "metrics", "text_pretrain",
+                                                "--format", "csv").stdout)))
+    assert sorted(float(r["final_loss"]) for r in table) == sorted(r["final_loss"] for r in rows)
+    latest = json.loads(cli(trained, "metrics", "--latest", "--format", "json").stdout)
+    assert [r["attempt"] for r in latest["attempts"]] == [2]
+    text = cli(trained, "metrics").stdout
+    assert text.count("text_pretrain@") == 3 and "loss:" in text
+
+
+@pytest.mark.slow
+def test_plot_draws_the_curves_of_the_metrics_files(trained: dict, tmp_path: Path) -> None:
+    from orchestrator.curves import CURVES, figure
+    from orchestrator.runs import stage_attempts
+    from orchestrator.store import Store
+
+    attempts = stage_attempts(Store(trained["store"]), "text_pretrain")
+    fig = figure(attempts)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    for key, title, _ in CURVES:
+        lines = {line.get_label(): line for line in panels[title].get_lines()}
+        assert set(lines) == {a.label for a in attempts}
+        for attempt in attempts:
+            records = [json.loads(x) for x in attempt.metrics_file.read_text().splitlines()]
+            line = lines[attempt.label]
+            assert list(line.get_xdata()) == [r["step"] for r in records]
+            assert list(line.get_ydata()) == [r[key] for r in records]
+    out = tmp_path / "curves.svg"
+    done = cli(trained, "metrics", "text_pretrain", "--plot", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().count("<path") > 12  # 4 panels of 3 curves, axes and ticks
+    refused = cli(trained, "metrics", "--plot", str(tmp_path / "curves.gif"))
+    assert refused.returncode == 2 and ".png, .svg or .pdf" in refused.stderr
+
+
+@pytest.mark.slow
+def test_trackers_hold_every_step_under_the_lineage_name(trained: dict) -> None:
+    b = folders(trained["store"])[1.0e-3]
+    steps = [json.loads(x)["step"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    ids = json.loads((b / "trackers.json").read_text())
+    name = f"phi4.text_pretrain.{b.name}"
+    runs = tracker_files.wandb_runs(b / "wandb", ids["wandb"])
+    assert runs and all(r["name"] == name for r in runs)
+    assert f"fingerprint={b.name}" in runs[-1]["tags"]
+    assert [h["_step"] for h in runs[-1]["history"]] == steps
+    assert [h["loss"] for h in runs[-1]["history"]] == losses(b / "metrics.jsonl")
+    run = tracker_files.mlflow_run(trained["mlruns"], ids["mlflow"])
+    assert run["name"] == name and run["tags"]["stage"] == "text_pretrain"
+    assert [s for s, _ in run["metrics"]["loss"]] == steps
+    assert [v for _, v in run["metrics"]["loss"]] == losses(b / "metrics.jsonl")
+    # The forced attempt started over: a new tracker run, not the first attempt's.
+    assert len(tracker_files.mlflow_runs(trained["mlruns"])) == 2
+
+
+@pytest.mark.slow
+def test_gc_frees_the_rest_and_a_rerun_has_nothing_to_do(trained: dict, tmp_path: Path) -> None:
+    from orchestrator.gc import size_text
+
+    store = tmp_path / "store"
+    shutil.copytree(trained["store"], store, symlinks=True)
+    env = trained["env"]
+    by_lr = folders(store)
+    a, b = by_lr[3.0e-3], by_lr[1.0e-3]
+    look = cli(trained, "gc", "--dry-run", store=store)
+    assert look.returncode == 0, look.stderr
+    assert f"would remove  text_pretrain {a.name}: stage folder" in look.stdout
+    assert f"would remove  text_pretrain {b.name}: checkpoints" in look.stdout
+    assert a.is_dir() and any((b / "checkpoints").iterdir())
+    expected = size_text(sum(f.stat().st_size for root in (a, b / "checkpoints")
+                             for f in root.rglob("*") if f.is_file() and not f.is_symlink()))
+    done = cli(trained, "gc", store=store)
+    assert done.returncode == 0, done.stderr
+    assert not a.exists() and not (b / "checkpoints").exists()
+    assert done.stdout.splitlines()[-1] == f"freed {expected}; kept 1 stage folder(s)"
+    assert look.stdout.splitlines()[-1] == f"would free {expected}; kept 1 stage folder(s)"
+    assert (b / "metrics.attempt1.jsonl").is_file()  # the kept folder's history stays
+    rerun = phi4(*[x if x != str(trained["store"]) else str(store)
+                   for x in trained["rerun_b"]], env=env)
+    assert rerun.returncode == 0 and "nothing to run" in rerun.stdout, rerun.stdout
