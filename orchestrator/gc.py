@@ -137,3 +137,15 @@ def size_text(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def collect(store: Store, planned: GcPlan) -> list[tuple[Removal, bool]]:
+    """Carry out a plan: each removal with whether it was done (not when its stage started
+    running meanwhile: the store re-checks under the stage lock)."""
+    done = []
+    for removal in planned.removals:
+        ok = removal.folder.remove() if removal.what == "folder" \
+            else removal.folder.remove_checkpoints()
+        done.append((removal, ok))
+    store.collect_trash()
+    return done

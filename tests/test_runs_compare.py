@@ -193,3 +193,71 @@ def test_gc_frees_the_rest_and_a_rerun_has_nothing_to_do(trained: dict, tmp_path
     rerun = phi4(*[x if x != str(trained["store"]) else str(store)
                    for x in trained["rerun_b"]], env=env)
     assert rerun.returncode == 0 and "nothing to run" in rerun.stdout, rerun.stdout
+
+
+def _attempt(store, name: str, fp: str, inputs: dict, started: float, state: str = "succeeded",
+             checkpoint: bool = True):
+    """A stage folder with a published artifact, as a run leaves it (no training)."""
+    from orchestrator.records import InputRecord, State
+
+    folder = store.stage_dir(name, fp)
+    folder.prepare({"outputs": ["model"]}, {"train.lr": started})
+    records = {k: InputRecord(source="stage", path="-", stage=s, fingerprint=f, artifact="model")
+               for k, (s, f) in inputs.items()}
+    folder.begin("local", command=[], reasons=[], inputs=records)
+    (folder.staging / "model").mkdir(parents=True)
+    (folder.staging / "model" / "weights.bin").write_bytes(b"w" * 1000)
+    if checkpoint:
+        (folder.checkpoints / "step_4").mkdir(parents=True)
+        (folder.checkpoints / "step_4" / "model.pt").write_bytes(b"c" * 500)
+    if state == "succeeded":
+        assert folder.publish(["model"]) is None
+        folder.end(State.SUCCEEDED, ended=started + 1)
+    elif state == "failed":
+        folder.end(State.FAILED, exit_code=1, ended=started + 1)
+    status = folder.status()
+    folder._write(status, started=started)  # the order the attempts began in
+    return folder
+
+
+def test_gc_keeps_what_kept_stages_were_made_from_and_running_stages(tmp_path: Path) -> None:
+    """up: u1 (old), u2 (latest); down: d1 (latest) made from u1, so u1 stays; other: o1 runs
+    now (its lock held) and o2 is latest; o0 is old and nothing refers to it: it goes."""
+    from orchestrator.gc import collect, plan_gc
+    from orchestrator.store import Store
+
+    store = Store(tmp_path / "store")
+    fp = {k: f"{i:016x}" for i, k in enumerate(["u1", "u2", "d1", "o0", "o1", "o2", "f1"])}
+    u1 = _attempt(store, "up", fp["u1"], {}, 1.0)
+    u2 = _attempt(store, "up", fp["u2"], {}, 2.0)
+    d1 = _attempt(store, "down", fp["d1"], {"backbone": ("up", fp["u1"])}, 3.0)
+    o0 = _attempt(store, "other", fp["o0"], {}, 1.0)
+    o1 = _attempt(store, "other", fp["o1"], {}, 2.0, state="running")
+    o2 = _attempt(store, "other", fp["o2"], {}, 3.0)
+    f1 = _attempt(store, "failing", fp["f1"], {}, 1.0, state="failed")
+    lock = o1.lock()
+    assert lock.try_acquire()
+    try:
+        planned = plan_gc(store)
+        removals = {(r.folder.fingerprint, r.what) for r in planned.removals}
+        assert removals == {(fp["o0"], "folder"), (fp["u1"], "checkpoints"),
+                            (fp["u2"], "checkpoints"), (fp["d1"], "checkpoints"),
+                            (fp["o2"], "checkpoints")}
+        assert planned.kept[("up", fp["u1"])] == "an input of down"
+        assert planned.kept[("other", fp["o1"])] == "running or queued"
+        assert all(done for _, done in collect(store, planned))
+    finally:
+        lock.release()
+    assert not o0.path.exists() and o1.path.is_dir() and (o1.checkpoints / "step_4").is_dir()
+    assert (f1.checkpoints / "step_4").is_dir()  # a failed stage resumes from them
+    for folder in (u1, u2, d1, o2):
+        assert folder.artifact_problem(["model"]) is None and not folder.checkpoints.exists()
+    # Once nobody holds its lock, o1 is an interrupted attempt nothing refers to; --keep-last 2
+    # keeps it (one of other's two most recent). A stage that starts meanwhile is never removed.
+    assert {r.folder.fingerprint for r in plan_gc(store).removals} == {fp["o1"]}
+    assert plan_gc(store, keep_last=2).removals == []
+    assert lock.try_acquire()
+    try:
+        assert not o1.remove() and o1.path.is_dir()
+    finally:
+        lock.release()

@@ -136,29 +136,24 @@ def gc(pipelines: tuple[str, ...], store_dir: str | None, profile: str | None,
     """Remove the stage folders and checkpoints nothing refers to: kept are each stage's
     latest (and --keep-last N) folders, those the PIPELINEs given would use, everything they
     were made from, and anything running or queued."""
-    from ..gc import plan_gc, size_text
+    from ..gc import collect, plan_gc, size_text
 
     store = existing_store(store_dir)
     pinned = _pipeline_folders(pipelines, profile, overrides, store_dir)
     planned = plan_gc(store, keep_last, pinned)
+    outcomes = [(r, None) for r in planned.removals] if dry_run else collect(store, planned)
     freed = 0
-    for removal in planned.removals:
+    for removal, done in outcomes:
         kind = "stage folder" if removal.what == "folder" else "checkpoints"
         line = f"{removal.folder.name} {removal.folder.fingerprint}: {kind} " \
                f"{size_text(removal.bytes)}"
-        if dry_run:
+        if done is None:
             click.echo(f"would remove  {line}")
-            freed += removal.bytes
-            continue
-        done = removal.folder.remove() if removal.what == "folder" \
-            else removal.folder.remove_checkpoints()
-        if done:
-            freed += removal.bytes
+        elif done:
             click.echo(f"removed  {line}")
         else:
-            click.echo(f"kept     {line} (it started running)")
-    if not dry_run:
-        store.collect_trash()
+            click.echo(f"kept     {line} (its stage started running)")
+        freed += removal.bytes if done is not False else 0
     verb = "would free" if dry_run else "freed"
     click.echo(f"{verb} {size_text(freed)}; kept {len(planned.kept)} stage folder(s)")
 
