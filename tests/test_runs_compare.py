@@ -261,3 +261,49 @@ def test_gc_keeps_what_kept_stages_were_made_from_and_running_stages(tmp_path: P
         assert not o1.remove() and o1.path.is_dir()
     finally:
         lock.release()
+
+
+@pytest.mark.slow
+def test_a_resumed_attempt_appends_to_the_same_tracker_runs(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The writer as the trainer drives it: steps 0-2, stopped; resumed from a checkpoint,
+    steps 3-5 go to the same W&B and MLflow runs; a start from step 0 opens new ones."""
+    from phi4core.config import Logging, TrackerRun
+    from phi4core.train.metrics import MetricsWriter
+
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    stage = tmp_path / "stage"
+    mlruns = tmp_path / "mlruns"
+    logging = Logging.model_validate({"tensorboard": False, "wandb": {"mode": "offline"},
+                                      "mlflow": {"tracking_uri": f"file:{mlruns}"}})
+    run = TrackerRun(name="p.s.0123456789abcdef", tags={"stage": "s"})
+    for steps, resumed, ok in ((range(0, 3), False, False), (range(3, 6), True, True)):
+        writer = MetricsWriter(stage, 6, logging, True, run, resumed=resumed)
+        for step in steps:
+            writer.log(step, {"loss": 6.0 - step, "lr": 0.1, "skipped": False, "x": None})
+        writer.close(ok=ok)
+    ids = json.loads((stage / "trackers.json").read_text())
+    runs = tracker_files.wandb_runs(stage / "wandb", ids["wandb"])
+    assert [[h["_step"] for h in r["history"]] for r in runs] == [[0, 1, 2], [3, 4, 5]]
+    assert [h["loss"] for r in runs for h in r["history"]] == [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    logged = tracker_files.mlflow_run(mlruns, ids["mlflow"])
+    assert logged["metrics"]["loss"] == [(s, 6.0 - s) for s in range(6)]
+    assert set(logged["metrics"]) == {"loss", "lr"} and logged["status"] == "FINISHED"
+    writer = MetricsWriter(stage, 6, logging, True, run, resumed=False)
+    writer.close()
+    assert json.loads((stage / "trackers.json").read_text()).keys() == ids.keys()
+    assert json.loads((stage / "trackers.json").read_text()) != ids
+    assert len(tracker_files.mlflow_runs(mlruns)) == 2
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from phi4core.config import Logging, TrackerRun
+    from phi4core.train.trackers import TrackerMissing, open_trackers
+
+    run = TrackerRun(name="p.s.f")
+    for module, section in (("wandb", {"wandb": {}}), ("mlflow.tracking", {"mlflow": {}})):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as when absent
+        with pytest.raises(TrackerMissing, match=r"pip install 'phi4\[trackers\]'"):
+            open_trackers(tmp_path, Logging.model_validate(section), run, resumed=False)
