@@ -86,11 +86,10 @@ def plan_gc(store: Store, keep_last: int = 1, pinned: set[tuple[str, str]] | Non
     stack = list(roots.items())
     while stack:
         key, why = stack.pop()
-        if key in plan.kept:
+        if key in plan.kept or key not in every:  # kept already, or not in the store
             continue
         plan.kept[key] = why
-        folder = every.get(key) or store.stage_dir(*key)
-        status = folder.status()
+        status = every[key].status()
         for record in (status.inputs.values() if status is not None else []):
             if record.source == "stage" and record.stage and record.fingerprint:
                 stack.append(((record.stage, record.fingerprint), f"an input of {key[0]}"))
