@@ -105,8 +105,25 @@ def terminal_curves(attempts: list[Attempt], key: str = "loss") -> list[str]:
     return lines
 
 
+def legend_labels(attempts: list[Attempt], most: int = 2) -> list[str]:
+    """Each attempt's label, with the fields that set it apart from the others (`train.lr=
+    0.001`): up to `most` of the fingerprinted fields whose values differ among them."""
+    from .compare import folder_fields, group_of
+
+    fields = {a.folder.path: folder_fields(a.folder) for a in attempts}
+    keys = sorted({k for f in fields.values() for k in f if group_of(k) == "field"})
+    differing = [k for k in keys if len({repr(f.get(k)) for f in fields.values()}) > 1]
+    labels = []
+    for attempt in attempts:
+        own = fields[attempt.folder.path]
+        shown = ", ".join(f"{k}={own.get(k)}" for k in differing[:most])
+        labels.append(f"{attempt.label} {shown}".strip())
+    return labels
+
+
 def figure(attempts: list[Attempt]):
-    """A matplotlib Figure: one panel per CURVES entry, one line per attempt (its label)."""
+    """A matplotlib Figure: one panel per CURVES entry, one line per attempt (its label and
+    the fields that set it apart)."""
     try:
         import matplotlib
 
@@ -117,12 +134,13 @@ def figure(attempts: list[Attempt]):
             from None
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
+    labels = legend_labels(attempts)
     for ax, (key, title, log) in zip(axes, CURVES):
         drawn = False
-        for attempt in attempts:
+        for attempt, label in zip(attempts, labels):
             steps, values = series(attempt, key)
             if values:
-                ax.plot(steps, values, label=attempt.label, linewidth=1.2)
+                ax.plot(steps, values, label=label, linewidth=1.2)
                 drawn = True
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -133,12 +133,15 @@ def test_plot_draws_the_curves_of_the_metrics_files(trained: dict, tmp_path: Pat
     attempts = stage_attempts(Store(trained["store"]), "text_pretrain")
     fig = figure(attempts)
     panels = {ax.get_title(): ax for ax in fig.axes}
+    labels = {a.label for a in attempts}
     for key, title, _ in CURVES:
-        lines = {line.get_label(): line for line in panels[title].get_lines()}
-        assert set(lines) == {a.label for a in attempts}
+        lines = {line.get_label().split(" ")[0]: line for line in panels[title].get_lines()}
+        assert set(lines) == set(labels)
         for attempt in attempts:
             records = [json.loads(x) for x in attempt.metrics_file.read_text().splitlines()]
             line = lines[attempt.label]
+            lr = json.loads((attempt.folder.spec_file).read_text())["train"]["lr"]
+            assert line.get_label() == f"{attempt.label} train.lr={lr}"
             assert list(line.get_xdata()) == [r["step"] for r in records]
             assert list(line.get_ydata()) == [r[key] for r in records]
     out = tmp_path / "curves.svg"
