@@ -40,7 +40,14 @@ demo: $(STAMP)
 	$(PHI4) graph $(DEMO_PIPELINE) --profile tiny --store $(DEMO_STORE) --format svg -o $(DEMO_STORE)/lineage.svg
 	$(PY) scripts/demo_report.py $(DEMO_STORE) $(DEMO_PIPELINE) $(DEMO_STORE)/lineage.svg
 
-test: $(NEMO_STAMP)
+# ... and the W&B and MLflow clients, whose tests log offline / to a local file store.
+TRACKERS_STAMP := $(VENV)/.installed-trackers
+
+$(TRACKERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,trackers]'
+	@touch $(TRACKERS_STAMP)
+
+test: $(NEMO_STAMP) $(TRACKERS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

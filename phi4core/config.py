@@ -465,11 +465,39 @@ class Data(Strict):
                              description="loader processes reading batches ahead (0: none)")
 
 
+class WandbLogging(Strict):
+    """Weights & Biases (`pip install 'phi4[trackers]'`). `mode: offline` writes the run under
+    the stage folder (`wandb/`) for a later `wandb sync`."""
+
+    project: str = "phi4"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class MlflowLogging(Strict):
+    """MLflow (`pip install 'phi4[trackers]'`): a tracking server's URI, or a local store
+    (`file:/path/mlruns`); unset: MLflow's own default ($MLFLOW_TRACKING_URI)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "phi4"
+
+
 class Logging(Strict):
-    """How a run reports; never part of a stage's fingerprint."""
+    """How a run reports; never part of a stage's fingerprint. W&B and MLflow are off unless
+    their section is given (here or in the cluster file, whose values the recipe's override)."""
 
     interval: int = Field(default=10, ge=1)
     tensorboard: bool = True
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
+
+
+class TrackerRun(Strict):
+    """What the orchestrator tells the trackers about a stage: the run's name
+    (`<pipeline>.<stage>.<fingerprint>`) and tags with its lineage."""
+
+    name: str
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,6 +530,7 @@ class StageSpec(Strict):
     parallel: Parallel
     precision: Precision
     logging: Logging = Field(default_factory=Logging)
+    run: TrackerRun | None = None  # for W&B / MLflow; None: named after the stage
     world_size: int = 1
     stage_dir: str  # logs, metrics, checkpoints/
     output_dir: str  # artifacts/<name>/ are written here, then published by the orchestrator

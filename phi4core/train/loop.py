@@ -275,7 +275,8 @@ class Trainer:
             skips.restore(progress)
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
-        metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
+        metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging, self.rank == 0,
+                                spec.run, resumed=resume is not None)
         batches = self.mixture or StepBatches(
             self.samples, start, t.total_steps, t.global_batch_size, t.micro_batch_size,
             self.dp_rank, self.dp, block_mask=not self.on_gpu,
@@ -295,6 +296,7 @@ class Trainer:
                       meta, data_state=None if self.mixture is None else batches.state_dict())
 
         tokens_per_step = t.global_batch_size * t.seq_length
+        completed = False
         try:
             for step in range(start, t.total_steps):
                 began = time.perf_counter()
@@ -329,9 +331,10 @@ class Trainer:
                     return exitcodes.PREEMPTED
             if start < t.total_steps or resume is None:
                 save(t.total_steps)
+            completed = True
         finally:
             batches.close()
-            metrics.close()
+            metrics.close(ok=completed)
         after = frozen_checksums(self.raw_chunks)
         check_unchanged(self.checksums_before, after)
         self.write_artifacts({"before": self.checksums_before, "after": after},
