@@ -158,13 +158,16 @@ def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp
     return math.ceil(outside / outside_share) + math.ceil(inside / tp)
 
 
-def logits_activations(m: ModelConfig, s: int, b: int, tp: int, cp: int, sp: bool) -> int:
-    """The last pipeline stage's output: the final norm's and output layer's inputs (16-bit),
-    and the vocabulary-parallel cross entropy's logits (16-bit) with its fp32 copy and fp32
-    softmax kept for the backward: 10 bytes per logit, divided by tp."""
+def logits_activations(m: ModelConfig, s: int, b: int, tp: int, cp: int, sp: bool,
+                       act_bytes: int = ACT_BYTES) -> int:
+    """The last pipeline stage's output: the final norm's and output layer's inputs, and the
+    logits: megatron's vocabulary-parallel cross entropy turns them into the fp32 softmax it
+    keeps for the backward in place, after a float copy of 16-bit logits (which the model
+    holds until the loss returns): 6 bytes per logit in 16-bit, 4 in fp32, divided by tp."""
     tokens = (s // cp) * b
-    inputs = 2 * m.hidden_size * tokens * ACT_BYTES // (tp if sp else 1)
-    return inputs + math.ceil(10 * m.vocab_size * tokens / tp)
+    inputs = 2 * m.hidden_size * tokens * act_bytes // (tp if sp else 1)
+    per_logit = act_bytes + (4 if act_bytes < 4 else 0)
+    return inputs + math.ceil(per_logit * m.vocab_size * tokens / tp)
 
 
 @dataclass(frozen=True)
@@ -316,10 +319,11 @@ def _groups(recipe: Recipe, m: ModelConfig) -> tuple[set[str], set[str]]:
 
 
 def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT_MFU,
-             layout: Layout | None = None) -> Estimate:
-    """The estimate of a train stage (under `layout` instead of its own, when given). `gpu`
-    None, or a stage without GPUs, estimates per CPU process with no memory limit."""
-    m = model_of(recipe)
+             layout: Layout | None = None, model: ModelConfig | None = None) -> Estimate:
+    """The estimate of a train stage (under `layout` instead of its own, when given; of
+    `model` instead of its preset, when given). `gpu` None, or a stage without GPUs,
+    estimates per CPU process with no memory limit."""
+    m = model or model_of(recipe)
     if m is None or recipe.train is None:
         raise ValueError(f"stage {recipe.name} trains no model: nothing to estimate")
     lay = layout or Layout.of(recipe)
@@ -376,17 +380,20 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
                                               recompute=lay.recompute, flash=flash,
                                               act_bytes=act_bytes)
         held = in_flight(lay.pp, lay.vpp, micro) if which == 0 else 1.0
-        acts = int(per_layer * layers * held)
-        if lay.recompute == "full":  # the layer being recomputed holds all of its activations
-            acts += decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp, flash=flash,
-                                              act_bytes=act_bytes)
-        mem["activations"] = acts
+        mem["activations"] = int(per_layer * layers * held)
         if which == 0:
             media = media_per_sample(m, s, trainable | frozen)
             mem["tower activations"] = int(tower_activations(m, media, b, trainable, lay.tp)
                                            * held)
+        logits = 0
         if which == 1 or lay.pp == 1:
-            mem["logits"] = logits_activations(m, s, b, lay.tp, lay.cp, sp)
+            logits = mem["logits"] = logits_activations(m, s, b, lay.tp, lay.cp, sp, act_bytes)
+        if lay.recompute == "full":
+            # The layer being recomputed holds all of its activations, in the backward, once
+            # the logits are gone: the peak is the larger of the two.
+            working = decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp,
+                                                flash=flash, act_bytes=act_bytes)
+            mem["recomputed layer"] = max(0, working - logits)
         return {k: v for k, v in mem.items() if v}
 
     first, last = rank_memory(0), rank_memory(1)
