@@ -403,6 +403,11 @@ class Parallel(Strict):
     cp: int = Field(default=1, ge=1)
     sequence_parallel: bool = False
     pp_layers: list[int] | None = Field(default=None, description="uneven split: layers per stage")
+    recompute: Literal["none", "selective", "full"] = Field(
+        default="none",
+        description="activation recomputation in the decoder layers (megatron-core's "
+                    "recompute_granularity): selective recomputes core attention, full every "
+                    "layer from its input; same results, less memory, more compute")
 
     @property
     def model_parallel_size(self) -> int:
