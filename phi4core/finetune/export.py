@@ -31,7 +31,7 @@ def _dtype(spec: ToolSpec):
     for inp in spec.inputs.values():
         if inp.source == "hf":
             try:
-                return HFCheckpoint(inp.path).dtype
+                return HFCheckpoint(inp.path).dtype()
             except Exception:  # a folder without weights of its own: keep going
                 continue
     return torch.float32
