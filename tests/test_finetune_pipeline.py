@@ -45,11 +45,15 @@ def _reverse_task(n: int, seed: int) -> list[dict]:
 
 
 def phi4(work: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(work / "cache"),
-           "PYTHONPATH": str(REPO), "PHI4_MINI_HF": str(work / "hf"),
-           "PHI4_CHAT_DATA": str(work / "chat")}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO,
+                          env=_env(work),
                           capture_output=True, text=True, timeout=900)
+
+
+def _env(work: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(work / "cache"),
+            "PYTHONPATH": str(REPO), "PHI4_MINI_HF": str(work / "hf"),
+            "PHI4_CHAT_DATA": str(work / "chat")}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,10 @@ def run(tmp_path_factory):
     chat = work / "chat"
     chat.mkdir()
     write_chat_corpus(chat / "train.jsonl", n=240, seed=0, kinds=["reverse", "tool"])
+    with (chat / "train.jsonl").open("a") as f:  # one record skipped, one truncated
+        f.write(json.dumps({"messages": [{"role": "user", "content": ""}]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Count."}, {
+            "role": "assistant", "content": " ".join(["cat dog"] * 200)}]}) + "\n")
     write_chat_corpus(chat / "valid.jsonl", n=24, seed=1, kinds=["reverse", "tool"])
     _write_jsonl(chat / "tasks.jsonl", _reverse_task(24, seed=2))
     store = work / "store"
@@ -141,3 +149,25 @@ def test_exports_load_in_transformers_with_phi4_logits(run):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text == "<|user|>hi<|end|><|assistant|>"
+
+
+def test_data_preview_shows_the_template_the_loss_and_the_trainers_counts(run, monkeypatch):
+    from click.testing import CliRunner
+
+    from orchestrator.cli import cli
+
+    for key, value in _env(run["work"]).items():
+        monkeypatch.setenv(key, value)
+    got = CliRunner().invoke(cli, ["data", "preview", str(REPO / "recipes/text_sft_lora.yaml"),
+                                    "--profile", "tiny", "--n", "2", "--format", "json"])
+    assert got.exit_code == 0, got.output
+    shown = json.loads(got.stdout[got.stdout.index("{"):])
+    trainer = json.loads((run["stage"]("text_sft_lora") / "data_report.json").read_text())
+    assert shown["reports"] == trainer
+    (report,) = trainer
+    assert (report["records_read"], report["records_kept"]) == (242, 241)
+    assert report["skipped_by_reason"] == {"empty content": 1}
+    assert report["adjusted"] == {"truncated": 1}
+    text = "\n".join(shown["lines"])
+    assert "renders 2 of 2 records as phi4 does" in text or "template:" in text
+    assert "⟦" in text and "segment 0" in text and "<|assistant|>⟦" in text

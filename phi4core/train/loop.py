@@ -145,6 +145,13 @@ class Trainer:
         self.tokenizer = tdata.tokenizer_for(spec)
         self.samples = tdata.build_samples(spec, self.tokenizer,
                                            t.total_steps * t.global_batch_size)
+        reports = tdata.data_reports(self.samples)
+        if reports and self.rank == 0:  # the counts `phi4 data preview` shows
+            from phi4core.files import write_json
+
+            write_json(Path(spec.stage_dir) / "data_report.json",
+                       [{"source": i, "name": r.name, **r.to_dict()}
+                        for i, r in enumerate(reports)])
 
         if is_multimodal(spec):
             from phi4core.models.multimodal import build_multimodal_chunks
