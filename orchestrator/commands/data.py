@@ -1,5 +1,6 @@
-"""`phi4 data`: dataset preparation (megatron indexed datasets from JSONL, lhotse speech
-corpora)."""
+"""`phi4 data`: dataset preparation (megatron indexed datasets from JSONL, energon image
+datasets, lhotse speech corpora, the demo corpus) and the preview of a stage's training
+sequences."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import UsageProblem, quiet_megatron
+from .common import UsageProblem, config_options, quiet_megatron, report_config_errors
 
 
 @click.group()
@@ -132,3 +133,51 @@ def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int
     click.echo(f"{result.report.summary()}")
     click.echo(f"wrote {result.samples} samples in {result.shards} shards to {result.out} "
                f"(energon dataset; a recipe source: {{kind: webdataset, path: {result.out}}})")
+
+
+@data.command("preview")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@config_options
+@click.option("--n", "count", type=click.IntRange(min=1, max=100), default=3, show_default=True,
+              help="How many training sequences to show.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@report_config_errors
+def preview_cmd(recipe: str, profile: str | None, overrides: tuple[str, ...], count: int,
+                fmt: str) -> None:
+    """A train stage's first sequences as the model sees them: the rendered chat template,
+    the tokens that carry loss, packing boundaries, truncation, image/audio placeholders, and
+    the data report (records kept, skipped and truncated, with reasons)."""
+    import json
+    import tempfile
+
+    from ..config import load_recipe
+    from ..config.checks import expand_groups, model_of
+
+    loaded = load_recipe(recipe, profile, overrides)
+    r = loaded.recipe
+    if r.kind != "train" or r.data is None or r.train is None:
+        raise UsageProblem(f"{recipe}: a {r.kind} stage has no training data to preview")
+    model = model_of(r)
+    if model is None:
+        raise UsageProblem(f"{recipe}: unknown model preset {r.model.preset!r}")
+    quiet_megatron()
+    from phi4core.config import StageSpec
+    from phi4core.data.preview import preview
+    from phi4core.data.report import DataError
+    from phi4core.train.data import DataSpecError
+
+    with tempfile.TemporaryDirectory(prefix="phi4-preview-") as tmp:
+        groups = model.module_groups
+        spec = StageSpec(name=r.name, fingerprint="preview", model=model, tokenizer=r.tokenizer,
+                         outputs=r.outputs, trainable=sorted(expand_groups(r.trainable, groups)),
+                         frozen=sorted(expand_groups(r.frozen, groups)), data=r.data,
+                         train=r.train, parallel=r.parallel, precision=r.precision,
+                         stage_dir=tmp, output_dir=tmp)
+        try:
+            shown = preview(spec, count)
+        except (DataError, DataSpecError, FileNotFoundError, KeyError, ValueError) as err:
+            raise UsageProblem(f"{recipe}: {err}") from None
+    if fmt == "json":
+        click.echo(json.dumps(shown, indent=1))
+    else:
+        click.echo("\n".join(shown["lines"]))

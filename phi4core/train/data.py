@@ -208,6 +208,19 @@ def build_samples(spec: StageSpec, tokenizer, num_samples: int):
     return ChatSamples(spec, tokenizer, num_samples)
 
 
+def data_reports(samples) -> list:
+    """The DataReport of each source behind a stage's samples (what `phi4 data preview`
+    prints and the trainer writes as data_report.json), in source order."""
+    sources = getattr(samples, "sources", None) or []
+    out = []
+    for s in sources:
+        dataset = getattr(s, "dataset", s)  # an Epochs wraps it
+        report = getattr(dataset, "report", None)
+        if report is not None:
+            out.append(report)
+    return out
+
+
 def collator_for(spec: StageSpec, tokenizer, block_mask: bool):
     """How this stage's items become a micro-batch."""
     if data_kind(spec) == "multimodal":

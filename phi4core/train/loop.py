@@ -33,7 +33,12 @@ import torch
 from phi4core import exitcodes
 from phi4core.config import StageSpec
 from phi4core.files import json_text
-from phi4core.module_groups import ARTIFACT_GROUPS, artifact_groups, groups_of
+from phi4core.module_groups import (
+    ADAPTER_ARTIFACT,
+    ARTIFACT_GROUPS,
+    artifact_groups,
+    groups_of,
+)
 from phi4core.train.schedules import lr_at
 
 log = logging.getLogger("phi4core.train")
@@ -60,7 +65,8 @@ def load_spec(path: str | os.PathLike) -> StageSpec:
 
 
 def is_multimodal(spec: StageSpec) -> bool:
-    return groups_of(spec.model) != ["backbone"]
+    """A model with towers or the multimodal LoRAs (a text model's lora.text is not)."""
+    return any(g not in ("backbone", "lora.text") for g in groups_of(spec.model))
 
 
 def output_groups(spec: StageSpec) -> dict[str, tuple[str, ...]]:
@@ -71,8 +77,11 @@ def output_groups(spec: StageSpec) -> dict[str, tuple[str, ...]]:
         if artifact != "model" and artifact not in ARTIFACT_GROUPS:
             raise SpecError(f"output {artifact!r} is not an artifact kind; known: model, "
                             f"{', '.join(a for a in ARTIFACT_GROUPS if a != 'model')}")
-        groups = artifact_groups(artifact, mine)
-        if artifact != "model" and groups != ARTIFACT_GROUPS[artifact]:
+        groups = artifact_groups(artifact, mine, spec.trainable)
+        if artifact == ADAPTER_ARTIFACT and not groups:
+            raise SpecError(f"output {artifact!r} holds the LoRA adapters a stage trains; "
+                            f"this one trains none of {', '.join(ARTIFACT_GROUPS[artifact])}")
+        if artifact not in ("model", ADAPTER_ARTIFACT) and groups != ARTIFACT_GROUPS[artifact]:
             lacking = [g for g in ARTIFACT_GROUPS[artifact] if g not in groups]
             raise SpecError(f"output {artifact!r} holds {', '.join(ARTIFACT_GROUPS[artifact])}"
                             f"; model {spec.model.name} has no {', '.join(lacking)}")
@@ -144,6 +153,13 @@ class Trainer:
         else:
             self.samples = tdata.build_samples(spec, self.tokenizer,
                                                t.total_steps * t.global_batch_size)
+        reports = [] if self.samples is None else tdata.data_reports(self.samples)
+        if reports and self.rank == 0:  # the counts `phi4 data preview` shows
+            from phi4core.files import write_json
+
+            write_json(Path(spec.stage_dir) / "data_report.json",
+                       [{"source": i, "name": r.name, **r.to_dict()}
+                        for i, r in enumerate(reports)])
 
         if is_multimodal(spec):
             from phi4core.models.multimodal import build_multimodal_chunks
@@ -152,6 +168,7 @@ class Trainer:
                                              lora_seed=t.seed, calculate_per_token_loss=True)
         else:
             chunks = build_model_chunks(spec.model, spec.parallel, spec.precision,
+                                        model_kwargs={"lora_seed": t.seed},
                                         calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
         apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
