@@ -15,6 +15,9 @@ the most micro-batches in flight; the last stage is checked too):
   decoder (RMSNorm, GQA, SwiGLU, no dropout, no biases) and the towers; see
   `decoder_layer_activations`. Pipeline ranks hold min(pp, micro-batches) micro-batches in
   flight (1F1B), times (1 + (pp-1)/(pp*vpp)) with interleaving (the paper's section 4.2.3);
+- the backward's working set: the gradients of one layer's activations (and, recomputing in
+  full, that layer's recomputed activations), counted where they outgrow the logits, which
+  are freed before any layer's backward;
 - FP8: Transformer Engine's fp8 copy of every linear weight and its transpose, and the amax
   histories.
 
@@ -128,7 +131,7 @@ class Layout:
 
 def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp: bool = False,
                               cp: int = 1, recompute: str = "none", flash: bool = True,
-                              act_bytes: int = ACT_BYTES) -> int:
+                              act_bytes: int = ACT_BYTES, cpu_path: bool = False) -> int:
     """Bytes one decoder layer keeps for its backward, for one micro-batch of `b` sequences of
     `s` tokens. The paper's accounting for a GPT layer is sbh(34 + 5as/h) with 16-bit
     activations, dropout and 4h MLPs; redone for this layer (no dropout: no masks):
@@ -143,6 +146,9 @@ def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp
     Selective recomputation drops the softmax term (the attention core is recomputed from
     Q, K, V); full recomputation keeps only the layer's input (sbh x 2, /tp with SP).
     Context parallelism splits the sequence: s/cp tokens per rank, each attending to all s.
+    phi4's CPU path (`cpu_path`: phi4core.models.cpu_fast) keeps SwiGLU's input and silu of
+    its gate half (sb x 3f beside the down projection's input f) and a contiguous copy of the
+    attention output: sb(f + q) more.
     """
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
@@ -152,7 +158,7 @@ def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp
     outside_share = tp if sp else 1
     if recompute == "full":
         return math.ceil(h * tokens * act_bytes / outside_share)
-    inside = tokens * (q + 2 * kv + q + 3 * f) * act_bytes
+    inside = tokens * (q + 2 * kv + q + 3 * f + ((f + q) if cpu_path else 0)) * act_bytes
     if not flash and recompute != "selective":
         inside += m.num_attention_heads * (s // cp) * s * b * act_bytes
     return math.ceil(outside / outside_share) + math.ceil(inside / tp)
@@ -376,9 +382,9 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
             linears = sum(i * o for i, o in decoder_linears(m).values())
             amax = recipe.precision.amax_history * 4 * 3 * len(decoder_linears(m))
             mem["fp8 buffers"] = layers * (2 * linears // lay.tp + amax)
-        per_layer = decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp,
-                                              recompute=lay.recompute, flash=flash,
-                                              act_bytes=act_bytes)
+        shape = dict(tp=lay.tp, sp=sp, cp=lay.cp, flash=flash, act_bytes=act_bytes,
+                     cpu_path=not on_gpu)
+        per_layer = decoder_layer_activations(m, s, b, recompute=lay.recompute, **shape)
         held = in_flight(lay.pp, lay.vpp, micro) if which == 0 else 1.0
         mem["activations"] = int(per_layer * layers * held)
         if which == 0:
@@ -388,12 +394,12 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
         logits = 0
         if which == 1 or lay.pp == 1:
             logits = mem["logits"] = logits_activations(m, s, b, lay.tp, lay.cp, sp, act_bytes)
-        if lay.recompute == "full":
-            # The layer being recomputed holds all of its activations, in the backward, once
-            # the logits are gone: the peak is the larger of the two.
-            working = decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp,
-                                                flash=flash, act_bytes=act_bytes)
-            mem["recomputed layer"] = max(0, working - logits)
+        # A layer's backward holds the gradients of its activations (about their size), and
+        # with full recomputation the recomputed activations too; the logits are gone by
+        # then, so the peak holds the larger of the two.
+        working = decoder_layer_activations(m, s, b, **shape)
+        working *= 2 if lay.recompute == "full" else 1
+        mem["backward working set"] = max(0, working - logits)
         return {k: v for k, v in mem.items() if v}
 
     first, last = rank_memory(0), rank_memory(1)
