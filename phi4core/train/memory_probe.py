@@ -57,10 +57,11 @@ def _reset_hwm() -> None:
         f.write("5")  # resets the peak resident set size (Linux >= 4.0)
 
 
-def probe_model(hidden: int, layers: int, vocab: int) -> dict:
-    """A Phi-4-shaped decoder (GQA 3:1, SwiGLU 8/3 x, tied embeddings) of the given size."""
+def probe_model(hidden: int, layers: int, vocab: int, head_dim: int = 32) -> dict:
+    """A Phi-4-shaped decoder (GQA 3:1, SwiGLU 8/3 x, tied embeddings) of the given size
+    (hidden 3072, head_dim 128: Phi-4-Mini's layer)."""
     base = PRESETS["phi4_mini_tiny"].model_dump()
-    heads = max(3, hidden // 32)
+    heads = max(3, hidden // head_dim)
     heads -= heads % 3
     return {**base, "name": "probe", "hidden_size": hidden, "ffn_hidden_size": 8 * hidden // 3,
             "num_layers": layers, "num_attention_heads": heads, "num_query_groups": heads // 3,
@@ -121,12 +122,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    model = probe_model(args.hidden, args.layers, args.vocab)
+    model = probe_model(args.hidden, args.layers, args.vocab, args.head_dim)
     train = dict(steps=2, global_batch_size=args.micro, micro_batch_size=args.micro,
                  seq_length=args.seq, lr=1e-4, warmup_steps=0, schedule="constant")
     precision = "bf16" if args.bf16 else "fp32"
