@@ -9,6 +9,7 @@ through a stage box. The SVG output and the HTML report both draw from this layo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 PAD = 20.0
@@ -42,6 +43,22 @@ class Drawing:
     extra: dict = field(default_factory=dict)
 
 
+def _grandalf():
+    """Grandalf's graph and Sugiyama layout, imported with numpy hidden unless something loaded
+    it already: the layout is pure Python (grandalf falls back to its own small linear algebra
+    without numpy), and `phi4 graph` stays free of heavy imports (tests/test_cli_light.py)."""
+    hide = "numpy" not in sys.modules
+    if hide:
+        sys.modules["numpy"] = None  # type: ignore[assignment]  # `import numpy` fails
+    try:
+        from grandalf.graphs import Edge, Graph, Vertex
+        from grandalf.layouts import SugiyamaLayout
+    finally:
+        if hide:
+            del sys.modules["numpy"]
+    return Edge, Graph, Vertex, SugiyamaLayout
+
+
 class _View:
     def __init__(self, w: float, h: float) -> None:
         self.w, self.h = w, h
@@ -61,9 +78,7 @@ def layered(nodes: dict[str, tuple[float, float]],
             ) -> Drawing:
     """`nodes`: name -> (width, height); `edges`: (upstream, downstream, label size or None).
     Components are laid out side by side; `top` leaves room above (a title)."""
-    from grandalf.graphs import Edge, Graph, Vertex
-    from grandalf.layouts import SugiyamaLayout
-
+    Edge, Graph, Vertex, SugiyamaLayout = _grandalf()
     vertex = {name: Vertex(name) for name in nodes}
     for name, v in vertex.items():
         v.view = _View(*nodes[name])
