@@ -278,6 +278,7 @@ class Estimate:
     total_steps: int
     mfu: float
     notes: list[str] = field(default_factory=list)
+    flop_terms: dict[str, float] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -310,7 +311,7 @@ class Estimate:
             "parameters": self.params, "groups": self.groups,
             "memory_bytes": {**self.memory, "total": self.peak_bytes},
             "capacity_bytes": self.capacity, "fits": self.fits,
-            "flops_per_step": self.flops_per_step,
+            "flops_per_step": self.flops_per_step, "flops": self.flop_terms,
             "executed_flops_per_step": self.executed_flops_per_step,
             "mfu": self.mfu, "step_time_s": self.step_time_s,
             "tokens_per_s": self.tokens_per_s, "total_steps": self.total_steps,
@@ -405,7 +406,9 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
     first, last = rank_memory(0), rank_memory(1)
     memory = first if sum(first.values()) >= sum(last.values()) else last
 
-    flops, executed = step_flops(m, recipe, lay, trainable)
+    flop_terms = step_flops(m, recipe, lay, trainable)
+    executed = sum(flop_terms.values())
+    flops = executed - flop_terms["recomputation"]
     peak = (card.bf16_tflops if card else 1.0) * 1e12
     step_time = executed / (world * peak * mfu) if card else 0.0
     if card:
@@ -421,12 +424,14 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
                      f"fp8: a {card.name} has no FP8 tensor cores; set precision.fp8=off")
     return Estimate(recipe.name, card, lay, world, dp, micro, params, dict(counts.groups),
                     memory, flops, executed, step_time, t.tokens_per_step, t.total_steps, mfu,
-                    notes)
+                    notes, flop_terms)
 
 
 def step_flops(m: ModelConfig, recipe: Recipe, lay: Layout, trainable: set[str]
-               ) -> tuple[float, float]:
-    """(model FLOPs, executed FLOPs with recomputation) of one optimizer step."""
+               ) -> dict[str, float]:
+    """FLOPs of one optimizer step: {dense (the decoder's matmuls, LoRA, output layer),
+    attention (scores and values, causal: half the matrix), towers, recomputation (executed
+    again, not model FLOPs)}."""
     t = recipe.train
     tokens = t.global_batch_size * t.seq_length
     s = t.seq_length
@@ -438,25 +443,23 @@ def step_flops(m: ModelConfig, recipe: Recipe, lay: Layout, trainable: set[str]
     running = [c for g, c in adapters.items() if g in trainable] or list(adapters.values())
     lora_per_token = max((2 * lora_adapter(m, c) for c in running), default=0)  # every layer
     out_layer = 2 * m.hidden_size * m.vocab_size
-    backbone_trains = "backbone" in trainable
-    lora_trains = any(g.startswith("lora.") for g in trainable)
-    fwd = tokens * (m.num_layers * (layer_matmul + attention) + lora_per_token + out_layer)
-    # backward: input gradients everywhere in the decoder (every stage's gradients pass
-    # through it), weight gradients only where weights train; attention has no weights.
-    bwd = tokens * (m.num_layers * (layer_matmul + 2 * attention) + lora_per_token + out_layer)
-    if backbone_trains:
-        bwd += tokens * (m.num_layers * layer_matmul + out_layer)
-    if lora_trains:
-        bwd += tokens * lora_per_token
+    # Forward, then the backward's input gradients everywhere in the decoder (every stage's
+    # gradients pass through it), its weight gradients only where weights train.
+    dense = 2 * tokens * (m.num_layers * layer_matmul + lora_per_token + out_layer)
+    if "backbone" in trainable:
+        dense += tokens * (m.num_layers * layer_matmul + out_layer)
+    if any(g.startswith("lora.") for g in trainable):
+        dense += tokens * lora_per_token
+    attn = 3 * tokens * m.num_layers * attention  # forward, and twice that backward
     towers_f, towers_b = tower_flops(m, media_per_sample(m, s, set(m.module_groups)),
                                      t.global_batch_size, trainable)
-    model = fwd + bwd + towers_f + towers_b
     extra = 0.0
     if lay.recompute == "full":
         extra = tokens * (m.num_layers * (layer_matmul + attention) + lora_per_token)
     elif lay.recompute == "selective":
         extra = tokens * m.num_layers * attention
-    return model, model + extra
+    return {"dense": dense, "attention": attn, "towers": towers_f + towers_b,
+            "recomputation": extra}
 
 
 def tp_comm_seconds(m: ModelConfig, recipe: Recipe, lay: Layout, dp: int, card: GPU) -> float:

@@ -7,7 +7,11 @@ from .estimate import USABLE_FRACTION, Estimate, Layout, closest_fits, estimate
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    """Bytes in GiB, or MiB / KiB below one GiB (tiny CPU stages)."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= factor or unit == "MiB" and abs(n) >= 2**10:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def si(n: float, unit: str = "") -> str:
@@ -27,14 +31,16 @@ def estimate_lines(est: Estimate) -> list[str]:
              f"  parameters  {p['total']:,} total, {p['trainable']:,} trainable, "
              f"{p['frozen']:,} frozen"]
     terms = ", ".join(f"{k} {gib(v)}" for k, v in est.memory.items())
-    lines.append(f"  memory/GPU  {gib(est.peak_bytes)} = {terms}")
+    lines.append(f"  memory/{'GPU' if est.gpu else 'proc'} {gib(est.peak_bytes)} = {terms}")
     if est.capacity is not None:
         verdict = "fits" if est.fits else "DOES NOT FIT"
         lines.append(f"              {verdict} in {gib(est.capacity)} usable "
                      f"({USABLE_FRACTION:.0%} of {est.gpu.memory / 1e9:.0f} GB)")
+    split = ", ".join(f"{k} {si(v)}" for k, v in est.flop_terms.items() if v)
     lines.append(f"  compute     {si(est.flops_per_step, 'FLOP')}/step"
                  + (f" ({si(est.executed_flops_per_step, 'FLOP')} with recomputation)"
-                    if est.executed_flops_per_step != est.flops_per_step else ""))
+                    if est.executed_flops_per_step != est.flops_per_step else "")
+                 + f" = {split}")
     if est.gpu:
         lines.append(f"  time        {est.step_time_s:.3g} s/step, {si(est.tokens_per_s)} "
                      f"tokens/s at {est.mfu:.0%} MFU; {est.total_steps:,} steps = "

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -195,3 +196,27 @@ def test_cpu_step_peak_memory_matches_the_estimate(tmp_path, recompute="none"):
                                                               "optimizer"))
     ratio = probe["measured_forward_backward_bytes"] / step
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (ratio, est.memory, probe)
+
+
+def test_flops_frozen_weights_skip_their_weight_gradients():
+    from orchestrator.estimate import step_flops
+
+    recipe = load_any("recipes/text_post_train.yaml").recipe
+    m = PRESETS["phi4_mini"]
+    lay = Layout.of(recipe)
+    tokens = recipe.train.global_batch_size * recipe.train.seq_length
+    trained = step_flops(m, recipe, lay, {"backbone"})
+    frozen = step_flops(m, recipe, lay, set())
+    # forward 2N per token, backward 2N (input grads) + 2N (weight grads) when training
+    assert trained["dense"] == 1.5 * frozen["dense"]
+    per_token = 2 * (m.num_layers * (100_669_440 - 2 * m.hidden_size) + m.vocab_size * 3072)
+    assert frozen["dense"] == 2 * tokens * per_token
+    # causal attention: 2 x 2 s (a d) / 2 per token and layer forward, twice that backward
+    s = recipe.train.seq_length
+    assert trained["attention"] == 3 * tokens * m.num_layers * 2 * s * 24 * 128
+    assert trained["recomputation"] == 0
+    full = step_flops(m, recipe, replace(lay, recompute="full"), {"backbone"})
+    assert full["recomputation"] == tokens * m.num_layers * (per_token / m.num_layers
+                                                             - 2 * m.vocab_size * 3072
+                                                             / m.num_layers
+                                                             + 2 * s * 24 * 128)
