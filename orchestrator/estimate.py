@@ -352,21 +352,28 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
     s, b = t.seq_length, lay.micro_batch_size
     flash = True  # TE's fused attention on GPUs, SDPA's flash kernel on CPUs: no s x s term
     act_bytes = ACT_BYTES if dtype != "fp32" else 4
-    layers = m.num_layers // lay.pp
+    # decoder layers on the first and on the last pipeline rank (`parallel.pp_layers`: uneven)
+    split = recipe.parallel.pp_layers
+    if split and len(split) == lay.pp:
+        stage_layers = (split[0], split[-1])
+    else:
+        stage_layers = (m.num_layers // lay.pp,) * 2
 
     # Per-rank parameters by group: decoder layers and LoRA split by tp and pp; the embedding
     # by tp on the first rank (tied: again on the last when pp > 1); towers on the first rank,
     # megatron's parts (SigLIP, projectors) split by tp, the conformer replicated.
     per_rank: dict[str, tuple[int, int]] = {}  # group -> (first rank, last rank)
     emb = m.vocab_size * m.hidden_size // lay.tp
-    body = layers * decoder_layer(m) // lay.tp
+    body = [n * decoder_layer(m) // lay.tp for n in stage_layers]
     last_emb = emb if (lay.pp > 1 or not m.tie_embeddings) else 0
-    per_rank["backbone"] = (body + emb + (0 if lay.pp > 1 else last_emb) + m.hidden_size,
-                            body + last_emb + m.hidden_size)
+    if lay.pp == 1:
+        per_rank["backbone"] = (body[0] + emb + last_emb + m.hidden_size,) * 2
+    else:
+        per_rank["backbone"] = (body[0] + emb, body[1] + last_emb + m.hidden_size)
     for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
         if lora is not None:
-            n = lora_adapter(m, lora) // (lay.pp * lay.tp)
-            per_rank[name] = (n, n)
+            per_layer_lora = lora_adapter(m, lora) // m.num_layers
+            per_rank[name] = tuple(n * per_layer_lora // lay.tp for n in stage_layers)
     for group, n in counts.groups.items():
         if group in per_rank:
             continue
@@ -382,12 +389,12 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
         if recipe.precision.fp8 != "off":
             linears = sum(i * o for i, o in decoder_linears(m).values())
             amax = recipe.precision.amax_history * 4 * 3 * len(decoder_linears(m))
-            mem["fp8 buffers"] = layers * (2 * linears // lay.tp + amax)
+            mem["fp8 buffers"] = stage_layers[which] * (2 * linears // lay.tp + amax)
         shape = dict(tp=lay.tp, sp=sp, cp=lay.cp, flash=flash, act_bytes=act_bytes,
                      cpu_path=not on_gpu)
         per_layer = decoder_layer_activations(m, s, b, recompute=lay.recompute, **shape)
         held = in_flight(lay.pp, lay.vpp, micro) if which == 0 else 1.0
-        mem["activations"] = int(per_layer * layers * held)
+        mem["activations"] = int(per_layer * stage_layers[which] * held)
         if which == 0:
             media = media_per_sample(m, s, trainable | frozen)
             mem["tower activations"] = int(tower_activations(m, media, b, trainable, lay.tp)
@@ -471,7 +478,8 @@ def tp_comm_seconds(m: ModelConfig, recipe: Recipe, lay: Layout, dp: int, card: 
     t = recipe.train
     tokens_per_rank = t.global_batch_size * t.seq_length / (dp * lay.cp)
     passes = 4 + (2 if lay.recompute == "full" else 0)
-    layers = m.num_layers // lay.pp
+    split = recipe.parallel.pp_layers  # the slowest rank: the one with the most layers
+    layers = max(split) if split and len(split) == lay.pp else m.num_layers // lay.pp
     volume = passes * layers * tokens_per_rank * m.hidden_size * ACT_BYTES
     volume *= 2 * (lay.tp - 1) / lay.tp  # an all-reduce is a reduce-scatter and an all-gather
     return volume / (card.nvlink_gbps * 1e9)
