@@ -21,7 +21,7 @@ from typing import Any
 
 from .config.checks import expand_groups, model_of
 from .plan import Plan, StagePlan
-from .provenance import attempt_diff, extends_diff, sources
+from .provenance import UNSET, attempt_diff, extends_diff, sources
 from .render import COLOURS, node_state, svg
 from .store import StageDir, read_json
 from .words import count
@@ -45,6 +45,8 @@ def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
 
 
 def _text(value: Any) -> str:
+    if value is UNSET:
+        return '<span class="muted">(unset)</span>'
     return escape(value if isinstance(value, str) else json.dumps(value))
 
 

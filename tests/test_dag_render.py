@@ -65,25 +65,33 @@ def test_html_report_in_a_browser(tmp_path: Path) -> None:
     from report_browser import check_layout, chromium_or_skip, read_report
 
     from orchestrator.records import EvaluationRecord, EvaluationResult
-    from orchestrator.store import write_json
+    from orchestrator.store import Store, write_json
 
     executable = chromium_or_skip()
     pipeline, store = _ran_with_failure(tmp_path)
-    (folder,) = [p for p in (store / "stages" / "c").iterdir() if p.is_dir()]
-    record = EvaluationRecord(stage="c", fingerprint=folder.name, results=[
+    (first,) = [p.name for p in (store / "stages" / "c").iterdir() if p.is_dir()]
+    salted = ["--set", "c.env.SALT=x"]  # a second fingerprint of c (and so of d)
+    phi4("run", str(pipeline), "--keep-going", *salted, store=store)
+    folder = Store(store).latest("c")
+    assert folder.fingerprint != first
+    record = EvaluationRecord(stage="c", fingerprint=folder.fingerprint, results=[
         EvaluationResult(name="heldout_perplexity", value=12.5, higher_is_better=False,
                          samples=64),
         EvaluationResult(name="caption_accuracy", value=0.75, chance=0.25, samples=40)])
-    write_json(folder / "evaluation.json", record.model_dump(mode="json"))
+    write_json(folder.evaluation_file, record.model_dump(mode="json"))
     report = tmp_path / "report.html"
-    phi4("graph", str(pipeline), "--format", "html", "-o", str(report), store=store, check=0)
+    phi4("graph", str(pipeline), "--format", "html", "-o", str(report), *salted, store=store,
+         check=0)
     seen, errors = read_report(report, executable)
     assert errors == []
     assert {g["stage"] for g in seen["nodes"]} == set(seen["sections"]) == {"a", "b", "c", "d"}
     assert sorted(map(tuple, seen["edges"])) == [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
     assert len(seen["labels"]) == 4
+    assert dict(seen["curves"]) == {"a": 1, "b": 1, "c": 1, "d": 0}  # d never ran
     rows = {r[0]: r for r in seen["evaluations"][1:]}
     assert rows["heldout_perplexity"][2] == "12.5" and rows["caption_accuracy"][3] == "0.25"
+    assert f"Differs from the previous fingerprint {first}" in seen["text"]
+    assert 'env.SALT: (unset) -> "x"' in seen["text"]
     check_layout(seen)
     assert "out (frozen)" in seen["text"] and "failed" in seen["text"]
 
