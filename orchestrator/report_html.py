@@ -24,7 +24,7 @@ from .plan import Plan, StagePlan
 from .provenance import UNSET, attempt_diff, extends_diff, sources
 from .render import COLOURS, node_state, svg
 from .store import StageDir, read_json
-from .words import count
+from .words import bytes_text, count
 
 _CSS = """
 body { font-family: Helvetica, Arial, sans-serif; margin: 24px; color: #222; }
@@ -50,15 +50,8 @@ def _text(value: Any) -> str:
     return escape(value if isinstance(value, str) else json.dumps(value))
 
 
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
-
-
-def _size(n: int) -> str:
-    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= factor:
-            return f"{n / factor:.1f} {unit}"
-    return f"{n} B"
+def _bytes(n: float | None) -> str:
+    return "-" if n is None else bytes_text(n)
 
 
 def metrics_records(folder: StageDir) -> list[dict]:
@@ -168,12 +161,12 @@ def _estimate_section(sp: StagePlan, records: list[dict]) -> str:
     measured_mem = max(peaks) * 2**20 if peaks else None
     measured_speed = sorted(speeds)[len(speeds) // 2] if speeds else None
     where = est.gpu.name if est.gpu else "CPU process"
-    rows = [["memory per " + ("GPU" if est.gpu else "process"), _mib(est.peak_bytes),
-             _mib(measured_mem) + (" (peak RSS, whole process)" if not est.gpu and peaks
+    rows = [["memory per " + ("GPU" if est.gpu else "process"), _bytes(est.peak_bytes),
+             _bytes(measured_mem) + (" (peak RSS, whole process)" if not est.gpu and peaks
                                    else "")],
             ["tokens/s", f"{est.tokens_per_s:,.0f}" if est.gpu else "-",
              f"{measured_speed:,.0f} (median)" if measured_speed else "-"]]
-    terms = ", ".join(f"{k} {_mib(v)}" for k, v in est.memory.items())
+    terms = ", ".join(f"{k} {_bytes(v)}" for k, v in est.memory.items())
     return (f"<h3>Estimate ({escape(where)}) vs measured</h3>"
             + _table(["", "estimated", "measured"], rows)
             + f'<p class="muted">{escape(terms)}</p>')
@@ -199,10 +192,10 @@ def _artifacts_section(folder: StageDir | None) -> str:
     for artifact, files in sorted(manifest.artifacts.items()):
         total = sum(int(e["size"]) for e in files.values())
         inner = _table(["file", "size", "sha256"],
-                       [[escape(rel), _size(int(e["size"])),
+                       [[escape(rel), bytes_text(int(e["size"])),
                          f'<span class="mono">{escape(e["sha256"])}</span>']
                         for rel, e in sorted(files.items())])
-        rows.append([escape(artifact), _size(total), str(len(files)),
+        rows.append([escape(artifact), bytes_text(total), str(len(files)),
                      f"<details><summary>files</summary>{inner}</details>"])
     return "<h3>Artifacts</h3>" + _table(["artifact", "size", "files", ""], rows)
 
