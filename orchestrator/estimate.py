@@ -42,6 +42,7 @@ from phi4core.param_counts import (
     decoder_layer,
     decoder_linears,
     lora_adapter,
+    lora_configs,
     parameter_counts,
     projector,
     vision_layer,
@@ -370,10 +371,9 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
         per_rank["backbone"] = (body[0] + emb + last_emb + m.hidden_size,) * 2
     else:
         per_rank["backbone"] = (body[0] + emb, body[1] + last_emb + m.hidden_size)
-    for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
-        if lora is not None:
-            per_layer_lora = lora_adapter(m, lora) // m.num_layers
-            per_rank[name] = tuple(n * per_layer_lora // lay.tp for n in stage_layers)
+    for name, lora in lora_configs(m).items():
+        per_layer_lora = lora_adapter(m, lora) // m.num_layers
+        per_rank[name] = tuple(n * per_layer_lora // lay.tp for n in stage_layers)
     for group, n in counts.groups.items():
         if group in per_rank:
             continue
@@ -445,8 +445,7 @@ def step_flops(m: ModelConfig, recipe: Recipe, lay: Layout, trainable: set[str]
     layer_matmul = 2 * sum(i * o for i, o in decoder_linears(m).values())  # per token
     attention = 2 * 2 * s * m.num_attention_heads * m.kv_channels * 0.5  # causal: half
     # One adapter runs per sample: the trained one, else the larger (an upper bound).
-    adapters = {g: c for g, c in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech))
-                if c is not None}
+    adapters = lora_configs(m)
     running = [c for g, c in adapters.items() if g in trainable] or list(adapters.values())
     lora_per_token = max((2 * lora_adapter(m, c) for c in running), default=0)  # every layer
     out_layer = 2 * m.hidden_size * m.vocab_size
