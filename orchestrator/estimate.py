@@ -15,6 +15,9 @@ the most micro-batches in flight; the last stage is checked too):
   decoder (RMSNorm, GQA, SwiGLU, no dropout, no biases) and the towers; see
   `decoder_layer_activations`. Pipeline ranks hold min(pp, micro-batches) micro-batches in
   flight (1F1B), times (1 + (pp-1)/(pp*vpp)) with interleaving (the paper's section 4.2.3);
+- the backward's working set: the gradients of one layer's activations (and, recomputing in
+  full, that layer's recomputed activations), counted where they outgrow the logits, which
+  are freed before any layer's backward;
 - FP8: Transformer Engine's fp8 copy of every linear weight and its transpose, and the amax
   histories.
 
@@ -39,6 +42,7 @@ from phi4core.param_counts import (
     decoder_layer,
     decoder_linears,
     lora_adapter,
+    lora_configs,
     parameter_counts,
     projector,
     vision_layer,
@@ -128,7 +132,7 @@ class Layout:
 
 def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp: bool = False,
                               cp: int = 1, recompute: str = "none", flash: bool = True,
-                              act_bytes: int = ACT_BYTES) -> int:
+                              act_bytes: int = ACT_BYTES, cpu_path: bool = False) -> int:
     """Bytes one decoder layer keeps for its backward, for one micro-batch of `b` sequences of
     `s` tokens. The paper's accounting for a GPT layer is sbh(34 + 5as/h) with 16-bit
     activations, dropout and 4h MLPs; redone for this layer (no dropout: no masks):
@@ -143,6 +147,9 @@ def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp
     Selective recomputation drops the softmax term (the attention core is recomputed from
     Q, K, V); full recomputation keeps only the layer's input (sbh x 2, /tp with SP).
     Context parallelism splits the sequence: s/cp tokens per rank, each attending to all s.
+    phi4's CPU path (`cpu_path`: phi4core.models.cpu_fast) keeps SwiGLU's input and silu of
+    its gate half (sb x 3f beside the down projection's input f) and a contiguous copy of the
+    attention output: sb(f + q) more.
     """
     q = m.num_attention_heads * m.kv_channels
     kv = m.num_query_groups * m.kv_channels
@@ -152,7 +159,7 @@ def decoder_layer_activations(m: ModelConfig, s: int, b: int, *, tp: int = 1, sp
     outside_share = tp if sp else 1
     if recompute == "full":
         return math.ceil(h * tokens * act_bytes / outside_share)
-    inside = tokens * (q + 2 * kv + q + 3 * f) * act_bytes
+    inside = tokens * (q + 2 * kv + q + 3 * f + ((f + q) if cpu_path else 0)) * act_bytes
     if not flash and recompute != "selective":
         inside += m.num_attention_heads * (s // cp) * s * b * act_bytes
     return math.ceil(outside / outside_share) + math.ceil(inside / tp)
@@ -272,6 +279,7 @@ class Estimate:
     total_steps: int
     mfu: float
     notes: list[str] = field(default_factory=list)
+    flop_terms: dict[str, float] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -304,7 +312,7 @@ class Estimate:
             "parameters": self.params, "groups": self.groups,
             "memory_bytes": {**self.memory, "total": self.peak_bytes},
             "capacity_bytes": self.capacity, "fits": self.fits,
-            "flops_per_step": self.flops_per_step,
+            "flops_per_step": self.flops_per_step, "flops": self.flop_terms,
             "executed_flops_per_step": self.executed_flops_per_step,
             "mfu": self.mfu, "step_time_s": self.step_time_s,
             "tokens_per_s": self.tokens_per_s, "total_steps": self.total_steps,
@@ -345,21 +353,27 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
     s, b = t.seq_length, lay.micro_batch_size
     flash = True  # TE's fused attention on GPUs, SDPA's flash kernel on CPUs: no s x s term
     act_bytes = ACT_BYTES if dtype != "fp32" else 4
-    layers = m.num_layers // lay.pp
+    # decoder layers on the first and on the last pipeline rank (`parallel.pp_layers`: uneven)
+    split = recipe.parallel.pp_layers
+    if split and len(split) == lay.pp:
+        stage_layers = (split[0], split[-1])
+    else:
+        stage_layers = (m.num_layers // lay.pp,) * 2
 
     # Per-rank parameters by group: decoder layers and LoRA split by tp and pp; the embedding
     # by tp on the first rank (tied: again on the last when pp > 1); towers on the first rank,
     # megatron's parts (SigLIP, projectors) split by tp, the conformer replicated.
     per_rank: dict[str, tuple[int, int]] = {}  # group -> (first rank, last rank)
     emb = m.vocab_size * m.hidden_size // lay.tp
-    body = layers * decoder_layer(m) // lay.tp
+    body = [n * decoder_layer(m) // lay.tp for n in stage_layers]
     last_emb = emb if (lay.pp > 1 or not m.tie_embeddings) else 0
-    per_rank["backbone"] = (body + emb + (0 if lay.pp > 1 else last_emb) + m.hidden_size,
-                            body + last_emb + m.hidden_size)
-    for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
-        if lora is not None:
-            n = lora_adapter(m, lora) // (lay.pp * lay.tp)
-            per_rank[name] = (n, n)
+    if lay.pp == 1:
+        per_rank["backbone"] = (body[0] + emb + last_emb + m.hidden_size,) * 2
+    else:
+        per_rank["backbone"] = (body[0] + emb, body[1] + last_emb + m.hidden_size)
+    for name, lora in lora_configs(m).items():
+        per_layer_lora = lora_adapter(m, lora) // m.num_layers
+        per_rank[name] = tuple(n * per_layer_lora // lay.tp for n in stage_layers)
     for group, n in counts.groups.items():
         if group in per_rank:
             continue
@@ -375,12 +389,12 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
         if recipe.precision.fp8 != "off":
             linears = sum(i * o for i, o in decoder_linears(m).values())
             amax = recipe.precision.amax_history * 4 * 3 * len(decoder_linears(m))
-            mem["fp8 buffers"] = layers * (2 * linears // lay.tp + amax)
-        per_layer = decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp,
-                                              recompute=lay.recompute, flash=flash,
-                                              act_bytes=act_bytes)
+            mem["fp8 buffers"] = stage_layers[which] * (2 * linears // lay.tp + amax)
+        shape = dict(tp=lay.tp, sp=sp, cp=lay.cp, flash=flash, act_bytes=act_bytes,
+                     cpu_path=not on_gpu)
+        per_layer = decoder_layer_activations(m, s, b, recompute=lay.recompute, **shape)
         held = in_flight(lay.pp, lay.vpp, micro) if which == 0 else 1.0
-        mem["activations"] = int(per_layer * layers * held)
+        mem["activations"] = int(per_layer * stage_layers[which] * held)
         if which == 0:
             media = media_per_sample(m, s, trainable | frozen)
             mem["tower activations"] = int(tower_activations(m, media, b, trainable, lay.tp)
@@ -388,18 +402,20 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
         logits = 0
         if which == 1 or lay.pp == 1:
             logits = mem["logits"] = logits_activations(m, s, b, lay.tp, lay.cp, sp, act_bytes)
-        if lay.recompute == "full":
-            # The layer being recomputed holds all of its activations, in the backward, once
-            # the logits are gone: the peak is the larger of the two.
-            working = decoder_layer_activations(m, s, b, tp=lay.tp, sp=sp, cp=lay.cp,
-                                                flash=flash, act_bytes=act_bytes)
-            mem["recomputed layer"] = max(0, working - logits)
+        # A layer's backward holds the gradients of its activations (about their size), and
+        # with full recomputation the recomputed activations too; the logits are gone by
+        # then, so the peak holds the larger of the two.
+        working = decoder_layer_activations(m, s, b, **shape)
+        working *= 2 if lay.recompute == "full" else 1
+        mem["backward working set"] = max(0, working - logits)
         return {k: v for k, v in mem.items() if v}
 
     first, last = rank_memory(0), rank_memory(1)
     memory = first if sum(first.values()) >= sum(last.values()) else last
 
-    flops, executed = step_flops(m, recipe, lay, trainable)
+    flop_terms = step_flops(m, recipe, lay, trainable)
+    executed = sum(flop_terms.values())
+    flops = executed - flop_terms["recomputation"]
     peak = (card.bf16_tflops if card else 1.0) * 1e12
     step_time = executed / (world * peak * mfu) if card else 0.0
     if card:
@@ -415,42 +431,41 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
                      f"fp8: a {card.name} has no FP8 tensor cores; set precision.fp8=off")
     return Estimate(recipe.name, card, lay, world, dp, micro, params, dict(counts.groups),
                     memory, flops, executed, step_time, t.tokens_per_step, t.total_steps, mfu,
-                    notes)
+                    notes, flop_terms)
 
 
 def step_flops(m: ModelConfig, recipe: Recipe, lay: Layout, trainable: set[str]
-               ) -> tuple[float, float]:
-    """(model FLOPs, executed FLOPs with recomputation) of one optimizer step."""
+               ) -> dict[str, float]:
+    """FLOPs of one optimizer step: {dense (the decoder's matmuls, LoRA, output layer),
+    attention (scores and values, causal: half the matrix), towers, recomputation (executed
+    again, not model FLOPs)}."""
     t = recipe.train
     tokens = t.global_batch_size * t.seq_length
     s = t.seq_length
     layer_matmul = 2 * sum(i * o for i, o in decoder_linears(m).values())  # per token
     attention = 2 * 2 * s * m.num_attention_heads * m.kv_channels * 0.5  # causal: half
     # One adapter runs per sample: the trained one, else the larger (an upper bound).
-    adapters = {g: c for g, c in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech))
-                if c is not None}
+    adapters = lora_configs(m)
     running = [c for g, c in adapters.items() if g in trainable] or list(adapters.values())
     lora_per_token = max((2 * lora_adapter(m, c) for c in running), default=0)  # every layer
     out_layer = 2 * m.hidden_size * m.vocab_size
-    backbone_trains = "backbone" in trainable
-    lora_trains = any(g.startswith("lora.") for g in trainable)
-    fwd = tokens * (m.num_layers * (layer_matmul + attention) + lora_per_token + out_layer)
-    # backward: input gradients everywhere in the decoder (every stage's gradients pass
-    # through it), weight gradients only where weights train; attention has no weights.
-    bwd = tokens * (m.num_layers * (layer_matmul + 2 * attention) + lora_per_token + out_layer)
-    if backbone_trains:
-        bwd += tokens * (m.num_layers * layer_matmul + out_layer)
-    if lora_trains:
-        bwd += tokens * lora_per_token
+    # Forward, then the backward's input gradients everywhere in the decoder (every stage's
+    # gradients pass through it), its weight gradients only where weights train.
+    dense = 2 * tokens * (m.num_layers * layer_matmul + lora_per_token + out_layer)
+    if "backbone" in trainable:
+        dense += tokens * (m.num_layers * layer_matmul + out_layer)
+    if any(g.startswith("lora.") for g in trainable):
+        dense += tokens * lora_per_token
+    attn = 3 * tokens * m.num_layers * attention  # forward, and twice that backward
     towers_f, towers_b = tower_flops(m, media_per_sample(m, s, set(m.module_groups)),
                                      t.global_batch_size, trainable)
-    model = fwd + bwd + towers_f + towers_b
     extra = 0.0
     if lay.recompute == "full":
         extra = tokens * (m.num_layers * (layer_matmul + attention) + lora_per_token)
     elif lay.recompute == "selective":
         extra = tokens * m.num_layers * attention
-    return model, model + extra
+    return {"dense": dense, "attention": attn, "towers": towers_f + towers_b,
+            "recomputation": extra}
 
 
 def tp_comm_seconds(m: ModelConfig, recipe: Recipe, lay: Layout, dp: int, card: GPU) -> float:
@@ -462,7 +477,8 @@ def tp_comm_seconds(m: ModelConfig, recipe: Recipe, lay: Layout, dp: int, card: 
     t = recipe.train
     tokens_per_rank = t.global_batch_size * t.seq_length / (dp * lay.cp)
     passes = 4 + (2 if lay.recompute == "full" else 0)
-    layers = m.num_layers // lay.pp
+    split = recipe.parallel.pp_layers  # the slowest rank: the one with the most layers
+    layers = max(split) if split and len(split) == lay.pp else m.num_layers // lay.pp
     volume = passes * layers * tokens_per_rank * m.hidden_size * ACT_BYTES
     volume *= 2 * (lay.tp - 1) / lay.tp  # an all-reduce is a reduce-scatter and an all-gather
     return volume / (card.nvlink_gbps * 1e9)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from .config import ConfigError, LoadedRecipe, Problem
 from .estimate import USABLE_FRACTION, Estimate, Layout, closest_fits, estimate
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+from .words import bytes_text
 
 
 def si(n: float, unit: str = "") -> str:
@@ -26,15 +23,17 @@ def estimate_lines(est: Estimate) -> list[str]:
              f"{est.micro_batches} micro-batches/step)",
              f"  parameters  {p['total']:,} total, {p['trainable']:,} trainable, "
              f"{p['frozen']:,} frozen"]
-    terms = ", ".join(f"{k} {gib(v)}" for k, v in est.memory.items())
-    lines.append(f"  memory/GPU  {gib(est.peak_bytes)} = {terms}")
+    terms = ", ".join(f"{k} {bytes_text(v)}" for k, v in est.memory.items())
+    lines.append(f"  memory/{'GPU' if est.gpu else 'proc'} {bytes_text(est.peak_bytes)} = {terms}")
     if est.capacity is not None:
         verdict = "fits" if est.fits else "DOES NOT FIT"
-        lines.append(f"              {verdict} in {gib(est.capacity)} usable "
+        lines.append(f"              {verdict} in {bytes_text(est.capacity)} usable "
                      f"({USABLE_FRACTION:.0%} of {est.gpu.memory / 1e9:.0f} GB)")
+    split = ", ".join(f"{k} {si(v)}" for k, v in est.flop_terms.items() if v)
     lines.append(f"  compute     {si(est.flops_per_step, 'FLOP')}/step"
                  + (f" ({si(est.executed_flops_per_step, 'FLOP')} with recomputation)"
-                    if est.executed_flops_per_step != est.flops_per_step else ""))
+                    if est.executed_flops_per_step != est.flops_per_step else "")
+                 + f" = {split}")
     if est.gpu:
         lines.append(f"  time        {est.step_time_s:.3g} s/step, {si(est.tokens_per_s)} "
                      f"tokens/s at {est.mfu:.0%} MFU; {est.total_steps:,} steps = "
@@ -51,7 +50,7 @@ def suggest_lines(stage: str, base: Layout, found: list[Estimate], prefix: str |
     lines = [f"{stage}: the {len(found)} fastest layouts that fit ({where})"]
     for i, est in enumerate(found, 1):
         sets = " ".join(est.layout.overrides(base, prefix)) or "(the recipe's own)"
-        lines.append(f"  {i}. {est.layout.text():42s} {gib(est.peak_bytes):>10s}  "
+        lines.append(f"  {i}. {est.layout.text():42s} {bytes_text(est.peak_bytes):>10s}  "
                      f"{si(est.tokens_per_s)} tokens/s")
         lines.append(f"     {sets}")
     return lines
@@ -60,17 +59,17 @@ def suggest_lines(stage: str, base: Layout, found: list[Estimate], prefix: str |
 def fit_problem(loaded: LoadedRecipe, est: Estimate, prefix: str | None, mfu: float
                 ) -> Problem:
     """A stage that does not fit: the biggest terms, and the overrides that would fit."""
-    biggest = ", ".join(f"{k} {gib(v)}" for k, v in est.biggest())
+    biggest = ", ".join(f"{k} {bytes_text(v)}" for k, v in est.biggest())
     fixes = closest_fits(loaded.recipe, est.gpu.name, mfu)
     if fixes:
         hint = "would fit with " + "; or ".join(
-            f"{' '.join(f.layout.overrides(est.layout, prefix))} ({gib(f.peak_bytes)})"
+            f"{' '.join(f.layout.overrides(est.layout, prefix))} ({bytes_text(f.peak_bytes)})"
             for f in fixes)
     else:
         hint = "no layout within its resources fits: add nodes or a bigger GPU (--gpu)"
     return Problem(loaded.origin(("parallel",)), ("parallel",),
-                   f"stage {est.stage} needs {gib(est.peak_bytes)} per GPU, more than the "
-                   f"{gib(est.capacity)} usable on a {est.gpu.name} (biggest: {biggest})",
+                   f"stage {est.stage} needs {bytes_text(est.peak_bytes)} per GPU, more than the "
+                   f"{bytes_text(est.capacity)} usable on a {est.gpu.name} (biggest: {biggest})",
                    hint=hint)
 
 

@@ -19,6 +19,16 @@ from .config.errors import Origin
 DEFAULT = "default"
 
 
+class _Unset:
+    """A key one side of a diff does not have."""
+
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+UNSET = _Unset()
+
+
 @dataclass(frozen=True)
 class Source:
     key: str  # dotted key path, list items as [i]
@@ -73,7 +83,8 @@ def sources(loaded: LoadedRecipe, pipeline: Path | None = None, profile: Path | 
 
 def extends_diff(loaded: LoadedRecipe) -> list[tuple[str, Any, Any]]:
     """(key, base value, this stage's value) for every value the stage's `extends` base does
-    not give it (the base read alone, before pipeline, profile and --set layers)."""
+    not give it (the base read alone, before pipeline, profile and --set layers); UNSET where
+    one side has no such key."""
     from .config.loader import read_with_extends
     from .config.yamlio import read_yaml
 
@@ -86,8 +97,9 @@ def extends_diff(loaded: LoadedRecipe) -> list[tuple[str, Any, Any]]:
         doc, _ = read_with_extends(Path(loaded.path).parent / parent)
         base.update(flatten(doc))
     mine = flatten(loaded.document)
-    return [(key, base.get(key), mine.get(key)) for key in sorted(set(base) | set(mine))
-            if base.get(key) != mine.get(key)]
+    keys = sorted(set(base) | set(mine))
+    return [(k, base.get(k, UNSET), mine.get(k, UNSET)) for k in keys
+            if base.get(k, UNSET) != mine.get(k, UNSET)]
 
 
 def attempt_diff(store, name: str, fingerprint: str | None) -> tuple[str | None, list[str]]:
@@ -119,7 +131,7 @@ def explain_lines(loaded: LoadedRecipe, pipeline: Path | None = None,
     from .config.errors import short_repr
 
     def show(value: Any) -> str:
-        text = json.dumps(value)
+        text = repr(value) if value is UNSET else json.dumps(value)
         return text if len(text) <= 60 else short_repr(text, 60).strip("'")
 
     rows = sources(loaded, pipeline, profile)

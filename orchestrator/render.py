@@ -1,8 +1,9 @@
 """The lineage drawn: stages coloured by their state in the store, with the module groups they
 train and freeze; edges labelled with the artifact passed and whether it is frozen.
 
-SVG is laid out here (one row per DAG level) rather than by Graphviz, so `phi4 graph` needs
-no system package; `--format dot | dot -Tsvg` gives Graphviz's layout where it is installed.
+SVG (and the HTML report, which embeds it) is laid out by grandalf's layered (Sugiyama)
+layout, in orchestrator/layout.py: pure Python, no system package; `--format dot | dot -Tsvg`
+gives Graphviz's own layout where it is installed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from .config.checks import expand_groups, model_of
+from .layout import Drawing
 from .plan import BLOCKED, UP_TO_DATE, Plan
 from .records import State
 from .words import count
@@ -115,55 +117,73 @@ def dot(plan: Plan, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_W, _H, _GAP_X, _GAP_Y, _PAD = 300, 80, 30, 70, 20
+_CHAR_W, _LINE_H, _BOX_PAD = 7.2, 16, 12  # 12px Helvetica: a generous average width
 
 
-def svg(plan: Plan, title: str) -> str:
-    """Rows are DAG levels; nodes centred in their row; edges drawn as curves with labels."""
-    levels = plan.graph.levels()
-    widest = max((len(level) for level in levels), default=1)
-    width = _PAD * 2 + widest * _W + (widest - 1) * _GAP_X
-    height = _PAD * 2 + 24 + len(levels) * _H + max(0, len(levels) - 1) * _GAP_Y
-    where: dict[str, tuple[float, float]] = {}
-    for row, names in enumerate(levels):
-        span = len(names) * _W + (len(names) - 1) * _GAP_X
-        x0 = (width - span) / 2
-        for col, name in enumerate(names):
-            where[name] = (x0 + col * (_W + _GAP_X), _PAD + 24 + row * (_H + _GAP_Y))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
-           f'height="{height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="12">',
+def _node_lines(node: Node) -> list[tuple[str, str]]:
+    lines = [(node.name, "bold"), (node.state, "normal")]
+    if node.trainable:
+        lines.append((_clip("trains " + ", ".join(node.trainable)), "normal"))
+    if node.frozen:
+        lines.append((_clip("frozen " + ", ".join(node.frozen)), "normal"))
+    if len(lines) == 2 and node.kind == "command":
+        lines.append(("command", "normal"))
+    return lines
+
+
+def _text_size(lines: list[str], font: float = 12) -> tuple[float, float]:
+    width = max(len(line) for line in lines) * _CHAR_W * font / 12 + 2 * _BOX_PAD
+    return width, len(lines) * _LINE_H * font / 12 + _BOX_PAD
+
+
+def drawing(plan: Plan) -> tuple[list[Node], Drawing]:
+    """The nodes and their layered layout (orchestrator/layout.py)."""
+    from .layout import layered
+
+    all_nodes = nodes(plan)
+    sizes = {n.name: _text_size([line for line, _ in _node_lines(n)]) for n in all_nodes}
+    edges = [(e.upstream, e.downstream, _text_size([edge_label(e)], 10))
+             for e in plan.graph.edges if e.upstream in sizes]
+    return all_nodes, layered(sizes, edges, top=24)
+
+
+def svg(plan: Plan, title: str, link_nodes: bool = False) -> str:
+    """The layered layout as SVG: stage boxes coloured by state, edges as polylines through
+    their own slots, labels in boxes of their own (`link_nodes`: each box links to
+    #stage-NAME, for the HTML report)."""
+    all_nodes, d = drawing(plan)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{d.width:.0f}" '
+           f'height="{d.height:.0f}" viewBox="0 0 {d.width:.0f} {d.height:.0f}" '
+           'font-family="Helvetica, Arial, sans-serif" font-size="12">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
            'markerHeight="8" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/>'
            '</marker></defs>',
-           f'<text x="{_PAD}" y="{_PAD + 4}" font-size="14" font-weight="bold">'
-           f'{escape(title)}</text>']
-    for e in plan.graph.edges:
-        (ux, uy), (dx, dy) = where[e.upstream], where[e.downstream]
-        x1, y1, x2, y2 = ux + _W / 2, uy + _H, dx + _W / 2, dy
-        mid = (y1 + y2) / 2
+           f'<text x="20" y="24" font-size="14" font-weight="bold">{escape(title)}</text>']
+    graph_edges = [e for e in plan.graph.edges if e.upstream in d.nodes]
+    for e, route, label in zip(graph_edges, d.routes, d.labels):
         dash = ' stroke-dasharray="5,4"' if e.frozen else ""
-        out.append(f'<path d="M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} '
-                   f'{x2:.0f},{y2:.0f}" fill="none" stroke="#555"{dash} '
-                   'marker-end="url(#arrow)"/>')
-        out.append(f'<text x="{(x1 + x2) / 2 + 4:.0f}" y="{mid:.0f}" fill="#333" '
-                   f'font-size="10">{escape(edge_label(e))}</text>')
-    for node in nodes(plan):
-        x, y = where[node.name]
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in route)
+        out.append(f'<polyline class="edge" data-from="{escape(e.upstream)}" '
+                   f'data-to="{escape(e.downstream)}" points="{points}" fill="none" '
+                   f'stroke="#555"{dash} marker-end="url(#arrow)"/>')
+        if label is not None:
+            out.append(f'<g class="edge-label"><rect x="{label.x:.1f}" y="{label.y:.1f}" '
+                       f'width="{label.w:.1f}" height="{label.h:.1f}" fill="#fff"/>'
+                       f'<text x="{label.cx:.1f}" y="{label.cy + 3.5:.1f}" '
+                       f'text-anchor="middle" fill="#333" font-size="10">'
+                       f'{escape(edge_label(e))}</text></g>')
+    for node in all_nodes:
+        box = d.nodes[node.name]
         fill = COLOURS.get(node.state, "#ffffff")
-        out.append(f'<g><title>{escape(node.name)}: {escape(node.state)}</title>'
-                   f'<rect x="{x:.0f}" y="{y:.0f}" width="{_W}" height="{_H}" rx="8" '
-                   f'fill="{fill}" stroke="#555"/>')
-        lines = [(node.name, "bold"), (node.state, "normal")]
-        if node.trainable:
-            lines.append((_clip("trains " + ", ".join(node.trainable)), "normal"))
-        if node.frozen:
-            lines.append((_clip("frozen " + ", ".join(node.frozen)), "normal"))
-        if len(lines) == 2 and node.kind == "command":
-            lines.append(("command", "normal"))
-        for i, (line, weight) in enumerate(lines):
-            out.append(f'<text x="{x + _W / 2:.0f}" y="{y + 17 + i * 16:.0f}" '
+        group = (f'<a href="#stage-{escape(node.name)}">' if link_nodes else "") + \
+            f'<g class="node" data-stage="{escape(node.name)}" data-state="{escape(node.state)}">'
+        out.append(f'{group}<title>{escape(node.name)}: {escape(node.state)}</title>'
+                   f'<rect x="{box.x:.1f}" y="{box.y:.1f}" width="{box.w:.1f}" '
+                   f'height="{box.h:.1f}" rx="8" fill="{fill}" stroke="#555"/>')
+        for i, (line, weight) in enumerate(_node_lines(node)):
+            out.append(f'<text x="{box.cx:.1f}" y="{box.y + _BOX_PAD / 2 + 12 + i * _LINE_H:.1f}" '
                        f'text-anchor="middle" font-weight="{weight}">{escape(line)}</text>')
-        out.append("</g>")
+        out.append("</g></a>" if link_nodes else "</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

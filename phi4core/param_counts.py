@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from phi4core.config import AudioConfig, LoraConfig, ModelConfig, VisionConfig
+from phi4core.module_groups import LORA_ADAPTERS
 
 
 def siglip_tail_shapes(vc: VisionConfig) -> dict[str, tuple[int, ...]]:
@@ -56,6 +57,12 @@ def decoder_linears(m: ModelConfig) -> dict[str, tuple[int, int]]:
 def decoder_layer(m: ModelConfig) -> int:
     """One layer: its four linears (no biases) and two RMSNorm weights."""
     return sum(i * o for i, o in decoder_linears(m).values()) + 2 * m.hidden_size
+
+
+def lora_configs(m: ModelConfig) -> dict[str, LoraConfig]:
+    """The model's LoRA adapters by module group (phi4core.module_groups.LORA_ADAPTERS)."""
+    return {g.name: getattr(m, g.module) for g in LORA_ADAPTERS.values()
+            if getattr(m, g.module, None) is not None}
 
 
 def lora_adapter(m: ModelConfig, lora: LoraConfig) -> int:
@@ -151,7 +158,6 @@ def parameter_counts(m: ModelConfig) -> ParameterCounts:
         rows.update({f"audio.{k}": n for k, n in a.items()})
         groups["audio.encoder"] = a["conv_subsampling"] + a["relative_bias"] + a["conformer_blocks"]
         groups["audio.projector"] = a["projector_speech"] + a["projector_vision_speech"]
-    for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
-        if lora is not None:
-            rows[name] = groups[name] = lora_adapter(m, lora)
+    for name, lora in lora_configs(m).items():
+        rows[name] = groups[name] = lora_adapter(m, lora)
     return ParameterCounts(rows, groups, parts, decoder_layer(m), extra)

@@ -93,3 +93,11 @@ def test_multimodal_cpu_bench_rejects_an_unknown_mode():
                         "--modes", "vision,video"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "video" in r.stderr and "vision_speech" in r.stderr
+
+
+@pytest.mark.cpu_only
+def test_memory_estimate_bench_without_gpu_exits_cleanly():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_estimate.py")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "skipped"

@@ -48,8 +48,52 @@ def test_svg_is_well_formed_and_coloured(tmp_path: Path) -> None:
     ns = {"s": "http://www.w3.org/2000/svg"}
     fills = {r.get("fill") for r in root.iterfind(".//s:rect", ns)}
     assert {COLOURS["succeeded"], COLOURS["failed"], COLOURS["blocked"]} <= fills
-    assert len(root.findall(".//s:path", ns)) == 4 + 1  # four edges and the arrow head
-    assert any(p.get("stroke-dasharray") for p in root.iterfind(".//s:path", ns))
+    edges = root.findall(".//s:polyline", ns)
+    assert {(e.get("data-from"), e.get("data-to")) for e in edges} == {
+        ("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")}
+    assert [e.get("data-to") for e in edges if e.get("stroke-dasharray")] == ["d"]  # frozen
+    # grandalf's layers: every edge runs downwards, each stage below its upstreams
+    boxes = {g.get("data-stage"): g.find("s:rect", ns) for g in root.iterfind(".//s:g", ns)
+             if g.get("data-stage")}
+    top = {name: float(r.get("y")) for name, r in boxes.items()}
+    assert top["a"] < top["b"] < top["d"] and top["a"] < top["c"] < top["d"]
+
+
+def test_html_report_in_a_browser(tmp_path: Path) -> None:
+    """The report opens without console errors or network requests; every stage, edge and
+    evaluation is on the page; no two boxes or labels overlap, every text inside its box."""
+    from report_browser import check_layout, chromium_or_skip, read_report
+
+    from orchestrator.records import EvaluationRecord, EvaluationResult
+    from orchestrator.store import Store, write_json
+
+    executable = chromium_or_skip()
+    pipeline, store = _ran_with_failure(tmp_path)
+    (first,) = [p.name for p in (store / "stages" / "c").iterdir() if p.is_dir()]
+    salted = ["--set", "c.env.SALT=x"]  # a second fingerprint of c (and so of d)
+    phi4("run", str(pipeline), "--keep-going", *salted, store=store)
+    folder = Store(store).latest("c")
+    assert folder.fingerprint != first
+    record = EvaluationRecord(stage="c", fingerprint=folder.fingerprint, results=[
+        EvaluationResult(name="heldout_perplexity", value=12.5, higher_is_better=False,
+                         samples=64),
+        EvaluationResult(name="caption_accuracy", value=0.75, chance=0.25, samples=40)])
+    write_json(folder.evaluation_file, record.model_dump(mode="json"))
+    report = tmp_path / "report.html"
+    phi4("graph", str(pipeline), "--format", "html", "-o", str(report), *salted, store=store,
+         check=0)
+    seen, errors = read_report(report, executable)
+    assert errors == []
+    assert {g["stage"] for g in seen["nodes"]} == set(seen["sections"]) == {"a", "b", "c", "d"}
+    assert sorted(map(tuple, seen["edges"])) == [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
+    assert len(seen["labels"]) == 4
+    assert dict(seen["curves"]) == {"a": 1, "b": 1, "c": 1, "d": 0}  # d never ran
+    rows = {r[0]: r for r in seen["evaluations"][1:]}
+    assert rows["heldout_perplexity"][2] == "12.5" and rows["caption_accuracy"][3] == "0.25"
+    assert f"Differs from the previous fingerprint {first}" in seen["text"]
+    assert 'env.SALT: (unset) -> "x"' in seen["text"]
+    check_layout(seen)
+    assert "out (frozen)" in seen["text"] and "failed" in seen["text"]
 
 
 def test_shipped_pipeline_lists_trained_and_frozen_groups(tmp_path: Path) -> None:

@@ -251,9 +251,12 @@ def test_gpu_flavoured_config_validates(single, monkeypatch):
 def test_recompute_gives_the_same_gradients(single, recompute):
     """`parallel.recompute` reaches megatron's TransformerConfig and the trainer's model, and
     recomputed activations give the very gradients of the stored ones."""
+    from phi4core.config import Parallel
     from phi4core.models.decoder import build_model
     from phi4core.parallel import ParallelSettings, seed_model_parallel
 
+    # the stage spec's section reaches the settings the trainer builds its model with
+    assert ParallelSettings.from_any(Parallel(recompute=recompute)).recompute == recompute
     mc = preset("phi4_mini_tiny")
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, mc.vocab_size, (2, 33), generator=g)

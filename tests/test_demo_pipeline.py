@@ -127,6 +127,34 @@ def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None
     again = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
                  str(store), env=env)
     assert again.returncode == 0 and "nothing to run: 9 stages up to date" in again.stdout
+    report_in_browser(store, env, tmp_path)  # skips where there is no chromium (never in CI)
     if short:  # last, so that everything above is checked: see README, "make demo"
         pytest.xfail("the tiny towers do not yet learn the media within the demo's budget: "
                      + "; ".join(short))
+
+
+def report_in_browser(store: Path, env: dict, tmp_path: Path) -> None:
+    """The nine stages' HTML lineage report, read in headless Chromium: every stage with its
+    loss curve, every edge, every evaluation the store holds; no overlap, no console error."""
+    from report_browser import check_layout, chromium_or_skip, read_report
+
+    from orchestrator.store import Store
+
+    executable = chromium_or_skip()
+    report = tmp_path / "report.html"
+    out = phi4("graph", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
+               str(store), "--format", "html", "-o", str(report), env=env)
+    assert out.returncode == 0, out.stderr
+    seen, errors = read_report(report, executable)
+    assert errors == []
+    stages = {"text_pretrain", "text_post_train", *MULTIMODAL_OUTPUTS}
+    assert {g["stage"] for g in seen["nodes"]} == set(seen["sections"]) == stages
+    assert all(lines == 1 for _, lines in seen["curves"]), seen["curves"]  # one loss curve each
+    assert len(seen["edges"]) == len(seen["labels"]) == 14
+    assert ["speech_post_train", "vision_speech_joint"] in seen["edges"]
+    check_layout(seen)
+    for stage in stages:
+        folder = Store(store).latest(stage)
+        record = folder.evaluation() if folder else None
+        for result in record.results if record else []:
+            assert result.name in seen["text"], (stage, result.name)

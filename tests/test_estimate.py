@@ -5,8 +5,10 @@ memory estimate against a real training step."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -160,20 +162,24 @@ def test_plan_estimate_and_run_refuse_what_does_not_fit(tmp_path):
     assert out.exit_code == 0 and "--set vision_sft.parallel.cp=4" in out.output
 
 
-# The measured step: fp32 (CPU), a Phi-4-shaped decoder of 4 layers, h=256, 8 x 256 tokens.
-# Tolerance 25%: the formula counts the tensors megatron keeps for the backward; the CPU path
-# keeps a few small ones more or fewer (RMSNorm statistics, SDPA's log-sum-exp, RoPE tables)
-# and resident memory also holds glibc's small-block pools. Measured here: 0.84 without and
-# 1.06 with full recomputation (measured / estimated).
+# The measured step: fp32 (CPU), a Phi-4-shaped decoder of 4 layers, h=256, 8 x 256 tokens;
+# the peak of its forward-backward (the optimizer update's temporaries are not activations).
+# Tolerance 25%: the estimate counts the tensors kept for the backward and one layer's
+# gradients in flight, not every transient of every kernel (RMSNorm statistics, SDPA's
+# log-sum-exp, the output layer's weight gradient before it is added to the buffer), and
+# resident memory also holds what glibc keeps below its mmap threshold. Measured here
+# (measured / estimated): 1.13 without and 0.87 with full recomputation.
 TOLERANCE = 0.25
 
 
-@pytest.mark.parametrize("recompute", ["none", "full"])
-def test_cpu_step_peak_memory_matches_the_estimate(tmp_path, recompute):
+def test_cpu_step_peak_memory_matches_the_estimate(tmp_path, recompute="none"):
+    """One subprocess (about 12 s of CPU): the default layout. Full recomputation measured
+    0.87x the same way (`python -m phi4core.train.memory_probe ... --recompute full`)."""
     out = tmp_path / "probe.json"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     subprocess.run([sys.executable, "-m", "phi4core.train.memory_probe", str(out),
                     "--hidden", "256", "--seq", "256", "--recompute", recompute],
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=600, env=env)
     probe = json.loads(out.read_text())
     model = ModelConfig.model_validate(probe["model"])
     recipe = Recipe.model_validate({
@@ -188,5 +194,29 @@ def test_cpu_step_peak_memory_matches_the_estimate(tmp_path, recompute):
     assert est.memory["weights"] + est.memory["gradients"] == probe["state_bytes"]
     step = sum(v for k, v in est.memory.items() if k not in ("weights", "gradients",
                                                               "optimizer"))
-    ratio = probe["measured_step_bytes"] / step
+    ratio = probe["measured_forward_backward_bytes"] / step
     assert 1 - TOLERANCE <= ratio <= 1 + TOLERANCE, (ratio, est.memory, probe)
+
+
+def test_flops_frozen_weights_skip_their_weight_gradients():
+    from orchestrator.estimate import step_flops
+
+    recipe = load_any("recipes/text_post_train.yaml").recipe
+    m = PRESETS["phi4_mini"]
+    lay = Layout.of(recipe)
+    tokens = recipe.train.global_batch_size * recipe.train.seq_length
+    trained = step_flops(m, recipe, lay, {"backbone"})
+    frozen = step_flops(m, recipe, lay, set())
+    # forward 2N per token, backward 2N (input grads) + 2N (weight grads) when training
+    assert trained["dense"] == 1.5 * frozen["dense"]
+    per_token = 2 * (m.num_layers * (100_669_440 - 2 * m.hidden_size) + m.vocab_size * 3072)
+    assert frozen["dense"] == 2 * tokens * per_token
+    # causal attention: 2 x 2 s (a d) / 2 per token and layer forward, twice that backward
+    s = recipe.train.seq_length
+    assert trained["attention"] == 3 * tokens * m.num_layers * 2 * s * 24 * 128
+    assert trained["recomputation"] == 0
+    full = step_flops(m, recipe, replace(lay, recompute="full"), {"backbone"})
+    assert full["recomputation"] == tokens * m.num_layers * (per_token / m.num_layers
+                                                             - 2 * m.vocab_size * 3072
+                                                             / m.num_layers
+                                                             + 2 * s * 24 * 128)

@@ -292,8 +292,10 @@ def status(store_dir: str | None, every: bool, fmt: str) -> None:
 @click.argument("path")
 @config_options
 @store_option
-@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot", "svg"]),
-              default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot", "svg", "html"]),
+              default="text", help="html: the lineage report, one self-contained file (the "
+                                   "DAG, and per stage its config with sources, changes, "
+                                   "loss, evaluations, estimate vs measured, artifacts).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write to FILE instead of standard output.")
 @report_config_errors
@@ -304,7 +306,15 @@ def graph(path: str, profile: str | None, overrides: tuple[str, ...], store_dir:
 
     planned, title, _ = _load_plan(path, profile, overrides, store_dir, with_deps=True,
                                    read_only=True)
-    drawing = render(planned, fmt, title)
+    if fmt == "html":
+        from ..provenance import profile_path
+        from ..report_html import html
+
+        loaded = load_any(path, profile, list(overrides))
+        pipeline = loaded.path if isinstance(loaded, LoadedPipeline) else None
+        drawing = html(planned, title, pipeline, profile_path(profile, loaded))
+    else:
+        drawing = render(planned, fmt, title)
     if output is None:
         click.echo(drawing, nl=False)
     else:

@@ -7,10 +7,17 @@ micro-batch each. The second step is measured, so that Adam's lazily created mom
 exist, as they do in every step but the first:
 
 - on a GPU: torch.cuda.max_memory_allocated() over the step, minus what was allocated before it;
+  (the estimator's activation terms are compared with the forward-backward's peak, read just
+  before the optimizer's update: the update's own temporaries, such as the CPU path's float64
+  gradient norm, are not activations);
 - on a CPU: the peak resident set size over the step (Linux VmHWM, reset through
   /proc/self/clear_refs just before it), minus the resident size before it. Tensors of this
   size are mmapped by glibc and given back when freed, so resident memory follows the live
-  tensors; the allocator's small-block pools and any kernel workspace count too.
+  tensors; the allocator's small-block pools and any kernel workspace count too. Run it with
+  MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (as the test does): glibc then maps
+  every tensor of 64 KiB or more on its own and unmaps it when freed, so freed memory is never
+  reused unseen (its default raises the threshold as big blocks are freed, and the heap then
+  hides later peaks).
 
 One setting per process: memory a previous trainer freed would stay resident and hide the
 next one's peak. It writes {"measured_step_bytes", "state_bytes" (parameters and gradient
@@ -50,10 +57,11 @@ def _reset_hwm() -> None:
         f.write("5")  # resets the peak resident set size (Linux >= 4.0)
 
 
-def probe_model(hidden: int, layers: int, vocab: int) -> dict:
-    """A Phi-4-shaped decoder (GQA 3:1, SwiGLU 8/3 x, tied embeddings) of the given size."""
+def probe_model(hidden: int, layers: int, vocab: int, head_dim: int = 32) -> dict:
+    """A Phi-4-shaped decoder (GQA 3:1, SwiGLU 8/3 x, tied embeddings) of the given size
+    (hidden 3072, head_dim 128: Phi-4-Mini's layer)."""
     base = PRESETS["phi4_mini_tiny"].model_dump()
-    heads = max(3, hidden // 32)
+    heads = max(3, hidden // head_dim)
     heads -= heads % 3
     return {**base, "name": "probe", "hidden_size": hidden, "ffn_hidden_size": 8 * hidden // 3,
             "num_layers": layers, "num_attention_heads": heads, "num_query_groups": heads // 3,
@@ -61,6 +69,7 @@ def probe_model(hidden: int, layers: int, vocab: int) -> dict:
 
 
 def _measure(spec: StageSpec, args, on_gpu: bool) -> dict:
+    from phi4core.train import optim
     from phi4core.train.loop import Trainer
 
     trainer = Trainer(spec)
@@ -79,17 +88,31 @@ def _measure(spec: StageSpec, args, on_gpu: bool) -> dict:
     else:
         before = _rss_bytes()
         _reset_hwm()
-    trainer.train_step(1, [batch])
-    if on_gpu:
-        torch.cuda.synchronize()
-        measured = torch.cuda.max_memory_allocated() - before
-    else:
-        measured = _hwm_bytes() - before
+    def peak() -> int:
+        if on_gpu:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
+        return _hwm_bytes() - before
+
+    seen = {}
+    step = optim.step
+
+    def step_after_backward(*a, **kw):  # the forward-backward's peak, before the update
+        seen["forward_backward"] = peak()
+        return step(*a, **kw)
+
+    optim.step = step_after_backward
+    try:
+        trainer.train_step(1, [batch])
+    finally:
+        optim.step = step
+    measured = peak()
     params = [p for c in trainer.raw_chunks for p in c.parameters()]
     state = sum(p.numel() * p.element_size() for p in params)
     state += sum(p.main_grad.numel() * p.main_grad.element_size() for p in params
                  if getattr(p, "main_grad", None) is not None)
-    return {"measured_step_bytes": measured, "state_bytes": state}
+    return {"measured_step_bytes": measured, "measured_forward_backward_bytes":
+            seen["forward_backward"], "state_bytes": state}
 
 
 def main(argv: list[str]) -> int:
@@ -99,12 +122,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--hidden", type=int, default=384)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    model = probe_model(args.hidden, args.layers, args.vocab)
+    model = probe_model(args.hidden, args.layers, args.vocab, args.head_dim)
     train = dict(steps=2, global_batch_size=args.micro, micro_batch_size=args.micro,
                  seq_length=args.seq, lr=1e-4, warmup_steps=0, schedule="constant")
     precision = "bf16" if args.bf16 else "fp32"
