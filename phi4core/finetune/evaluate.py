@@ -169,7 +169,7 @@ def evaluate(spec: ToolSpec) -> dict:
     if ev is None:
         raise fin.InputError("an eval stage needs `evaluate:`")
     base = ev.base if ev.base is not None else [n for n, i in spec.inputs.items() if i.frozen]
-    rest = [n for n in spec.inputs if n not in base]
+    rest = [n for n in spec.input_order if n not in base]
     if not base or not rest:
         raise fin.InputError(f"the base model is made of {base or 'no input'} and the trained "
                              f"one adds {rest or 'nothing'}: both need inputs (set "
@@ -186,8 +186,8 @@ def evaluate(spec: ToolSpec) -> dict:
         raise fin.InputError("an eval stage runs one model chunk (no virtual pipeline)")
     results = []
     for names, which in ((base, "base"), (rest, "trained")):
-        for name in names:
-            fin.load([model], mc, name, spec.inputs[name])
+        for name, inp in spec.ordered_inputs(names):
+            fin.load([model], mc, name, inp)
         results += measure(model, spec, tokenizer, which, sets)
     record = {"stage": spec.name, "fingerprint": spec.fingerprint, "results": results}
     write_json(Path(spec.stage_dir) / "evaluation.json", record)

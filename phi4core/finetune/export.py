@@ -50,7 +50,7 @@ def export(spec: ToolSpec) -> dict[str, Path]:
         raise fin.InputError("no input brings a LoRA adapter to export (an `adapter` artifact "
                              "of a fine-tuning stage)")
     chunks = fin.build(mc)
-    for name, inp in spec.inputs.items():
+    for name, inp in spec.ordered_inputs():
         log.info("input %s: %s", name, ", ".join(fin.load(chunks, mc, name, inp)))
     dtype = _dtype(spec)
     multimodal = hf_multimodal.is_multimodal(mc)
