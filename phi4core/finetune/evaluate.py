@@ -123,16 +123,16 @@ def accuracy(model, scored: ScoredSet, pad_id: int) -> float:
         batch = PackedCollator(attention_mask=not torch.cuda.is_available())(
             [build_packed_item([r], width, pad_id) for r in rows])
         args, kwargs = model_inputs(batch, device)
-        logits = model(*args, **kwargs).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        labels = batch["labels"].to(logp.device)
-        mask = batch["loss_mask"].to(logp.device) > 0
-        token_lp = logp.gather(-1, labels[..., None])[..., 0]
-        hit = logits.argmax(-1) == labels
+        logits = model(*args, **kwargs)
+        labels = batch["labels"].to(logits.device)
+        mask = batch["loss_mask"].to(logits.device) > 0
         for row, (i, c, _) in enumerate(part):
-            m = mask[row]
-            mean_loss[(i, c)] = float(-token_lp[row][m].mean())
-            exact[i] = bool(hit[row][m].all())
+            # Only the reply's positions, in fp32: [n, vocab], never [batch, seq, vocab].
+            scored = logits[row][mask[row]].float()
+            want = labels[row][mask[row]]
+            token_lp = torch.log_softmax(scored, -1).gather(-1, want[:, None])[:, 0]
+            mean_loss[(i, c)] = float(-token_lp.mean())
+            exact[i] = bool((scored.argmax(-1) == want).all())
     right = 0
     for i, (choices, answer) in enumerate(scored.items):
         if scored.task.kind == "exact_match":
@@ -199,7 +199,7 @@ def run(spec: ToolSpec) -> int:
 
     try:
         record = evaluate(spec)
-    except (fin.InputError, ConversionError, ValueError) as e:
+    except (fin.InputError, ConversionError, ValueError, OSError) as e:
         log.error("cannot evaluate stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     for r in record["results"]:

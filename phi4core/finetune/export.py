@@ -87,7 +87,7 @@ def run(spec: ToolSpec) -> int:
     try:
         for kind, path in export(spec).items():
             print(f"exported {kind}: {path}", flush=True)
-    except (fin.InputError, ConversionError) as e:
+    except (fin.InputError, ConversionError, OSError) as e:
         log.error("cannot export stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     return exitcodes.OK
