@@ -71,10 +71,17 @@ def describe_item(spec: StageSpec, tokenizer, item: dict) -> list[str]:
     tokens = item["tokens"].tolist()
     labels = item["labels"].tolist()
     loss = [bool(x) for x in item["loss_mask"].tolist()]
-    positions = item["position_ids"].tolist()
+    # Multimodal items are one sample each, unpadded (their collator pads the batch).
+    positions = (item["position_ids"].tolist() if "position_ids" in item
+                 else list(range(len(tokens))))
     placeholders = _placeholders(spec)
-    seq = len(tokens)
+    seq = spec.train.seq_length
     lines = []
+    for what in ("image", "audio"):
+        counts = item.get(f"{what}_tokens") or []
+        if counts:
+            lines.append(f"  {len(counts)} {what}{'s' if len(counts) > 1 else ''}: "
+                         f"{', '.join(map(str, counts))} placeholder tokens")
     for k, (a, b) in enumerate(_segments(positions)):
         n_loss = sum(loss[a:b])
         if n_loss == 0 and all(t == tokenizer.pad_id for t in tokens[a:b]):
@@ -89,6 +96,8 @@ def describe_item(spec: StageSpec, tokenizer, item: dict) -> list[str]:
                      f"{n_loss} with loss{cut}")
         lines.append("    " + render_tokens(tokenizer, ids, trained, placeholders)
                      .replace("\n", "\n    "))
+    if len(tokens) < seq and "position_ids" not in item:
+        lines.append(f"  padding: {seq - len(tokens)} tokens (no loss), added by the collator")
     return lines
 
 
