@@ -38,7 +38,7 @@ class Node:
             parts.append("trains " + ", ".join(self.trainable))
         if self.frozen:
             parts.append("frozen " + ", ".join(self.frozen))
-        return "; ".join(parts) or ("command" if self.kind == "command" else "")
+        return "; ".join(parts) or (self.kind if self.kind != "train" else "")
 
 
 def node_state(plan: Plan, name: str) -> State:
@@ -158,8 +158,8 @@ def svg(plan: Plan, title: str) -> str:
             lines.append((_clip("trains " + ", ".join(node.trainable)), "normal"))
         if node.frozen:
             lines.append((_clip("frozen " + ", ".join(node.frozen)), "normal"))
-        if len(lines) == 2 and node.kind == "command":
-            lines.append(("command", "normal"))
+        if len(lines) == 2 and node.kind != "train":
+            lines.append((node.kind, "normal"))
         for i, (line, weight) in enumerate(lines):
             out.append(f'<text x="{x + _W / 2:.0f}" y="{y + 17 + i * 16:.0f}" '
                        f'text-anchor="middle" font-weight="{weight}">{escape(line)}</text>')
