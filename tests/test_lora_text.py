@@ -107,3 +107,29 @@ def test_profiles_apply_to_the_finetune_pipeline(monkeypatch):
         assert stages["text_sft_lora_eval"].recipe.kind == "eval"
         assert stages["text_sft_lora_export"].recipe.outputs == ["peft", "hf"]
     assert train.resources.gpus_per_node == 1 and train.train.micro_batch_size == 2
+
+
+def test_a_folders_own_chat_template_is_compared_with_phi4s_rendering(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from phi4core.data.chat import PHI4_MINI_CHAT_TEMPLATE, chat_template_check
+    from phi4core.data.tokenizer import PhiTokenizer, get_demo_tokenizer
+    from phi4core.interop.hf import copy_tokenizer
+
+    cache = os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4"
+    copy_tokenizer(get_demo_tokenizer(cache).path, tmp_path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for template, agree in ((PHI4_MINI_CHAT_TEMPLATE, True),
+                            ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                             "{% endfor %}", False)):
+        (tmp_path / "tokenizer_config.json").write_text(
+            json.dumps({**config, "chat_template": template}))
+        lines = chat_template_check(PhiTokenizer.from_dir(tmp_path), [data], 5)
+        assert ("renders 1 of 1 records" in lines[0]) == agree, lines
+        assert (len(lines) == 1) == agree
+    assert "<|user|>hi<|end|><|assistant|>hello<|end|><|endoftext|>" in lines[2]
