@@ -128,11 +128,11 @@ def accuracy(model, scored: ScoredSet, pad_id: int) -> float:
         mask = batch["loss_mask"].to(logits.device) > 0
         for row, (i, c, _) in enumerate(part):
             # Only the reply's positions, in fp32: [n, vocab], never [batch, seq, vocab].
-            scored = logits[row][mask[row]].float()
+            reply = logits[row][mask[row]].float()
             want = labels[row][mask[row]]
-            token_lp = torch.log_softmax(scored, -1).gather(-1, want[:, None])[:, 0]
+            token_lp = torch.log_softmax(reply, -1).gather(-1, want[:, None])[:, 0]
             mean_loss[(i, c)] = float(-token_lp.mean())
-            exact[i] = bool((scored.argmax(-1) == want).all())
+            exact[i] = bool((reply.argmax(-1) == want).all())
     right = 0
     for i, (choices, answer) in enumerate(scored.items):
         if scored.task.kind == "exact_match":
