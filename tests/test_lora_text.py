@@ -133,3 +133,50 @@ def test_a_folders_own_chat_template_is_compared_with_phi4s_rendering(tmp_path):
         assert ("renders 1 of 1 records" in lines[0]) == agree, lines
         assert (len(lines) == 1) == agree
     assert "<|user|>hi<|end|><|assistant|>hello<|end|><|endoftext|>" in lines[2]
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that predict, at every position, the next token of the known sequence sharing
+    the longest prefix with the row: right on those sequences, wrong off them."""
+
+    def __init__(self, sequences, vocab: int) -> None:
+        super().__init__()
+        self.sequences, self.vocab = [list(map(int, s)) for s in sequences], vocab
+
+    def forward(self, tokens, position_ids=None, attention_mask=None, **_):
+        out = torch.full((*tokens.shape, self.vocab), -10.0)
+        for r, row in enumerate(tokens.tolist()):
+            for p in range(len(row)):
+                best = max(self.sequences, key=lambda s: (
+                    next((k for k in range(min(p + 1, len(s))) if s[k] != row[k]), p + 1)))
+                if p + 1 < len(best):
+                    out[r, p, best[p + 1]] = 10.0
+        return out
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match"])
+def test_task_accuracy_scores_right_and_wrong_models(tmp_path, kind):
+    import json
+    import os
+    from pathlib import Path
+
+    from phi4core.config import EvalTask
+    from phi4core.data.tokenizer import get_demo_tokenizer
+    from phi4core.finetune.evaluate import ScoredSet, accuracy
+
+    tok = get_demo_tokenizer(os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4")
+    records = [{"messages": [{"role": "user", "content": f"Reverse: cat dog {w}"}],
+                "choices": [f"{w} dog cat", f"cat dog {w}", f"dog {w} cat"], "answer": 0}
+               for w in ("red", "blue", "old", "new")]
+    if kind == "exact_match":
+        records = [{"messages": r["messages"], "answer": r["choices"][0]} for r in records]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scored = ScoredSet(EvalTask(name="t", kind=kind, path=str(path)), tok, 100)
+    right = [choices[answer][0] for choices, answer in scored.items]
+    wrong = [choices[answer][0][:-2] for choices, answer in scored.items]  # stops early
+    if kind == "multiple_choice":
+        wrong = [choices[1][0] for choices, _ in scored.items]
+        assert scored.chance == pytest.approx(1 / 3)
+    assert accuracy(_Oracle(right, tok.vocab_size), scored, tok.pad_id) == 1.0
+    assert accuracy(_Oracle(wrong, tok.vocab_size), scored, tok.pad_id) == 0.0
