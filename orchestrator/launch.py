@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from phi4core.config import InputSpec, StageSpec, ToolSpec
+from phi4core.config import InputSpec, Logging, StageSpec, ToolSpec, TrackerRun
 
 from .config import LoadedRecipe
 from .config.checks import expand_groups, model_of
@@ -148,12 +148,12 @@ def environment(loaded: LoadedRecipe, stage_dir: StageDir,
     return env
 
 
-def spec_document(loaded: LoadedRecipe, stage_dir: StageDir,
-                  inputs: dict[str, ResolvedInput]) -> dict:
+def spec_document(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput],
+                  cluster: Cluster | None = None, pipeline: str = "phi4") -> dict:
     """What goes into spec.json: the trainer's StageSpec, or for a command stage the same
     facts about what it was given (a record; the command reads its environment)."""
     if loaded.recipe.kind == "train":
-        return spec(loaded, stage_dir, inputs).model_dump(mode="json")
+        return spec(loaded, stage_dir, inputs, cluster, pipeline).model_dump(mode="json")
     recipe = loaded.recipe
     if recipe.kind in ("eval", "export"):
         return ToolSpec(
@@ -170,7 +170,34 @@ def spec_document(loaded: LoadedRecipe, stage_dir: StageDir,
             "stage_dir": str(stage_dir.path), "output_dir": str(stage_dir.staging)}
 
 
-def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput]) -> StageSpec:
+def tracker_logging(logging: Logging, cluster: Cluster | None) -> Logging:
+    """The recipe's `logging:` over the cluster file's tracker defaults, key by key."""
+    defaults = cluster.logging if cluster is not None else None
+    if defaults is None:
+        return logging
+    merged = {}
+    for name in ("wandb", "mlflow"):
+        base, own = getattr(defaults, name), getattr(logging, name)
+        if base is None and own is None:
+            continue
+        merged[name] = {**(base.model_dump(exclude_unset=True) if base else {}),
+                        **(own.model_dump(exclude_unset=True) if own else {})}
+    return logging.model_validate({**logging.model_dump(), **merged})
+
+
+def tracker_run(pipeline: str, stage_dir: StageDir, inputs: dict[str, ResolvedInput]
+                ) -> TrackerRun:
+    """`<pipeline>.<stage>.<fingerprint>`, tagged with the lineage: each input's upstream
+    stage and fingerprint, or its source and content digest."""
+    tags = {"pipeline": pipeline, "stage": stage_dir.name, "fingerprint": stage_dir.fingerprint}
+    for name, inp in sorted(inputs.items()):
+        tags[f"input.{name}"] = f"{inp.stage}@{inp.fingerprint}" if inp.source == "stage" \
+            else f"{inp.source}:{(inp.fingerprint or '')[:16]}"
+    return TrackerRun(name=f"{pipeline}.{stage_dir.name}.{stage_dir.fingerprint}", tags=tags)
+
+
+def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput],
+         cluster: Cluster | None = None, pipeline: str = "phi4") -> StageSpec:
     recipe = loaded.recipe
     model = model_of(recipe)
     assert model is not None and recipe.data is not None and recipe.train is not None
@@ -189,7 +216,8 @@ def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedIn
         train=recipe.train,
         parallel=recipe.parallel,
         precision=recipe.precision,
-        logging=recipe.logging,
+        logging=tracker_logging(recipe.logging, cluster),
+        run=tracker_run(pipeline, stage_dir, inputs),
         world_size=recipe.resources.world_size,
         stage_dir=str(stage_dir.path),
         output_dir=str(stage_dir.staging),

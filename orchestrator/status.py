@@ -122,7 +122,7 @@ def format_rows(rows: list[StatusRow]) -> list[str]:
     table = [("STAGE", "FINGERPRINT", "STATE", "TRY", "JOB", "TIME", "STEP", "LOSS", "ARTIFACTS",
               "NOTE")]
     for r in rows:
-        job = f"slurm:{r.job}" if r.executor == "slurm" and r.job else "-"
+        job = f"slurm:{r.job}" if r.executor in ("slurm", "nemo_run") and r.job else "-"
         table.append((r.stage, r.fingerprint, r.state, str(r.attempt), job,
                       duration_text(r.duration),
                       "-" if r.step is None else str(r.step),

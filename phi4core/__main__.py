@@ -39,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad stage spec {args.spec}: {e}", file=sys.stderr)
         return exitcodes.BAD_SPEC
     from phi4core.train.loop import run
+    from phi4core.train.trackers import TrackerMissing
 
     try:
         return run(spec)
+    except TrackerMissing as e:  # a setup problem, said in one line: no traceback
+        print(f"stage {spec.name}: {e}", file=sys.stderr)
+        return exitcodes.BAD_SPEC
     except Exception:
         logging.getLogger("phi4core.train").exception("stage %s failed", spec.name)
         return exitcodes.FAILURE

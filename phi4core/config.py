@@ -417,6 +417,11 @@ class Parallel(Strict):
     cp: int = Field(default=1, ge=1)
     sequence_parallel: bool = False
     pp_layers: list[int] | None = Field(default=None, description="uneven split: layers per stage")
+    recompute: Literal["none", "selective", "full"] = Field(
+        default="none",
+        description="activation recomputation in the decoder layers (megatron-core's "
+                    "recompute_granularity): selective recomputes core attention, full every "
+                    "layer from its input; same results, less memory, more compute")
 
     @property
     def model_parallel_size(self) -> int:
@@ -442,10 +447,17 @@ class DataSource(Strict):
     kind: Literal["indexed", "text_jsonl", "chat_jsonl", "webdataset", "lhotse", "synthetic"]
     path: str | None = Field(default=None, description="file, folder, prefix or shard pattern")
     weight: float = Field(default=1.0, gt=0)
-    modality: Literal["text", "chat", "image", "audio", "image_audio"] | None = Field(
+    modality: Literal["text", "chat", "image", "audio", "image_audio", "speech"] | None = Field(
         default=None, description="synthetic sources: what to generate"
     )
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
+    task: Literal["asr", "translate", "qa", "summarize"] | None = Field(
+        default=None, description="lhotse sources: the chat each clip becomes (default asr)")
+    max_clip_seconds: float | None = Field(
+        default=None, gt=0, description="lhotse sources: longer clips are skipped (default 1800)")
+    max_duration: float | None = Field(
+        default=None, gt=0,
+        description="lhotse sources: seconds of audio per duration bucket's batch (default 3600)")
 
     @model_validator(mode="after")
     def _source_named(self) -> Self:
@@ -454,6 +466,14 @@ class DataSource(Strict):
                 raise ValueError("a synthetic source needs `modality:`")
         elif self.path is None:
             raise ValueError(f"a {self.kind} source needs `path:`")
+        speech_only = [k for k in ("task", "max_clip_seconds", "max_duration")
+                       if getattr(self, k) is not None]
+        if speech_only and self.kind != "lhotse":
+            raise ValueError(f"{', '.join(speech_only)}: only for lhotse sources, not "
+                             f"{self.kind}")
+        if (self.max_clip_seconds or 0) > (self.max_duration or float("inf")):
+            raise ValueError(f"max_clip_seconds ({self.max_clip_seconds}) exceeds max_duration "
+                             f"({self.max_duration}): such a clip fits no batch")
         return self
 
 
@@ -464,11 +484,39 @@ class Data(Strict):
                              description="loader processes reading batches ahead (0: none)")
 
 
+class WandbLogging(Strict):
+    """Weights & Biases (`pip install 'phi4[trackers]'`). `mode: offline` writes the run under
+    the stage folder (`wandb/`) for a later `wandb sync`."""
+
+    project: str = "phi4"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class MlflowLogging(Strict):
+    """MLflow (`pip install 'phi4[trackers]'`): a tracking server's URI, or a local store
+    (`file:/path/mlruns`); unset: MLflow's own default ($MLFLOW_TRACKING_URI)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "phi4"
+
+
 class Logging(Strict):
-    """How a run reports; never part of a stage's fingerprint."""
+    """How a run reports; never part of a stage's fingerprint. W&B and MLflow are off unless
+    their section is given (here or in the cluster file, whose values the recipe's override)."""
 
     interval: int = Field(default=10, ge=1)
     tensorboard: bool = True
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
+
+
+class TrackerRun(Strict):
+    """What the orchestrator tells the trackers about a stage: the run's name
+    (`<pipeline>.<stage>.<fingerprint>`) and tags with its lineage."""
+
+    name: str
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +549,7 @@ class StageSpec(Strict):
     parallel: Parallel
     precision: Precision
     logging: Logging = Field(default_factory=Logging)
+    run: TrackerRun | None = None  # for W&B / MLflow; None: named after the stage
     world_size: int = 1
     stage_dir: str  # logs, metrics, checkpoints/
     output_dir: str  # artifacts/<name>/ are written here, then published by the orchestrator

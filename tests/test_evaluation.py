@@ -11,7 +11,13 @@ import torch
 
 from phi4core.config import preset
 from phi4core.data.tokenizer import get_demo_tokenizer
-from phi4core.evaluation.answers import blind_chance, exact_answers
+from phi4core.evaluation.answers import (
+    blind_exact_chance,
+    blind_token_chance,
+    exact_match,
+    score_answers,
+    token_accuracy,
+)
 from phi4core.evaluation.language import heldout_loss, heldout_texts, text_batches
 
 
@@ -67,28 +73,34 @@ class _Oracle(torch.nn.Module):
         return torch.nn.functional.one_hot(target, self.vocab).float()
 
 
-def test_exact_answers_need_every_answer_token():
+def test_answers_are_scored_token_by_token_and_exactly():
     labels = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.float)
     # row 0 wrong only outside its answer; row 1 wrong on one answer token; row 2 right
     wrong = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]], dtype=torch.bool)
     batch = {"tokens": labels, "labels": labels, "loss_mask": mask,
              "position_ids": torch.arange(4).expand(3, 4)}
-    assert exact_answers(_Oracle(labels, wrong), [batch]) == [True, False, True]
+    scored = score_answers(_Oracle(labels, wrong), [batch])
+    assert [s.target for s in scored] == [(3, 4), (3, 4), (6, 7)]
+    assert [s.exact for s in scored] == [True, False, True]
+    assert exact_match(scored) == pytest.approx(2 / 3)
+    assert token_accuracy(scored) == pytest.approx(5 / 6)
     batch["loss_mask"] = torch.zeros(3, 4)
     with pytest.raises(ValueError, match="no answer tokens"):
-        exact_answers(_Oracle(labels, wrong), [batch])
+        score_answers(_Oracle(labels, wrong), [batch])
 
 
-def test_blind_chance_is_the_majority_answer_of_the_other_items():
-    questions = ["count?", "count?", "count?", "colour?", "colour?"]
-    answers = ["1.", "1.", "2.", "red.", "blue."]
-    # count: "1." guessed right twice (the others hold a "1." each time), "2." wrong; colour:
-    # each item sees only the other colour
-    assert blind_chance(questions, answers) == pytest.approx(2 / 5)
-    assert blind_chance(["q"] * 4, ["a", "b", "c", "d"]) == 0.0  # all different: no prior
+def test_blind_chance_is_the_prior_of_the_other_items():
+    q = ["count?"] * 3 + ["colour?"] * 2
+    targets = [(1, 9), (1, 9), (2, 9), (5, 9), (6, 9)]
+    # count: (1, 9) guessed right twice (the others hold a 1 each time), (2, 9) only its 9
+    # (no other answer starts with 2: the 9 most often second); colour: each item sees only
+    # the other colour, then its 9 (by position)
+    assert blind_exact_chance(q, targets) == pytest.approx(2 / 5)
+    assert blind_token_chance(q, targets) == pytest.approx(7 / 10)
+    assert blind_exact_chance(["q"] * 3, [(1,), (2,), (3,)]) == 0.0  # no prior to learn
     with pytest.raises(ValueError):
-        blind_chance([], [])
+        blind_token_chance([], [])
 
 
 def test_an_untrained_model_scores_no_better_than_chance_on_held_out_speech(tmp_path, tokenizer):
@@ -102,10 +114,11 @@ def test_an_untrained_model_scores_no_better_than_chance_on_held_out_speech(tmp_
     mc = preset("phi4_multimodal_tiny")
     model = build_multimodal_model(mc)
     results = media_accuracy(model, "speech", tmp_path, tokenizer, 256, mc.vision, items=16)
-    assert [r.name for r in results] == ["transcription_accuracy", "translation_accuracy"]
+    assert [r.name for r in results] == ["transcription_accuracy", "transcription_exact_match",
+                                         "translation_accuracy", "translation_exact_match"]
     for r in results:
-        assert r.samples == 16 and 0 <= r.chance < 0.5
-        assert r.value <= r.chance
+        assert r.samples == 16 and 0 <= r.chance < 0.8
+        assert r.value <= r.chance + 0.05, r
 
 
 def test_evaluation_json_is_the_orchestrators_record(tmp_path):

@@ -7,11 +7,12 @@ generators, drawn with a seed no training corpus uses (`HELDOUT_SEED`):
   in language mode; chance is the vocabulary size (a uniform guess). A multimodal stage
   trains no backbone and language mode uses no adapter, so it must leave this exactly as the
   text stages left it.
-* caption_accuracy (image sources: "Describe the image."), transcription_accuracy and
-  translation_accuracy (speech: the words said, and in French), sound_description_accuracy
-  (audio pulses), joint_caption_accuracy (image_audio): exact-answer accuracy on held-out
-  records asked that one question (phi4core.evaluation.answers); chance is a media-blind
-  guess of the answer's prior.
+* for each medium, questions asked of every held-out record, scored as answer-token accuracy
+  (`<task>_accuracy`) and exact match (`<task>_exact_match`) under teacher forcing
+  (phi4core.evaluation.answers), each with the score of a media-blind guess as chance:
+  caption ("Describe the image.": "3 red circles."), transcription and translation (spoken
+  words: "red cat.", "rouge chat."), sound_description (audio pulses), joint_caption
+  (image_audio).
 
 Stages on other sources (real corpora) write no evaluations here: their held-out sets belong to
 an evaluation stage. The file is the orchestrator's EvaluationRecord (stage, fingerprint,
@@ -27,13 +28,19 @@ from pathlib import Path
 
 import torch
 
-from phi4core.evaluation.answers import blind_chance, exact_answers
+from phi4core.data.synthetic import HELDOUT_SEED
+from phi4core.evaluation.answers import (
+    blind_exact_chance,
+    blind_token_chance,
+    exact_match,
+    score_answers,
+    token_accuracy,
+)
 from phi4core.evaluation.language import heldout_loss, heldout_texts, text_batches
 from phi4core.files import write_json
 
 log = logging.getLogger("phi4core.evaluation")
 
-HELDOUT_SEED = 987_654_321  # no stage trains on this seed's records
 TEXT_DOCS = 64
 TEXT_SEQ = 128  # fixed, whatever the stage's seq_length: text stages and multimodal ones compare
 MEDIA_ITEMS = 48
@@ -96,15 +103,15 @@ def _tasks() -> dict[str, list[Task]]:
     from phi4core.data import synthetic_media as sm
 
     return {
-        "image": [Task("caption_accuracy", "Describe the image.",
+        "image": [Task("caption", "Describe the image.",
                        lambda t: f"{sm.describe_image(t['image'])}.")],
-        "audio": [Task("sound_description_accuracy", "Describe the sound.",
+        "audio": [Task("sound_description", "Describe the sound.",
                        lambda t: f"{sm.describe_audio(t['audio'])}.")],
-        "speech": [Task("transcription_accuracy", sm.TRANSCRIBE,
+        "speech": [Task("transcription", sm.TRANSCRIBE,
                         lambda t: f"{t['audio']['text']}."),
-                   Task("translation_accuracy", sm.TRANSLATE,
+                   Task("translation", sm.TRANSLATE,
                         lambda t: f"{t['audio']['translation']}.")],
-        "image_audio": [Task("joint_caption_accuracy", "Describe the image and the sound.",
+        "image_audio": [Task("joint_caption", "Describe the image and the sound.",
                              lambda t: f"{sm.describe_image(t['image'])} and "
                                        f"{sm.describe_audio(t['audio'])}.")],
     }
@@ -125,8 +132,9 @@ def heldout_corpus(folder: Path, modality: str, seq_length: int,
 
 
 def task_accuracy(model: torch.nn.Module, index: Path, modality: str, task: Task, tokenizer,
-                  seq_length: int, vision) -> Result:
-    """Exact-answer accuracy of `model` asked `task.question` about each record of `index`."""
+                  seq_length: int, vision) -> list[Result]:
+    """`model` asked `task.question` about each record of `index`: its answers' token
+    accuracy (`<task>_accuracy`) and exact match (`<task>_exact_match`), with their chances."""
     from phi4core.data.jsonl import iter_jsonl, write_jsonl
     from phi4core.data.multimodal import MultimodalCollator, MultimodalDataset, media_modality
     from phi4core.data.report import DataReport
@@ -144,18 +152,21 @@ def task_accuracy(model: torch.nn.Module, index: Path, modality: str, task: Task
     collate = MultimodalCollator(seq_length, tokenizer.pad_id, vision)
     batches = (collate([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
                for start in range(0, len(dataset), BATCH))
-    verdicts = exact_answers(model, batches)
-    answers = [r["messages"][1]["content"] for r in asked]
-    return Result(task.name, sum(verdicts) / len(verdicts),
-                  blind_chance([task.question] * len(answers), answers), len(verdicts))
+    scored = score_answers(model, batches)
+    questions = [task.question] * len(scored)
+    targets = [s.target for s in scored]
+    return [Result(f"{task.name}_accuracy", token_accuracy(scored),
+                   blind_token_chance(questions, targets), len(scored)),
+            Result(f"{task.name}_exact_match", exact_match(scored),
+                   blind_exact_chance(questions, targets), len(scored))]
 
 
 def media_accuracy(model: torch.nn.Module, modality: str, folder: Path, tokenizer,
                    seq_length: int, vision, items: int = MEDIA_ITEMS) -> list[Result]:
     """Every held-out task of `modality` (see `_tasks`)."""
     index = heldout_corpus(folder, modality, seq_length, items)
-    return [task_accuracy(model, index, modality, task, tokenizer, seq_length, vision)
-            for task in _tasks()[modality]]
+    return [r for task in _tasks()[modality]
+            for r in task_accuracy(model, index, modality, task, tokenizer, seq_length, vision)]
 
 
 def evaluate_stage(spec, model: torch.nn.Module, tokenizer) -> list[Result] | None:

@@ -207,6 +207,11 @@ def transformer_config(
         batch_p2p_comm=gpu_available(),
         cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
     )
+    if par.recompute == "selective":  # core attention (the s x s scores) only
+        kwargs.update(recompute_granularity="selective")
+    elif par.recompute == "full":  # every layer from its input, one layer per checkpoint
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
     if prec.fp8 != "off":
         kwargs.update(
             fp8=prec.fp8,
