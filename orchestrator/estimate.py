@@ -39,6 +39,7 @@ from phi4core.param_counts import (
     decoder_layer,
     decoder_linears,
     lora_adapter,
+    lora_configs,
     parameter_counts,
     projector,
     vision_layer,
@@ -356,10 +357,9 @@ def estimate(recipe: Recipe, gpu: str | None = DEFAULT_GPU, mfu: float = DEFAULT
     last_emb = emb if (lay.pp > 1 or not m.tie_embeddings) else 0
     per_rank["backbone"] = (body + emb + (0 if lay.pp > 1 else last_emb) + m.hidden_size,
                             body + last_emb + m.hidden_size)
-    for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
-        if lora is not None:
-            n = lora_adapter(m, lora) // (lay.pp * lay.tp)
-            per_rank[name] = (n, n)
+    for name, lora in lora_configs(m).items():
+        n = lora_adapter(m, lora) // (lay.pp * lay.tp)
+        per_rank[name] = (n, n)
     for group, n in counts.groups.items():
         if group in per_rank:
             continue
@@ -427,8 +427,7 @@ def step_flops(m: ModelConfig, recipe: Recipe, lay: Layout, trainable: set[str]
     layer_matmul = 2 * sum(i * o for i, o in decoder_linears(m).values())  # per token
     attention = 2 * 2 * s * m.num_attention_heads * m.kv_channels * 0.5  # causal: half
     # One adapter runs per sample: the trained one, else the larger (an upper bound).
-    adapters = {g: c for g, c in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech))
-                if c is not None}
+    adapters = lora_configs(m)
     running = [c for g, c in adapters.items() if g in trainable] or list(adapters.values())
     lora_per_token = max((2 * lora_adapter(m, c) for c in running), default=0)  # every layer
     out_layer = 2 * m.hidden_size * m.vocab_size

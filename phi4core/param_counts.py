@@ -58,6 +58,15 @@ def decoder_layer(m: ModelConfig) -> int:
     return sum(i * o for i, o in decoder_linears(m).values()) + 2 * m.hidden_size
 
 
+def lora_configs(m: ModelConfig) -> dict[str, LoraConfig]:
+    """The model's LoRA adapters by module group (lora.text, lora.vision, lora.speech), from
+    the one table of phi4core.module_groups."""
+    from phi4core.module_groups import LORA_ADAPTERS
+
+    return {g.name: getattr(m, g.config_field) for g in LORA_ADAPTERS.values()
+            if getattr(m, g.config_field) is not None}
+
+
 def lora_adapter(m: ModelConfig, lora: LoraConfig) -> int:
     """A [r, in] and B [out, r] on each target linear of every layer."""
     linears = decoder_linears(m)
@@ -151,7 +160,6 @@ def parameter_counts(m: ModelConfig) -> ParameterCounts:
         rows.update({f"audio.{k}": n for k, n in a.items()})
         groups["audio.encoder"] = a["conv_subsampling"] + a["relative_bias"] + a["conformer_blocks"]
         groups["audio.projector"] = a["projector_speech"] + a["projector_vision_speech"]
-    for name, lora in (("lora.vision", m.lora_vision), ("lora.speech", m.lora_speech)):
-        if lora is not None:
-            rows[name] = groups[name] = lora_adapter(m, lora)
+    for name, lora in lora_configs(m).items():
+        rows[name] = groups[name] = lora_adapter(m, lora)
     return ParameterCounts(rows, groups, parts, decoder_layer(m), extra)

@@ -180,3 +180,15 @@ def test_task_accuracy_scores_right_and_wrong_models(tmp_path, kind):
         assert scored.chance == pytest.approx(1 / 3)
     assert accuracy(_Oracle(right, tok.vocab_size), scored, tok.pad_id) == 1.0
     assert accuracy(_Oracle(wrong, tok.vocab_size), scored, tok.pad_id) == 0.0
+
+
+def test_analytic_counts_include_the_text_adapter(single):
+    from phi4core.models.decoder import build_meta_model, param_groups
+    from phi4core.param_counts import parameter_counts
+
+    mc = preset("phi4_mini").model_copy(update={"lora_text": LoraConfig(rank=16, alpha=32)})
+    m = build_meta_model(mc)
+    params = dict(m.named_parameters())
+    torch_counts = {g: sum(params[n].numel() for n in names)
+                    for g, names in param_groups(m).items()}
+    assert torch_counts["lora.text"] == 23_068_672 == parameter_counts(mc).groups["lora.text"]
