@@ -160,8 +160,9 @@ def spec_document(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, R
             name=recipe.name, kind=recipe.kind, fingerprint=stage_dir.fingerprint,
             inputs={name: InputSpec(source=i.source, path=i.path, artifact=i.artifact,
                                     frozen=i.frozen) for name, i in inputs.items()},
-            outputs=recipe.outputs, evaluate=recipe.evaluate, stage_dir=str(stage_dir.path),
-            output_dir=str(stage_dir.staging)).model_dump(mode="json")
+            input_order=list(recipe.inputs), outputs=recipe.outputs, evaluate=recipe.evaluate,
+            stage_dir=str(stage_dir.path), output_dir=str(stage_dir.staging),
+        ).model_dump(mode="json")
     return {"name": recipe.name, "kind": "command", "fingerprint": stage_dir.fingerprint,
             "cmd": recipe.cmd, "env": recipe.env, "outputs": recipe.outputs,
             "inputs": {name: {"source": i.source, "path": i.path, "artifact": i.artifact,

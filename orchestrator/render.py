@@ -40,7 +40,7 @@ class Node:
             parts.append("trains " + ", ".join(self.trainable))
         if self.frozen:
             parts.append("frozen " + ", ".join(self.frozen))
-        return "; ".join(parts) or ("command" if self.kind == "command" else "")
+        return "; ".join(parts) or (self.kind if self.kind != "train" else "")
 
 
 def node_state(plan: Plan, name: str) -> State:
@@ -126,8 +126,8 @@ def _node_lines(node: Node) -> list[tuple[str, str]]:
         lines.append((_clip("trains " + ", ".join(node.trainable)), "normal"))
     if node.frozen:
         lines.append((_clip("frozen " + ", ".join(node.frozen)), "normal"))
-    if len(lines) == 2 and node.kind == "command":
-        lines.append(("command", "normal"))
+    if len(lines) == 2 and node.kind != "train":  # command, eval, export
+        lines.append((node.kind, "normal"))
     return lines
 
 

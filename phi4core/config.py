@@ -607,7 +607,20 @@ class ToolSpec(Strict):
     kind: Literal["eval", "export"]
     fingerprint: str
     inputs: dict[str, InputSpec]
+    # The recipe's order of the inputs (spec.json is written with sorted keys): they load in
+    # this order, each over the groups the earlier ones loaded.
+    input_order: list[str] = Field(default_factory=list)
     outputs: list[str] = Field(default_factory=list)
     evaluate: Evaluate | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if sorted(self.input_order) != sorted(self.inputs):
+            raise ValueError("input_order must list every input once")
+        return self
+
+    def ordered_inputs(self, names=None) -> list[tuple[str, InputSpec]]:
+        """(name, input) in load order; ``names``: only those."""
+        return [(n, self.inputs[n]) for n in self.input_order if names is None or n in names]
     stage_dir: str
     output_dir: str

@@ -60,9 +60,10 @@ def decoder_layer(m: ModelConfig) -> int:
 
 
 def lora_configs(m: ModelConfig) -> dict[str, LoraConfig]:
-    """The model's LoRA adapters by module group (phi4core.module_groups.LORA_ADAPTERS)."""
-    return {g.name: getattr(m, g.module) for g in LORA_ADAPTERS.values()
-            if getattr(m, g.module, None) is not None}
+    """The model's LoRA adapters by module group (lora.text, lora.vision, lora.speech), from
+    the one table of phi4core.module_groups."""
+    return {g.name: getattr(m, g.config_field) for g in LORA_ADAPTERS.values()
+            if getattr(m, g.config_field, None) is not None}
 
 
 def lora_adapter(m: ModelConfig, lora: LoraConfig) -> int:

@@ -107,3 +107,88 @@ def test_profiles_apply_to_the_finetune_pipeline(monkeypatch):
         assert stages["text_sft_lora_eval"].recipe.kind == "eval"
         assert stages["text_sft_lora_export"].recipe.outputs == ["peft", "hf"]
     assert train.resources.gpus_per_node == 1 and train.train.micro_batch_size == 2
+
+
+def test_a_folders_own_chat_template_is_compared_with_phi4s_rendering(tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    from phi4core.data.chat import PHI4_MINI_CHAT_TEMPLATE, chat_template_check
+    from phi4core.data.tokenizer import PhiTokenizer, get_demo_tokenizer
+    from phi4core.interop.hf import copy_tokenizer
+
+    cache = os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4"
+    copy_tokenizer(get_demo_tokenizer(cache).path, tmp_path)
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for template, agree in ((PHI4_MINI_CHAT_TEMPLATE, True),
+                            ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+                             "{% endfor %}", False)):
+        (tmp_path / "tokenizer_config.json").write_text(
+            json.dumps({**config, "chat_template": template}))
+        lines = chat_template_check(PhiTokenizer.from_dir(tmp_path), [data], 5)
+        assert ("renders 1 of 1 records" in lines[0]) == agree, lines
+        assert (len(lines) == 1) == agree
+    assert "<|user|>hi<|end|><|assistant|>hello<|end|><|endoftext|>" in lines[2]
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that predict, at every position, the next token of the known sequence sharing
+    the longest prefix with the row: right on those sequences, wrong off them."""
+
+    def __init__(self, sequences, vocab: int) -> None:
+        super().__init__()
+        self.sequences, self.vocab = [list(map(int, s)) for s in sequences], vocab
+
+    def forward(self, tokens, position_ids=None, attention_mask=None, **_):
+        out = torch.full((*tokens.shape, self.vocab), -10.0)
+        for r, row in enumerate(tokens.tolist()):
+            for p in range(len(row)):
+                best = max(self.sequences, key=lambda s: (
+                    next((k for k in range(min(p + 1, len(s))) if s[k] != row[k]), p + 1)))
+                if p + 1 < len(best):
+                    out[r, p, best[p + 1]] = 10.0
+        return out
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match"])
+def test_task_accuracy_scores_right_and_wrong_models(tmp_path, kind):
+    import json
+    import os
+    from pathlib import Path
+
+    from phi4core.config import EvalTask
+    from phi4core.data.tokenizer import get_demo_tokenizer
+    from phi4core.finetune.evaluate import ScoredSet, accuracy
+
+    tok = get_demo_tokenizer(os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4")
+    records = [{"messages": [{"role": "user", "content": f"Reverse: cat dog {w}"}],
+                "choices": [f"{w} dog cat", f"cat dog {w}", f"dog {w} cat"], "answer": 0}
+               for w in ("red", "blue", "old", "new")]
+    if kind == "exact_match":
+        records = [{"messages": r["messages"], "answer": r["choices"][0]} for r in records]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    scored = ScoredSet(EvalTask(name="t", kind=kind, path=str(path)), tok, 100)
+    right = [choices[answer][0] for choices, answer in scored.items]
+    wrong = [choices[answer][0][:-2] for choices, answer in scored.items]  # stops early
+    if kind == "multiple_choice":
+        wrong = [choices[1][0] for choices, _ in scored.items]
+        assert scored.chance == pytest.approx(1 / 3)
+    assert accuracy(_Oracle(right, tok.vocab_size), scored, tok.pad_id) == 1.0
+    assert accuracy(_Oracle(wrong, tok.vocab_size), scored, tok.pad_id) == 0.0
+
+
+def test_analytic_counts_include_the_text_adapter(single):
+    from phi4core.models.decoder import build_meta_model, param_groups
+    from phi4core.param_counts import parameter_counts
+
+    mc = preset("phi4_mini").model_copy(update={"lora_text": LoraConfig(rank=16, alpha=32)})
+    m = build_meta_model(mc)
+    params = dict(m.named_parameters())
+    torch_counts = {g: sum(params[n].numel() for n in names)
+                    for g, names in param_groups(m).items()}
+    assert torch_counts["lora.text"] == 23_068_672 == parameter_counts(mc).groups["lora.text"]

@@ -1,11 +1,11 @@
 """Local paths in a recipe: anchored to the file that wrote them, recorded absolute.
 
-A relative data path, `{path}`/`{hf}` input or tokenizer folder means the same thing as a
-relative `extends:`: relative to the folder of the file it is written in (a recipe, an
-`extends:` parent, a profile, a pipeline's overrides). Two exceptions, both relative to the
-working directory: a `--set` value, and a value whose text starts with an environment
-variable (`${oc.env:PHI4_DATA}/web`, the shell's idea of a path). After this step every local
-path in the recipe, and so in the stage spec, is absolute.
+A relative data path, `{path}`/`{hf}` input, tokenizer folder or evaluation set means the same
+thing as a relative `extends:`: relative to the folder of the file it is written in (a recipe,
+an `extends:` parent, a profile, a pipeline's overrides). Two exceptions, both relative to the
+working directory: a `--set` value, and a value whose text starts with an environment variable
+(`${oc.env:PHI4_DATA}/web`, the shell's idea of a path). After this step every local path in
+the recipe, and so in the stage spec, is absolute.
 
 An empty path (`{path: ""}`, an unset variable with an empty default) would name the working
 directory itself: it is an error, as is a path longer than the OS accepts, or shard ranges
@@ -50,6 +50,14 @@ def path_fields(doc: dict) -> Iterator[Loc]:
         for i, source in enumerate(sources):
             if isinstance(source, dict) and isinstance(source.get("path"), str):
                 yield ("data", "sources", i, "path")
+    evaluate = doc.get("evaluate")
+    if isinstance(evaluate, dict):
+        if isinstance(evaluate.get("heldout"), str):
+            yield ("evaluate", "heldout")
+        tasks = evaluate.get("tasks")
+        for i, task in enumerate(tasks if isinstance(tasks, list) else []):
+            if isinstance(task, dict) and isinstance(task.get("path"), str):
+                yield ("evaluate", "tasks", i, "path")
 
 
 def _get(doc: Any, loc: Loc) -> Any:

@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -273,3 +274,53 @@ PHI4_MINI_CHAT_TEMPLATE = (
     "message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if "
     "add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
 )
+
+
+def chat_template_check(tokenizer, paths: list[Path], n: int) -> list[str]:
+    """The folder's chat template (tokenizer_config.json) against phi4's rendering of the
+    first `n` records of the chat sources (those without tool calls). The first line says
+    how many agree; more lines follow where one does not."""
+    config_file = Path(tokenizer.path) / "tokenizer_config.json"
+    template = None
+    if config_file.is_file():
+        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    if not isinstance(template, str):
+        return ["chat template: the tokenizer folder has none; phi4 renders Phi-4-mini's"]
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    compiled = env.from_string(template)
+    same = total = calls = 0
+    first_diff = None
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if total >= n or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                mine = render_chat_text(record)
+            except (json.JSONDecodeError, ChatFormatError):
+                continue
+            if any("tool_calls" in m for m in record["messages"]):
+                calls += 1  # the shipped template has no tool-call field: nothing to compare
+                continue
+            messages = [dict(m) for m in record["messages"]]
+            if record.get("tools") and messages[0].get("role") == "system":
+                messages[0]["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+            try:
+                theirs = compiled.render(messages=messages, add_generation_prompt=False,
+                                         eos_token=tokenizer.eos_token)
+            except jinja2.TemplateError as e:
+                theirs = f"<template error: {e}>"
+            total += 1
+            same += theirs == mine
+            if theirs != mine and first_diff is None:
+                first_diff = (theirs, mine)
+    lines = [f"chat template ({config_file}): renders {same} of {total} records as phi4 does"
+             + (f" ({calls} with tool calls not compared: the template has no tool-call "
+                "field; phi4 writes <|tool_call|>[...]<|/tool_call|>)" if calls else "")]
+    if first_diff is not None:
+        lines += [f"  template: {first_diff[0]}", f"  phi4:     {first_diff[1]}",
+                  "  phi4 trains on its own rendering (Phi-4-mini's template): check the "
+                  "folder's template is the one you mean to serve with"]
+    return lines

@@ -12,10 +12,10 @@ rendered beside phi4's rendering of the same records and the two compared.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from phi4core.config import StageSpec
+from phi4core.data.chat import chat_template_check
 
 OPEN, CLOSE = "⟦", "⟧"
 
@@ -71,10 +71,17 @@ def describe_item(spec: StageSpec, tokenizer, item: dict) -> list[str]:
     tokens = item["tokens"].tolist()
     labels = item["labels"].tolist()
     loss = [bool(x) for x in item["loss_mask"].tolist()]
-    positions = item["position_ids"].tolist()
+    # Multimodal items are one sample each, unpadded (their collator pads the batch).
+    positions = (item["position_ids"].tolist() if "position_ids" in item
+                 else list(range(len(tokens))))
     placeholders = _placeholders(spec)
-    seq = len(tokens)
+    seq = spec.train.seq_length
     lines = []
+    for what in ("image", "audio"):
+        counts = item.get(f"{what}_tokens") or []
+        if counts:
+            lines.append(f"  {len(counts)} {what}{'s' if len(counts) > 1 else ''}: "
+                         f"{', '.join(map(str, counts))} placeholder tokens")
     for k, (a, b) in enumerate(_segments(positions)):
         n_loss = sum(loss[a:b])
         if n_loss == 0 and all(t == tokenizer.pad_id for t in tokens[a:b]):
@@ -89,52 +96,8 @@ def describe_item(spec: StageSpec, tokenizer, item: dict) -> list[str]:
                      f"{n_loss} with loss{cut}")
         lines.append("    " + render_tokens(tokenizer, ids, trained, placeholders)
                      .replace("\n", "\n    "))
-    return lines
-
-
-def chat_template_check(tokenizer, paths: list[Path], n: int) -> list[str]:
-    """The folder's chat template (tokenizer_config.json) against phi4's rendering of the
-    first `n` records of the chat sources."""
-    from phi4core.data.chat import ChatFormatError, render_chat_text
-
-    config_file = Path(tokenizer.path) / "tokenizer_config.json"
-    template = None
-    if config_file.is_file():
-        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
-    if not isinstance(template, str):
-        return ["chat template: the tokenizer folder has none; phi4 renders Phi-4-mini's"]
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    compiled = env.from_string(template)
-    same = total = 0
-    first_diff = None
-    for path in paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if total >= n or not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                mine = render_chat_text(record)
-            except (json.JSONDecodeError, ChatFormatError):
-                continue
-            messages = [dict(m) for m in record["messages"]]
-            if record.get("tools") and messages[0].get("role") == "system":
-                messages[0]["tools"] = json.dumps(record["tools"], ensure_ascii=False)
-            try:
-                theirs = compiled.render(messages=messages, add_generation_prompt=False,
-                                         eos_token=tokenizer.eos_token)
-            except jinja2.TemplateError as e:
-                theirs = f"<template error: {e}>"
-            total += 1
-            same += theirs == mine
-            if theirs != mine and first_diff is None:
-                first_diff = (theirs, mine)
-    lines = [f"chat template ({config_file}): renders {same} of {total} records as phi4 does"]
-    if first_diff is not None:
-        lines += [f"  template: {first_diff[0]}", f"  phi4:     {first_diff[1]}",
-                  "  (phi4 trains on its own rendering; tool calls as <|tool_call|>[...] "
-                  "are phi4's, the template has no tool-call field)"]
+    if len(tokens) < seq and "position_ids" not in item:
+        lines.append(f"  padding: {seq - len(tokens)} tokens (no loss), added by the collator")
     return lines
 
 

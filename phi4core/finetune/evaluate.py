@@ -123,16 +123,16 @@ def accuracy(model, scored: ScoredSet, pad_id: int) -> float:
         batch = PackedCollator(attention_mask=not torch.cuda.is_available())(
             [build_packed_item([r], width, pad_id) for r in rows])
         args, kwargs = model_inputs(batch, device)
-        logits = model(*args, **kwargs).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        labels = batch["labels"].to(logp.device)
-        mask = batch["loss_mask"].to(logp.device) > 0
-        token_lp = logp.gather(-1, labels[..., None])[..., 0]
-        hit = logits.argmax(-1) == labels
+        logits = model(*args, **kwargs)
+        labels = batch["labels"].to(logits.device)
+        mask = batch["loss_mask"].to(logits.device) > 0
         for row, (i, c, _) in enumerate(part):
-            m = mask[row]
-            mean_loss[(i, c)] = float(-token_lp[row][m].mean())
-            exact[i] = bool(hit[row][m].all())
+            # Only the reply's positions, in fp32: [n, vocab], never [batch, seq, vocab].
+            reply = logits[row][mask[row]].float()
+            want = labels[row][mask[row]]
+            token_lp = torch.log_softmax(reply, -1).gather(-1, want[:, None])[:, 0]
+            mean_loss[(i, c)] = float(-token_lp.mean())
+            exact[i] = bool((reply.argmax(-1) == want).all())
     right = 0
     for i, (choices, answer) in enumerate(scored.items):
         if scored.task.kind == "exact_match":
@@ -169,7 +169,7 @@ def evaluate(spec: ToolSpec) -> dict:
     if ev is None:
         raise fin.InputError("an eval stage needs `evaluate:`")
     base = ev.base if ev.base is not None else [n for n, i in spec.inputs.items() if i.frozen]
-    rest = [n for n in spec.inputs if n not in base]
+    rest = [n for n in spec.input_order if n not in base]
     if not base or not rest:
         raise fin.InputError(f"the base model is made of {base or 'no input'} and the trained "
                              f"one adds {rest or 'nothing'}: both need inputs (set "
@@ -186,8 +186,8 @@ def evaluate(spec: ToolSpec) -> dict:
         raise fin.InputError("an eval stage runs one model chunk (no virtual pipeline)")
     results = []
     for names, which in ((base, "base"), (rest, "trained")):
-        for name in names:
-            fin.load([model], mc, name, spec.inputs[name])
+        for name, inp in spec.ordered_inputs(names):
+            fin.load([model], mc, name, inp)
         results += measure(model, spec, tokenizer, which, sets)
     record = {"stage": spec.name, "fingerprint": spec.fingerprint, "results": results}
     write_json(Path(spec.stage_dir) / "evaluation.json", record)
@@ -199,7 +199,7 @@ def run(spec: ToolSpec) -> int:
 
     try:
         record = evaluate(spec)
-    except (fin.InputError, ConversionError, ValueError) as e:
+    except (fin.InputError, ConversionError, ValueError, OSError) as e:
         log.error("cannot evaluate stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     for r in record["results"]:

@@ -50,7 +50,7 @@ def export(spec: ToolSpec) -> dict[str, Path]:
         raise fin.InputError("no input brings a LoRA adapter to export (an `adapter` artifact "
                              "of a fine-tuning stage)")
     chunks = fin.build(mc)
-    for name, inp in spec.inputs.items():
+    for name, inp in spec.ordered_inputs():
         log.info("input %s: %s", name, ", ".join(fin.load(chunks, mc, name, inp)))
     dtype = _dtype(spec)
     multimodal = hf_multimodal.is_multimodal(mc)
@@ -87,7 +87,7 @@ def run(spec: ToolSpec) -> int:
     try:
         for kind, path in export(spec).items():
             print(f"exported {kind}: {path}", flush=True)
-    except (fin.InputError, ConversionError) as e:
+    except (fin.InputError, ConversionError, OSError) as e:
         log.error("cannot export stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     return exitcodes.OK

@@ -163,6 +163,8 @@ class ChatSamples:
             return out
 
         paths = rank0_first(files)
+        _warn_on_template(tokenizer, [Path(s.path) for s in spec.data.sources
+                                      if s.kind == "chat_jsonl"])
         seed = spec.train.seed
         self.sources = [
             Epochs(ChatDataset(path, tokenizer, spec.train.seq_length, pack=True, seed=seed + k,
@@ -183,6 +185,20 @@ class ChatSamples:
 
     def __getitem__(self, i: int) -> dict:
         return self.sources[int(self.source_of[i])][int(self.index_in[i])]
+
+
+def _warn_on_template(tokenizer, paths: list[Path], n: int = 20) -> None:
+    """Say so (rank 0) where the tokenizer folder's own chat template renders the first
+    records otherwise than phi4 trains them (a model served with that template would see
+    other text)."""
+    import torch.distributed as dist
+
+    if not paths or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    from phi4core.data.chat import chat_template_check
+
+    lines = chat_template_check(tokenizer, paths, n)
+    (log.warning if len(lines) > 1 else log.info)("%s", "\n".join(lines))
 
 
 def multimodal_samples(spec: StageSpec, tokenizer, num_samples: int):
