@@ -88,7 +88,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
         self.cluster = self.lc.cluster if self.lc else None
         self.detached = self.cluster is not None  # NeMo-Run's SlurmExecutor returns at once
         ssh = self.cluster.ssh if self.cluster else None
-        self.login = Login(ssh.host, ssh.port, ssh.user, ssh.identity) if ssh else None
+        self.login = Login.of(ssh) if ssh else None
         self.home = plan.store.root / HOME_NAME  # NEMORUN_HOME
         self._driver_code = 0
 
