@@ -175,6 +175,16 @@ class EvaluationRecord(_Record):
     def result(self, name: str, model: str = "trained") -> EvaluationResult | None:
         return next((r for r in self.results if r.name == name and r.model == model), None)
 
+    def summary(self) -> str:
+        """One line: each result with its chance, e.g. `caption_accuracy 0.62 (chance 0.31)`."""
+        parts = []
+        for r in self.results:
+            value = "not finite" if r.value is None else f"{r.value:.3g}"
+            chance = "" if r.chance is None else f" (chance {r.chance:.3g})"
+            base = "" if r.model == "trained" else f" [{r.model}]"
+            parts.append(f"{r.name}{base} {value}{chance}")
+        return "; ".join(parts)
+
 
 class ManifestRecord(_Record):
     """`manifest.json`: the published artifacts' files (relative path -> size and sha256),

@@ -474,6 +474,43 @@ class StageDir:
             finally:
                 lock.release()
 
+    # ------------------------------------------------------------------------------------
+    # garbage collection (phi4 gc): never while the stage runs
+    # ------------------------------------------------------------------------------------
+
+    def remove(self) -> bool:
+        """Remove this whole fingerprint folder; False (nothing removed) when a process holds
+        its lock or it is recorded running or queued. It is moved aside first
+        (`stages/<name>/.trash.*`), so a kill leaves no half folder under a fingerprint."""
+        lock = self.lock()
+        if not self.path.is_dir() or not lock.try_acquire():
+            return False
+        try:
+            if self.state() in (State.RUNNING, State.PENDING):
+                return False
+            trash = self.path.parent / f".trash.{self.fingerprint}.{os.getpid()}"
+            os.rename(self.path, trash)
+        finally:
+            lock.release()
+        remove_tree(trash)
+        return True
+
+    def remove_checkpoints(self) -> bool:
+        """Remove the checkpoints of a finished attempt (its rerun starts over, never resumes
+        from them); False when the stage runs or its last attempt did not succeed."""
+        lock = self.lock()
+        if not lock.try_acquire():
+            return False
+        try:
+            status = self.status()
+            if status is None or status.state != State.SUCCEEDED \
+                    or not os.path.lexists(self.checkpoints):
+                return False
+            self._discard(self.checkpoints)
+            return True
+        finally:
+            lock.release()
+
     def _point_at(self, version: Path) -> None:
         """The one atomic switch of publish: `artifacts` -> versions/<id>."""
         tmp = self.path / f".artifacts.{os.getpid()}.link"
@@ -614,6 +651,14 @@ class Store:
             return []
         return [StageDir(self, name, p.name) for p in entries
                 if _FINGERPRINT.fullmatch(p.name) and p.is_dir()]
+
+    def collect_trash(self) -> None:
+        """Remove what a killed `phi4 gc` left beside the stage folders (`.trash.*`)."""
+        for name in self.stage_names():
+            with contextlib.suppress(OSError):
+                for entry in (self.root / "stages" / name).iterdir():
+                    if entry.name.startswith(".trash."):
+                        remove_tree(entry)
 
     def set_latest(self, name: str, fingerprint: str) -> None:
         path = self.root / "stages" / name / "latest"

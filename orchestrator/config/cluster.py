@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from phi4core.config import Strict
+from phi4core.config import MlflowLogging, Strict, WandbLogging
 
 from .checks import defaulted
 from .errors import Loc, Origin, Positions, Problem, origin_of
@@ -67,6 +67,14 @@ class SshLogin(Strict):
         return value
 
 
+class ClusterLogging(Strict):
+    """Tracker settings for every stage run on the cluster; a recipe's `logging:` values win,
+    key by key."""
+
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
+
+
 class Cluster(Strict):
     name: str
     partition: str | None = None
@@ -102,6 +110,8 @@ class Cluster(Strict):
     ssh: SshLogin | None = Field(
         default=None, description="submit from another machine through this login node "
                                   "(--executor nemo_run)")
+    logging: ClusterLogging | None = Field(
+        default=None, description="W&B / MLflow defaults for every stage (recipes override)")
 
     @field_validator("name")
     @classmethod

@@ -16,7 +16,6 @@ copy of a job that is still running would be worse than waiting.
 
 from __future__ import annotations
 
-from .. import launch
 from ..config.cluster import load_cluster, stage_time
 from ..plan import Plan
 from ..records import LIVE, State
@@ -210,7 +209,7 @@ class SlurmExecutor(FollowsSlurmJobs):
         sp = self.plan.stages[name]
         folder = sp.stage_dir
         script = self.batch_script(name)
-        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        folder.prepare(self.spec_document(name), sp.fields)
         path = folder.path / SCRIPT_NAME
         path.write_text(render(script))
         folder.queue(
