@@ -248,8 +248,8 @@ class NemoRunExecutor(FollowsSlurmJobs):
 
 def check_rundir(plan: Plan, lc: LoadedCluster | None, home: str, prefix: str) -> None:
     """Refuse (exit 2, naming the field) any `/nemo_run` that would reach NeMo-Run's sbatch
-    scripts, where NeMo-Run 0.11 would replace it with the job's folder: a path mangled so
-    points at nothing (the job fails at launch, or the stage reads the wrong thing)."""
+    scripts, where NeMo-Run 0.11 would replace it with the job's folder: a path so mangled
+    points at nothing (the job fails at launch) or at the wrong thing."""
     why = (f"NeMo-Run replaces every '{RUNDIR}' in its sbatch scripts with the job's folder, "
            "so this value would be mangled")
     for what, value in (("the store", str(plan.store.root)), ("NEMORUN_HOME", home)):
