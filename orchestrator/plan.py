@@ -230,7 +230,7 @@ def assess(plan: Plan, sp: StagePlan, upstream_pending: bool) -> None:
         # A rerun leaves the published artifact in place until it succeeds itself.
         state = sp.stage_dir.state(status)
         if status is not None and (state == State.RUNNING or (
-                state == State.PENDING and status.executor == "slurm")):
+                state == State.PENDING and status.on_slurm)):
             reasons += _why_not_done(plan, sp, "")  # a rerun in flight: wait for it
         else:
             reasons += _republished_inputs(plan, sp)
@@ -279,7 +279,7 @@ def _why_not_done(plan: Plan, sp: StagePlan, problem: str) -> list[str]:
         return describe_changes(old, sp.fields) or ["new fingerprint (same fields?)"]
     state, n = folder.state(status), status.number
     resume = resume_text(folder.checkpoints)
-    if status.executor == "slurm" and state in (State.PENDING, State.RUNNING):
+    if status.on_slurm and state in (State.PENDING, State.RUNNING):
         return [f"{state} as Slurm job {status.job_id}"]
     if state == State.RUNNING:
         return [f"running in another phi4 run (pid {status.pid} on {status.host}); "

@@ -122,6 +122,13 @@ class StageStatus(_Record):
         return [] if value is None else value
 
     @property
+    def on_slurm(self) -> bool:
+        """Whether a Slurm job carries the attempt (`--executor slurm`, or NeMo-Run's
+        SlurmExecutor): its liveness is Slurm's to tell, not the stage lock's."""
+        return self.executor == "slurm" or (self.executor == "nemo_run" and
+                                            self.cluster is not None)
+
+    @property
     def starts_over(self) -> bool:
         """Whether the next attempt must not resume from this one's checkpoints: it finished
         (they hold the final step, trained on the inputs of then), or a submission said so."""

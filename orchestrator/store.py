@@ -269,7 +269,7 @@ class StageDir:
         status = status if status is not None else self.status()
         if status is None:
             return None
-        if status.state == State.RUNNING and status.executor != "slurm" \
+        if status.state == State.RUNNING and not status.on_slurm \
                 and not self.lock().is_held_elsewhere():
             return State.INTERRUPTED
         return status.state

@@ -37,8 +37,10 @@ def slurm():
         pytest.skip(reason)
     stores: list[Path] = []
     yield stores
-    for store in stores:  # whatever a failed test left queued
-        phi4("cancel", str(store.parent / "pipeline.yaml"), "--store", str(store))
+    jobs = [json.loads(p.read_text()).get("job_id") for store in stores
+            for p in store.glob("stages/*/*/status.json")]
+    if any(jobs):  # whatever a failed test left queued (scancel ignores ended jobs)
+        subprocess.run(["scancel", *filter(None, jobs)], capture_output=True, timeout=30)
 
 
 def _cluster(path: Path, **values) -> Path:
@@ -64,7 +66,7 @@ def _wait_status(store: Path, done, what: str, env: dict[str, str], timeout: flo
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} after {timeout:.0f} s: "
                         + json.dumps({k: (v["state"], v["note"]) for k, v in rows.items()}))
-        time.sleep(0.3)
+        time.sleep(0.5)  # each look starts phi4 and an ssh connection
 
 
 def _squeue(job_ids: list[str]) -> str:
@@ -76,7 +78,7 @@ def test_two_stages_run_through_slurm_with_afterok(slurm, tmp_path: Path) -> Non
     pipeline = make_pipeline(tmp_path, {"a": [], "b": ["a"]})
     store = tmp_path / "store"
     slurm.append(store)
-    out = _nemo(pipeline, store, LOCAL_CLUSTER, "--wait", "--poll", "0.2")
+    out = _nemo(pipeline, store, LOCAL_CLUSTER, "--wait", "--poll", "0.5")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = status(store)
     assert {n: (r["state"], r["executor"]) for n, r in rows.items()} == {
@@ -114,7 +116,7 @@ def test_a_launch_failure_is_a_failure_with_its_reason(slurm, tmp_path: Path) ->
     store = tmp_path / "dies"
     slurm.append(store)
     out = _nemo(pipeline, store, _cluster(tmp_path / "dies.yaml", setup=["exit 7"]),
-                "--wait", "--poll", "0.2")
+                "--wait", "--poll", "0.5")
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     rows = status(store)
     a_job, b_job = recorded(store, "a")["job_id"], recorded(store, "b")["job_id"]
@@ -248,6 +250,9 @@ def test_laptop_to_cluster_through_ssh(slurm, sshd, tmp_path: Path) -> None:
         "b:[a:]"
     assert (tmp_path / "jobs").is_dir()  # NeMo-Run's job folders, copied with rsync
     c_job = rows["c"]["job"]
+    again = _nemo(pipeline, store, cluster, env=laptop)  # never a second copy of c's job
+    assert again.returncode == 2 and again.stderr.endswith(
+        f"stage c: its job {c_job} is still running; wait for it, or `phi4 cancel c` first\n")
     out = phi4("cancel", "c", "--store", str(store), env=laptop, check=0)
     assert out.stdout.splitlines() == [f"cancelled  c: job {c_job}"]
     rows = _wait_status(store, lambda r: r["c"]["state"] == "cancelled", "c cancelled", laptop)

@@ -220,7 +220,8 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
               help="After Ctrl-C/SIGTERM, how long stages may take to checkpoint before SIGKILL.")
 @executor_options
 @click.option("--wait", is_flag=True,
-              help="slurm: follow the submitted jobs until they end (default: return at once).")
+              help="slurm, nemo_run on a cluster: follow the submitted jobs until they end "
+                   "(default: return at once).")
 @click.option("--poll", type=FiniteFloat(positive=True), default=1.0, hidden=True)
 @click.option("--no-check", is_flag=True,
               help="Run stages even where the memory estimate says they do not fit.")

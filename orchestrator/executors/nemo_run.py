@@ -88,7 +88,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
         self.cluster = self.lc.cluster if self.lc else None
         self.detached = self.cluster is not None  # NeMo-Run's SlurmExecutor returns at once
         ssh = self.cluster.ssh if self.cluster else None
-        self.login = Login(ssh.host, ssh.port, ssh.user, ssh.identity) if ssh else None
+        self.login = Login.of(ssh) if ssh else None
         self.home = plan.store.root / HOME_NAME  # NEMORUN_HOME
         self._driver_code = 0
 
@@ -248,8 +248,8 @@ class NemoRunExecutor(FollowsSlurmJobs):
 
 def check_rundir(plan: Plan, lc: LoadedCluster | None, home: str, prefix: str) -> None:
     """Refuse (exit 2, naming the field) any `/nemo_run` that would reach NeMo-Run's sbatch
-    scripts, where NeMo-Run 0.11 would replace it with the job's folder: a path mangled so
-    points at nothing (the job fails at launch, or the stage reads the wrong thing)."""
+    scripts, where NeMo-Run 0.11 would replace it with the job's folder: a path so mangled
+    points at nothing (the job fails at launch) or at the wrong thing."""
     why = (f"NeMo-Run replaces every '{RUNDIR}' in its sbatch scripts with the job's folder, "
            "so this value would be mangled")
     for what, value in (("the store", str(plan.store.root)), ("NEMORUN_HOME", home)):

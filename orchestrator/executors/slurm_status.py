@@ -23,16 +23,10 @@ from .ssh import Login
 _BAD = (State.FAILED, State.CANCELLED, State.PREEMPTED, State.BLOCKED)
 
 
-def on_slurm(executor: str | None, cluster: str | None) -> bool:
-    """Whether a record's job is a Slurm job: native, or NeMo-Run's on a cluster."""
-    return executor == "slurm" or (executor == "nemo_run" and cluster is not None)
-
-
 def slurm_job(folder: StageDir) -> str | None:
     """The Slurm job of the folder's latest attempt, while that job may be queued or running."""
     status = folder.status()
-    if status is not None and on_slurm(status.executor, status.cluster) and \
-            status.state in LIVE:
+    if status is not None and status.on_slurm and status.state in LIVE:
         return status.job_id
     return None
 

@@ -14,8 +14,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..records import LoginRecord
+
+if TYPE_CHECKING:  # the config package is not imported by the job hooks that use this module
+    from ..config.cluster import SshLogin
 
 # What ssh itself prints (it exits 255) when it did not reach the remote command.
 _HOST_KEY = ("Host key verification failed", "host key is known", "No matching host key")
@@ -35,8 +39,9 @@ class Login:
     identity: str | None = None
 
     @classmethod
-    def of(cls, record: LoginRecord) -> Login:
-        return cls(record.host, int(record.port), record.user, record.identity)
+    def of(cls, where: LoginRecord | SshLogin) -> Login:
+        """From a stage record, or from a cluster file's `ssh:`."""
+        return cls(where.host, int(where.port), where.user, where.identity)
 
     def record(self) -> LoginRecord:
         return LoginRecord(host=self.host, port=self.port, user=self.user,
