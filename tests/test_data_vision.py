@@ -123,6 +123,12 @@ def test_pack_counts_bad_lines_with_file_and_line(tmp_path):
     assert not (tmp_path / "ds2").exists()  # nothing half-written
     with pytest.raises(PackError, match="exists and is not an empty folder"):
         pack_images(images, captions, tmp_path / "ds")
+    pack_images(images, captions, tmp_path / "again", shard_size=3)  # the same bytes again
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "again") == files(tmp_path / "ds")
 
 
 def test_pack_images_command(tmp_path):

@@ -64,9 +64,12 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
 def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int,
                     on_bad_record: str) -> None:
     """Pack images and their captions or conversations into an energon dataset."""
+    import logging
+
     from phi4core.data.pack_images import PackError, pack_images
     from phi4core.data.report import DataError
 
+    logging.getLogger("phi4core.data").setLevel(logging.ERROR)  # listed below, all of them
     try:
         result = pack_images(images_dir, captions, out, shard_size=shard_size,
                              on_bad_record=on_bad_record)
