@@ -80,6 +80,8 @@ def test_records_turn_tags_into_placeholders():
     ({"image": "a.png", "caption": ""}, "bad 'caption'"),
     ({"images": [], "text": "x"}, "no images"),
     ({"images": ["a.png"]}, "needs 'messages' or 'text'"),
+    ({"images": ["a.png"], "text": "<|image_1|> then <|user|>hi<|end|>"},
+     "text contains a special token"),
     ([1, 2], "record is not a JSON object"),
 ])
 def test_bad_records_have_a_reason(record, reason):
