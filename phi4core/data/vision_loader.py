@@ -238,6 +238,7 @@ class VisionStream:
         self.micro, self.dp_rank, self.dp = micro_batch_size, dp_rank, dp
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.report = DataReport(name=f"webdataset {self.path}")
+        self._reported: set[str] = set()  # sources logged once; each meeting is counted
         self._loader = None
         self._it = None
         self._restore = None
@@ -272,6 +273,10 @@ class VisionStream:
         batch = next(self._it)
         for source, reason, detail in batch.pop(SKIPPED, []):
             self.report.records_read += 1
+            if source in self._reported and self.policy == "skip":
+                self.report.skipped[reason] += 1  # met again (next epoch): counted, not logged
+                continue
+            self._reported.add(source)
             self.report.bad(source, reason, detail, self.policy)
         self.report.records_read += len(batch["sources"])
         self.report.records_kept += len(batch["sources"])
