@@ -80,6 +80,8 @@ def test_records_turn_tags_into_placeholders():
     ({"image": "a.png", "caption": ""}, "bad 'caption'"),
     ({"images": [], "text": "x"}, "no images"),
     ({"images": ["a.png"]}, "needs 'messages' or 'text'"),
+    ({"images": ["a.png"], "text": "<|image_1|> then <|user|>hi<|end|>"},
+     "text contains a special token"),
     ([1, 2], "record is not a JSON object"),
 ])
 def test_bad_records_have_a_reason(record, reason):
@@ -123,6 +125,12 @@ def test_pack_counts_bad_lines_with_file_and_line(tmp_path):
     assert not (tmp_path / "ds2").exists()  # nothing half-written
     with pytest.raises(PackError, match="exists and is not an empty folder"):
         pack_images(images, captions, tmp_path / "ds")
+    pack_images(images, captions, tmp_path / "again", shard_size=3)  # the same bytes again
+
+    def files(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "again") == files(tmp_path / "ds")
 
 
 def test_pack_images_command(tmp_path):
@@ -175,6 +183,19 @@ def test_two_workers_one_shard_yield_every_sample_once_per_epoch(one_shard, toke
     assert stream.report.records_kept == 10 and not stream.report.skipped
 
 
+def test_data_parallel_ranks_split_an_epoch(one_shard, tokenizer):
+    """Two data-parallel ranks (one shard for both) read disjoint halves of every sample."""
+    halves = []
+    for rank in (0, 1):
+        stream = _stream(one_shard, tokenizer, dp_rank=rank, dp=2)
+        try:
+            halves.append(_keys(stream, 4 + (rank == 0)))
+        finally:
+            stream.close()
+    assert not set(halves[0]) & set(halves[1])
+    assert sorted(halves[0] + halves[1]) == [f"ds/shard_000000.tar:{i:09d}" for i in range(9)]
+
+
 def test_restored_blend_continues_with_the_samples_not_yet_yielded(tmp_path, tokenizer):
     """Stopped mid-epoch and restored in a new loader: the rest is exactly what the first
     loader would have yielded; a 3:1 blend keeps its proportion."""
@@ -225,7 +246,7 @@ def test_corrupt_image_is_counted_with_its_source_or_fails(tmp_path, tokenizer):
     assert bad not in seen and stream.report.skipped["unreadable image"] >= 1
     assert set(stream.report.skipped) == {"unreadable image"}
     assert stream.report.examples[0].startswith(f"{bad}: unreadable image")
-    failing = _stream(ds, tokenizer, num_workers=0, on_bad_record="fail")
+    failing = _stream(ds, tokenizer, num_workers=1, on_bad_record="fail")
     with pytest.raises(DataError, match=f"{bad}: unreadable image"):
         _keys(failing, 5)
     failing.close()

@@ -120,9 +120,12 @@ def prepare_speech_cmd(audio_dir: Path, transcripts: Path, out_dir: Path, featur
 def pack_images_cmd(images_dir: Path, captions: Path, out: Path, shard_size: int,
                     on_bad_record: str) -> None:
     """Pack images and their captions or conversations into an energon dataset."""
+    import logging
+
     from phi4core.data.pack_images import PackError, pack_images
     from phi4core.data.report import DataError
 
+    logging.getLogger("phi4core.data").setLevel(logging.ERROR)  # listed below, all of them
     try:
         result = pack_images(images_dir, captions, out, shard_size=shard_size,
                              on_bad_record=on_bad_record)

@@ -18,17 +18,19 @@ renamed into place at the end.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.vision_records import RecordError, vision_record
-from phi4core.files import json_text
+from phi4core.files import json_text, sha256_file
 
 SPLIT = "train"
 DATASET_YAML = "__module__: megatron.energon\n__class__: CrudeWebdataset\n"
@@ -57,7 +59,9 @@ def image_format(data: bytes, where: str) -> str:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             im.load()  # decodes the pixels: truncated or corrupt files fail here
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise RecordError("unreadable image", f"{where}: not an image file") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise RecordError("unreadable image", f"{where}: {e}") from None
     if fmt not in IMAGE_EXTENSIONS:
         raise RecordError("unsupported image format",
@@ -117,7 +121,14 @@ def prepare_energon(folder: Path, shards: list[str]) -> None:
         BaseWebdatasetFactory.prepare_dataset(
             folder, shards, split_parts_patterns=[(SPLIT, r".*\.tar$")], shuffle_seed=None,
             workers=1)
-    (folder / MAIN_FOLDER_NAME / "dataset.yaml").write_text(DATASET_YAML)
+    meta = folder / MAIN_FOLDER_NAME
+    (meta / "dataset.yaml").write_text(DATASET_YAML)
+    # energon names the index with a random uuid; one derived from the shards' bytes makes the
+    # same input pack to the same files (and fingerprint) every time.
+    digest = hashlib.sha256()
+    for name in shards:
+        digest.update(name.encode() + b"\0" + sha256_file(folder / name).encode())
+    (meta / "index.uuid").write_text(str(uuid.UUID(digest.hexdigest()[:32], version=5)))
 
 
 def pack_images(images_dir: str | os.PathLike, captions: str | os.PathLike,

@@ -164,9 +164,9 @@ def _task_encoder_class():
                 if not isinstance(record, dict):
                     raise RecordError("bad shard record", "the json member is not an object")
                 item = self.items(record, sample["images"], source)
-            except (RecordError, ValueError) as e:
+            except (RecordError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 reason = getattr(e, "reason", "bad shard record")
-                detail = getattr(e, "detail", str(e))
+                detail = getattr(e, "detail", f"its json member: {e}")
                 self.pending.append((source, reason, detail))
                 self.in_a_row += 1
                 if self.in_a_row > MAX_SKIPS_IN_A_ROW:
@@ -238,6 +238,7 @@ class VisionStream:
         self.micro, self.dp_rank, self.dp = micro_batch_size, dp_rank, dp
         self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
         self.report = DataReport(name=f"webdataset {self.path}")
+        self._reported: set[str] = set()  # sources logged once; each meeting is counted
         self._loader = None
         self._it = None
         self._restore = None
@@ -271,6 +272,11 @@ class VisionStream:
             self._open()
         batch = next(self._it)
         for source, reason, detail in batch.pop(SKIPPED, []):
+            self.report.records_read += 1
+            if source in self._reported and self.policy == "skip":
+                self.report.skipped[reason] += 1  # met again (next epoch): counted, not logged
+                continue
+            self._reported.add(source)
             self.report.bad(source, reason, detail, self.policy)
         self.report.records_read += len(batch["sources"])
         self.report.records_kept += len(batch["sources"])

@@ -109,6 +109,11 @@ def vision_record(record: Any) -> VisionRecord:
             raise RecordError("bad 'text'", "must be a non-empty string")
         if IMAGE_PLACEHOLDER in text:
             raise RecordError("bad 'text'", f"write <|image_N|> tags, not {IMAGE_PLACEHOLDER}")
+        from phi4core.data.chat import STRUCTURE_TOKENS  # torch: only for interleaved text
+
+        forged = [t for t in STRUCTURE_TOKENS if t in text]
+        if forged:
+            raise RecordError("text contains a special token", forged[0])
         out = _replace_tags(text, seen)
         _check_order(seen, len(paths))
         return VisionRecord("interleaved", paths, text=out)

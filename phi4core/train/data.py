@@ -12,6 +12,12 @@ inputs and `input_mode`.
 `StepBatches` reads and collates the micro-batches in `data.num_workers` loader processes
 (0: in the training process). Which samples make a micro-batch depends on the step alone, and
 a sample on its index alone, so the batches are the same whatever the worker count.
+
+Stages with stream sources (`webdataset`: energon, phi4core.data.vision_loader) or that mix
+modalities (text/chat with media, a multimodal model only) read instead from a
+`phi4core.train.mixture.MixedBatches`: one stream per source family, each micro-batch from one
+family by weight; its position (counters + each stream's loader state) is saved in the
+checkpoints. A loader kind registers in `STREAM_BUILDERS`.
 """
 
 from __future__ import annotations
