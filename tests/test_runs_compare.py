@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,8 +90,13 @@ def test_diff_names_exactly_the_changed_fields_and_the_results(trained: dict) ->
     assert results["a"]["steps"] == results["b"]["steps"] == 4
     assert results["b"]["state"] == "succeeded" and results["b"]["duration_s"] > 0
 
+    (lr,) = [c for c in report["changes"] if c["key"] == "train.lr"]
+    assert re.fullmatch(r"recipes/profiles/tiny\.yaml:\d+", lr["source_a"]), lr
+    assert lr["source_b"] == "--set train.lr=1.0e-3"
+
     text = cli(trained, "diff", a.name[:8], "text_pretrain").stdout
-    assert "train.lr: 0.003 -> 0.001" in text and "final loss" in text
+    assert "train.lr: 0.003 -> 0.001   (A: recipes/profiles/tiny.yaml:" in text
+    assert "B: --set train.lr=1.0e-3)" in text and "final loss" in text
 
 
 @pytest.mark.slow
@@ -310,3 +316,52 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path: Path, monkeypatch
         monkeypatch.setitem(sys.modules, module, None)  # import fails as when absent
         with pytest.raises(TrackerMissing, match=r"pip install 'phi4\[trackers\]'"):
             open_trackers(tmp_path, Logging.model_validate(section), run, resumed=False)
+
+
+def test_field_changes_carry_each_sides_source() -> None:
+    from orchestrator.compare import MISSING, field_changes
+
+    a = {"train.lr": 0.003, "train.steps": 40, "inputs.backbone.fingerprint": "aa",
+         "logging.interval": 5, "data.sources[0].weight": 1.0}
+    b = {"train.lr": 0.001, "train.steps": 40, "inputs.backbone.fingerprint": "bb",
+         "logging.interval": 5, "data.sources[0].weight": 0.5, "train.min_lr": 1e-5}
+    sources_a = {"train": "base.yaml:3", "data.sources[0]": "a.yaml:9"}
+    sources_b = {"train.lr": "--set train.lr=0.001", "data.sources": "b.yaml:2"}
+    changes = {c.key: c for c in field_changes(a, b, sources_a, sources_b)}
+    assert list(changes) == ["train.lr", "train.min_lr", "inputs.backbone.fingerprint",
+                             "data.sources[0].weight"]
+    assert (changes["train.lr"].source_a, changes["train.lr"].source_b) == \
+        ("base.yaml:3", "--set train.lr=0.001")
+    assert changes["train.min_lr"].a is MISSING and changes["train.min_lr"].source_b == "default"
+    assert (changes["data.sources[0].weight"].source_a,
+            changes["data.sources[0].weight"].source_b) == ("a.yaml:9", "b.yaml:2")
+    assert [c.group for c in changes.values()] == ["field", "field", "input", "data"]
+    assert field_changes(a, a) == []
+
+
+def test_cluster_tracker_settings_under_the_recipes_and_the_run_name(tmp_path: Path) -> None:
+    from orchestrator.config import load_any
+    from orchestrator.config.cluster import load_cluster
+    from orchestrator.launch import spec
+    from orchestrator.store import Store
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text("name: c\npartition: gpu\nlogging:\n  wandb: {entity: team, project: "
+                       "shared}\n  mlflow: {tracking_uri: 'https://mlflow.example'}\n")
+    loaded = load_any(str(REPO / "recipes/text_pretrain.yaml"), "tiny",
+                      ["logging.wandb.project=mine", "logging.wandb.mode=offline"])
+    folder = Store(tmp_path / "store").stage_dir("text_pretrain", "0123456789abcdef")
+    built = spec(loaded, folder, {}, load_cluster(cluster).cluster, "phi4_mini")
+    assert built.logging.wandb.model_dump() == {"project": "mine", "entity": "team",
+                                                "mode": "offline"}
+    assert built.logging.mlflow.tracking_uri == "https://mlflow.example"
+    assert built.run.name == "phi4_mini.text_pretrain.0123456789abcdef"
+    assert built.run.tags == {"pipeline": "phi4_mini", "stage": "text_pretrain",
+                              "fingerprint": "0123456789abcdef"}
+    alone = spec(loaded, folder, {}, None, "phi4_mini")
+    assert alone.logging.mlflow is None and alone.logging.wandb.entity is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: c\nlogging:\n  wandb: {projct: x}\n")
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(bad)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and "bad.yaml:3" in done.stderr and "projct" in done.stderr
