@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import tracker_files
+from test_cli_light import PROBE
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--set", "train.steps=4", "--set", "train.warmup_steps=1"]
@@ -128,6 +129,13 @@ def test_metrics_table_formats_and_terminal_curves(trained: dict) -> None:
     assert [r["attempt"] for r in latest["attempts"]] == [2]
     text = cli(trained, "metrics").stdout
     assert text.count("text_pretrain@") == 3 and "loss:" in text
+    # Like status, these read the store without torch, numpy or matplotlib.
+    for args in (["metrics"], ["diff", "text_pretrain@1", "text_pretrain"]):
+        probe = subprocess.run([sys.executable, "-c", PROBE,
+                                json.dumps([*args, "--store", str(trained["store"])])],
+                               cwd=REPO, capture_output=True, text=True, check=True)
+        report = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert report["code"] == 0 and report["heavy"] == [], report
 
 
 @pytest.mark.slow
@@ -365,3 +373,36 @@ def test_cluster_tracker_settings_under_the_recipes_and_the_run_name(tmp_path: P
     done = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(bad)],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "bad.yaml:3" in done.stderr and "projct" in done.stderr
+
+
+def test_each_attempt_of_a_folder_keeps_its_own_metrics_and_evaluations(tmp_path: Path) -> None:
+    """A finished attempt rerun (forced): begin() keeps its metrics and evaluation aside as
+    metrics.attempt1.jsonl / evaluation.attempt1.json; both attempts are read, each its own."""
+    from orchestrator.compare import result_rows
+    from orchestrator.records import EvaluationRecord, EvaluationResult, State
+    from orchestrator.runs import attempts_of, resolve, summarize
+    from orchestrator.store import Store, write_json
+
+    store = Store(tmp_path / "store")
+    folder = _attempt(store, "s", "00000000000000aa", {}, 10.0, checkpoint=False)
+    for attempt, (losses_, accuracy) in enumerate((([3.0, None, 2.0], 0.5),
+                                                   ([3.0, 1.5, 1.75], 0.75)), start=1):
+        if attempt == 2:
+            folder.begin("local", command=[], reasons=["forced"], inputs={})
+            folder.end(State.SUCCEEDED)
+        lines = [json.dumps({"step": i, "time": 5.0 + i, "loss": v, "tokens_per_s": 100.0 * i,
+                             "peak_mem_mb": 10.0 + i}) for i, v in enumerate(losses_)]
+        folder.metrics.write_text("\n".join(lines) + "\n")
+        record = EvaluationRecord(stage="s", fingerprint=folder.fingerprint, results=[
+            EvaluationResult(name="accuracy", value=accuracy, chance=0.25, samples=40)])
+        write_json(folder.evaluation_file, record.model_dump(mode="json"))
+    first, latest = attempts_of(folder)
+    assert (first.number, first.current, latest.number, latest.current) == (1, False, 2, True)
+    one, two = summarize(first), summarize(latest)
+    assert (one.final_loss, one.best_loss, one.steps) == (2.0, 2.0, 3)
+    assert (two.final_loss, two.best_loss, two.state) == (1.75, 1.5, "succeeded")
+    assert (one.tokens_per_s, two.peak_mem_mb) == (150.0, 12.0)  # median after step 0; max
+    assert (one.evaluations, two.evaluations) == ({"accuracy": 0.5}, {"accuracy": 0.75})
+    assert ("eval accuracy", 0.5, 0.75) in result_rows(one, two)
+    assert resolve(store, f"{folder.fingerprint}@-1") == latest
+    assert resolve(store, "s@1") == first and resolve(store, "s") == latest
