@@ -5,7 +5,8 @@ what each task runs, on how many nodes, how many tasks per node, CPUs and GPUs, 
 job exports first. Executors only render it (local: one child process; Slurm: sbatch
 directives and an srun line; NeMo-Run: task fields and a script).
 
-Train stages run `python -m phi4core train SPEC.json`: one process when the stage has one
+Eval and export stages run `python -m phi4core eval|export SPEC.json`, one process. Train
+stages run `python -m phi4core train SPEC.json`: one process when the stage has one
 rank; otherwise torchrun (`python -m phi4core.elastic`, which passes stop signals on to the
 ranks), with every rank on one node (`--standalone`: a free rendezvous port, so stages side by
 side do not collide), or on a cluster per node with a c10d rendezvous on the first node; or,
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from phi4core.config import InputSpec, Logging, StageSpec, TrackerRun
+from phi4core.config import InputSpec, Logging, StageSpec, ToolSpec, TrackerRun
 
 from .config import LoadedRecipe
 from .config.checks import expand_groups, model_of
@@ -86,6 +87,10 @@ class Launcher:
         res = recipe.resources
         gpus = res.gpus_per_node or None
         python = c.stage_python() if c else sys.executable
+        if recipe.kind in ("eval", "export"):  # one process
+            return ProcessLayout((python, "-m", "phi4core", recipe.kind,
+                                  str(self.stage_dir.spec_file)), env, cpus_per_task=cpus,
+                                 gpus_per_node=gpus)
         train = (python, "-m", "phi4core", "train", str(self.stage_dir.spec_file))
         if res.world_size == 1:
             return ProcessLayout(train, env, cpus_per_task=cpus, gpus_per_node=gpus)
@@ -135,7 +140,7 @@ def environment(loaded: LoadedRecipe, stage_dir: StageDir,
         "PHI4_STAGE_DIR": str(stage_dir.path),
         "PHI4_OUTPUT_DIR": str(stage_dir.staging),
     }
-    if loaded.recipe.kind == "train":
+    if loaded.recipe.kind != "command":
         env["PHI4_SPEC"] = str(stage_dir.spec_file)
     for name, inp in inputs.items():
         env[f"PHI4_INPUT_{name.upper()}"] = inp.path
@@ -150,6 +155,13 @@ def spec_document(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, R
     if loaded.recipe.kind == "train":
         return spec(loaded, stage_dir, inputs, cluster, pipeline).model_dump(mode="json")
     recipe = loaded.recipe
+    if recipe.kind in ("eval", "export"):
+        return ToolSpec(
+            name=recipe.name, kind=recipe.kind, fingerprint=stage_dir.fingerprint,
+            inputs={name: InputSpec(source=i.source, path=i.path, artifact=i.artifact,
+                                    frozen=i.frozen) for name, i in inputs.items()},
+            outputs=recipe.outputs, evaluate=recipe.evaluate, stage_dir=str(stage_dir.path),
+            output_dir=str(stage_dir.staging)).model_dump(mode="json")
     return {"name": recipe.name, "kind": "command", "fingerprint": stage_dir.fingerprint,
             "cmd": recipe.cmd, "env": recipe.env, "outputs": recipe.outputs,
             "inputs": {name: {"source": i.source, "path": i.path, "artifact": i.artifact,

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import manifest as mf
 from .artifact_tree import ArtifactError, make_read_only, remove_tree, settle_links
-from .records import EvaluationRecord, InputRecord, ManifestRecord, StageStatus, State
+from .records import EvaluationRecord, InputRecord, LoginRecord, ManifestRecord, StageStatus, State
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -356,7 +356,8 @@ class StageDir:
     def queue(self, executor: str, *, force: bool, command: list[str], reasons: list[str],
               inputs: dict[str, InputRecord], cluster: str | None = None,
               script: str | None = None, dependency: str | None = None,
-              depends_on: dict[str, str] | None = None) -> StageStatus:
+              depends_on: dict[str, str] | None = None,
+              login: LoginRecord | None = None) -> StageStatus:
         """A submission to a scheduler: `pending` until its job's `stage-hook begin`, which
         honours `force` and `start_over` (whether the finished attempt before it must not be
         resumed) as a local run would have."""
@@ -366,6 +367,7 @@ class StageDir:
             start_over=previous.starts_over if previous else False, force=force,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=script, dependency=dependency, depends_on=depends_on or {},
+            login=login, job_log=None,
             command=list(command), reasons=list(reasons), inputs=inputs)
         self.store.set_latest(self.name, self.fingerprint)
         return record
@@ -404,9 +406,16 @@ class StageDir:
         self.store.set_latest(self.name, self.fingerprint)
         return record
 
-    def record_job(self, job_id: str, child_pid: int | None = None) -> StageStatus:
-        """The job (or, locally, the process) that carries the attempt."""
-        return self._write(self.status(), job_id=job_id, child_pid=child_pid)
+    def record_job(self, job_id: str, child_pid: int | None = None, *,
+                   job_log: str | None = None,
+                   depends_on: dict[str, str] | None = None) -> StageStatus:
+        """The job (or, locally, the process) that carries the attempt; `job_log`: where the
+        scheduler writes the job's own output, when not in the stage's log (NeMo-Run's);
+        `depends_on`: upstream stage -> job, when known only once submitted (NeMo-Run)."""
+        changes: dict[str, Any] = {"job_log": job_log} if job_log else {}
+        if depends_on is not None:
+            changes["depends_on"] = depends_on
+        return self._write(self.status(), job_id=job_id, child_pid=child_pid, **changes)
 
     def end(self, state: State, *, exit_code: int | None = None, error: str | None = None,
             blocked_by: str | None = None, ended: float | None = None) -> StageStatus:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
 from ..metrics import last_record, progress_text
@@ -282,8 +282,12 @@ class LocalExecutor(Executor):
                               cancelled=code != 0 and child.signalled_at is not None)
         if outcome.state in (State.FAILED, State.PREEMPTED):
             self._failed(name, outcome)
-        else:
-            self._finish_event(name, outcome)
+            return
+        evaluation = sp.stage_dir.evaluation() if outcome.state == State.SUCCEEDED else None
+        if evaluation is not None and evaluation.results:  # shown as the stage finishes
+            detail = "; ".join(d for d in (outcome.detail, evaluation.summary()) if d)
+            outcome = replace(outcome, detail=detail)
+        self._finish_event(name, outcome)
 
     def _failed(self, name: str, outcome: Outcome) -> None:
         self.failed_first = self.failed_first or name
