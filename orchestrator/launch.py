@@ -169,22 +169,6 @@ def spec_document(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, R
             "stage_dir": str(stage_dir.path), "output_dir": str(stage_dir.staging)}
 
 
-def provenance(loaded: LoadedRecipe) -> dict[str, str]:
-    """Where each key the recipe's files, the pipeline, the profile and `--set` wrote came
-    from (`file:line` or the flag), keyed as fields.json keys them (`data.sources[0].weight`);
-    keys nobody wrote are defaults."""
-    out = {}
-    for loc, origin in loaded.positions.items():
-        if any(isinstance(part, str) and part.startswith("<") for part in loc):
-            continue  # where a mapping's keys were written (`data.<key>`), for key errors
-        key = ""
-        for part in loc:
-            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-        if key:
-            out[key] = str(origin)
-    return out
-
-
 def tracker_logging(logging: Logging, cluster: Cluster | None) -> Logging:
     """The recipe's `logging:` over the cluster file's tracker defaults, key by key."""
     defaults = cluster.logging if cluster is not None else None
