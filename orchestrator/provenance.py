@@ -160,3 +160,20 @@ def profile_path(profile: str | None, loaded) -> Path | None:
     else:
         dirs = [Path(loaded.path).parent]
     return find_profile(profile, dirs)
+
+
+def recorded_origins(loaded: LoadedRecipe) -> dict[str, str]:
+    """Where each key the recipe's files, the pipeline, the profile and `--set` wrote came
+    from (`file:line` or the flag), keyed as fields.json keys them (`data.sources[0].weight`):
+    what a stage folder's provenance.json keeps for `phi4 diff`; keys nobody wrote are
+    defaults."""
+    out = {}
+    for loc, origin in loaded.positions.items():
+        if any(isinstance(part, str) and part.startswith("<") for part in loc):
+            continue  # where a mapping's keys were written (`data.<key>`), for key errors
+        key = ""
+        for part in loc:
+            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        if key:
+            out[key] = str(origin)
+    return out

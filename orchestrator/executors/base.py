@@ -103,14 +103,17 @@ class Executor(ABC):
         if problems:
             raise ConfigError(problems)
 
-    def spec_document(self, name: str) -> dict:
-        """spec.json of a stage to run: with the cluster's tracker settings, and its tracker
-        run named after the pipeline."""
+    def prepare(self, name: str) -> None:
+        """Write what a stage to run is given into its folder: spec.json (with the cluster's
+        tracker settings, its tracker run named after the pipeline), fields.json and where
+        each field's value came from (provenance.json, for `phi4 diff`)."""
         from .. import launch
+        from ..provenance import recorded_origins
 
         sp = self.plan.stages[name]
-        return launch.spec_document(sp.loaded, sp.stage_dir, sp.inputs, self.cluster,
+        spec = launch.spec_document(sp.loaded, sp.stage_dir, sp.inputs, self.cluster,
                                     self.options.prefix)
+        sp.stage_dir.prepare(spec, sp.fields, recorded_origins(sp.loaded))
 
     def command(self, name: str) -> list[str]:
         """What each of the stage's processes runs, laid out for where this executor runs it."""
