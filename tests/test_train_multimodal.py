@@ -15,7 +15,12 @@ import pytest
 from _vision_helpers import packed
 
 from phi4core.module_groups import group_of
-from phi4core.train.testing import tiny_multimodal_spec, tiny_spec, write_spec
+from phi4core.train.testing import (
+    synthetic_speech_corpus,
+    tiny_multimodal_spec,
+    tiny_spec,
+    write_spec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -103,9 +108,16 @@ def vision(work, text):
 
 @pytest.fixture(scope="module")
 def speech(work, text):
+    """The speech stage reads its clips as a lhotse corpus (the synthetic audio, prepared),
+    in 2 loader workers: the trainer's path for `{kind: lhotse}` sources."""
+    corpus = synthetic_speech_corpus(work / "speech_corpus", 60, seed=3)
+    data = {"sources": [{"kind": "lhotse", "path": str(corpus), "task": "qa"}],
+            "num_workers": 2}
     spec = tiny_multimodal_spec(work, "speech", "audio", trainable=SPEECH, outputs=["speech"],
-                                frozen=["backbone"], inputs=_backbone(text), steps=12)
-    _train(spec, work)
+                                frozen=["backbone"], inputs=_backbone(text), steps=12,
+                                data=data)
+    out = _train(spec, work)
+    assert "speech " in out and "read 60, kept 60" in out  # the corpus's report
     return spec
 
 

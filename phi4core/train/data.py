@@ -44,7 +44,7 @@ class DataSpecError(ValueError):
 
 
 # Sources whose samples carry media: synthetic modalities, and the real loaders' kinds.
-MEDIA_MODALITIES = ("image", "audio", "image_audio")
+MEDIA_MODALITIES = ("image", "audio", "image_audio", "speech")
 MEDIA_KINDS = ("webdataset", "lhotse")
 
 
@@ -212,6 +212,19 @@ def build_samples(spec: StageSpec, tokenizer, num_samples: int):
     if kind == "multimodal":
         return multimodal_samples(spec, tokenizer, num_samples)
     return ChatSamples(spec, tokenizer, num_samples)
+
+
+def data_reports(samples) -> list:
+    """The DataReport of each source behind a stage's samples (what `phi4 data preview`
+    prints and the trainer writes as data_report.json), in source order."""
+    sources = getattr(samples, "sources", None) or []
+    out = []
+    for s in sources:
+        dataset = getattr(s, "dataset", s)  # an Epochs wraps it
+        report = getattr(dataset, "report", None)
+        if report is not None:
+            out.append(report)
+    return out
 
 
 def collator_for(spec: StageSpec, tokenizer, block_mask: bool):
