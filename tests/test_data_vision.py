@@ -252,6 +252,16 @@ def test_corrupt_image_is_counted_with_its_source_or_fails(tmp_path, tokenizer):
     failing.close()
 
 
+def test_blend_names_datasets_by_absolute_path(tmp_path, monkeypatch):
+    """Relative dataset paths: energon resolves them from the YAML's folder, not the cwd."""
+    from phi4core.data.vision_loader import blend_path
+
+    monkeypatch.chdir(tmp_path)
+    text = blend_path(["a", "sub/b"], [3.0, 1.0], tmp_path / "stage").read_text()
+    assert f'path: "{tmp_path}/a"' in text and f'path: "{tmp_path}/sub/b"' in text
+    assert "weight: 3.0" in text and "weight: 1.0" in text
+
+
 def test_not_a_dataset_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="shard pattern: give the dataset folder"):
         _stream(tmp_path / "captions/{000000..000009}.tar", tokenizer)

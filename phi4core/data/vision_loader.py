@@ -198,7 +198,9 @@ def blend_path(paths: list[str], weights: list[float], data_dir: Path) -> Path:
     lines = ["__module__: megatron.energon", "__class__: MetadatasetV2", "splits:",
              f"  {SPLIT}:", "    blend:"]
     for path, weight in zip(paths, weights):
-        lines += [f"      - weight: {float(weight)!r}", f"        path: {json.dumps(str(path))}"]
+        # absolute: energon resolves a blend's paths from the YAML's own folder
+        lines += [f"      - weight: {float(weight)!r}",
+                  f"        path: {json.dumps(str(Path(path).resolve()))}"]
     target = data_dir / "vision_blend.yaml"
     text = "\n".join(lines) + "\n"
     if not target.is_file() or target.read_text() != text:
@@ -259,13 +261,13 @@ class VisionStream:
             str(self.path), split_part=SPLIT, worker_config=config,
             batch_size=self.micro, shuffle_buffer_size=self.shuffle_buffer or None,
             max_samples_per_sequence=None, task_encoder=encoder)
-        with warnings.catch_warnings():  # energon asks for pinned memory; moot without a GPU
+        if not torch.cuda.is_available():  # energon asks for pinned memory: moot on CPU
             warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
-            loader = get_savable_loader(dataset, checkpoint_every_min_n_samples=1,
-                                        watchdog_timeout_seconds=None)
-            if self._restore is not None:
-                loader.restore_state_rank(self._restore)
-            self._loader, self._it = loader, iter(loader)
+        loader = get_savable_loader(dataset, checkpoint_every_min_n_samples=1,
+                                    watchdog_timeout_seconds=None)
+        if self._restore is not None:
+            loader.restore_state_rank(self._restore)
+        self._loader, self._it = loader, iter(loader)
 
     def next(self) -> dict:
         if self._it is None:
