@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes side by side (CI has 2 cores; each test runs one thread): files stay whole on
+# one worker and the Slurm tests share one (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 export OMP_NUM_THREADS ?= 1
 
@@ -48,7 +51,7 @@ $(TRACKERS_STAMP): $(STAMP)
 	@touch $(TRACKERS_STAMP)
 
 test: $(NEMO_STAMP) $(TRACKERS_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
