@@ -5,6 +5,7 @@ complete checkpoint and ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,9 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import tracker_files
 from interrupt_helpers import REPO, hold_env, pending, wait_until, writer_pid
 
 pytestmark = pytest.mark.slow
+# `make test` installs the trackers extra (in CI it must be there).
+HAVE_MLFLOW = os.environ.get("CI") == "true" or importlib.util.find_spec("mlflow") is not None
 RECIPE = str(REPO / "recipes" / "text_pretrain.yaml")
 # Checkpoints at steps 10, 20, 30 and 40: there is always one on disk when the next is written.
 TINY = ("--profile", "tiny", "--set", "train.save_interval=10")
@@ -98,8 +102,13 @@ def uninterrupted(tmp_path_factory, cache) -> dict:
 
 def test_ctrl_c_while_a_checkpoint_is_written_then_the_rerun_is_bit_identical(
         tmp_path: Path, cache: Path, uninterrupted: dict) -> None:
+    """The attempt logs to MLflow (a local file store; logging is not fingerprinted): the
+    resumed attempt appends to the run the stopped one began."""
     store = tmp_path / "store"
-    run = _stop_while_writing(store, cache, 20, lambda r: os.killpg(r.pid, signal.SIGINT))
+    mlruns = tmp_path / "mlruns"
+    tracker = ("--set", f"logging.mlflow.tracking_uri=file:{mlruns}") if HAVE_MLFLOW else ()
+    run = _stop_while_writing(store, cache, 20, lambda r: os.killpg(r.pid, signal.SIGINT),
+                              *tracker)
     (run.hold / "hold").unlink()  # the writer finishes step 20
     assert run.wait(timeout=300) == 128 + signal.SIGINT, (tmp_path / "run.20.out").read_text()
     status = json.loads((_stage(store) / "status.json").read_text())
@@ -110,10 +119,15 @@ def test_ctrl_c_while_a_checkpoint_is_written_then_the_rerun_is_bit_identical(
         ["step_10", "step_20"] == _complete(store)
     wait_until(lambda: _group_gone(status["child_pid"]), "the stage's helpers to end")
 
-    again = _run(store, cache)
+    again = _run(store, cache, *tracker)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _summary(store)["resumed_from_step"] == 20
     assert _summary(store)["weights_sha256"] == uninterrupted["weights_sha256"]
+    if tracker:
+        (run_id,) = tracker_files.mlflow_runs(mlruns)
+        logged = tracker_files.mlflow_run(mlruns, run_id)
+        assert [step for step, _ in logged["metrics"]["loss"]] == list(range(40))
+        assert logged["status"] == "FINISHED"
 
 
 def test_sigterm_to_the_run_then_a_second_ctrl_c_leave_no_trusted_half_checkpoint(

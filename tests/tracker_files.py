@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 _BLOCK = 32768  # W&B's run files: a LevelDB-style log of 32 KiB blocks
@@ -27,6 +28,8 @@ def _records(path: Path):
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         pos += 7
         chunk, pos = data[pos:pos + length], pos + length
+        if len(chunk) < length:  # the service is still writing this record
+            break
         if kind == 0 and length == 0:
             continue
         parts += chunk
@@ -37,11 +40,16 @@ def _records(path: Path):
             yield record
 
 
-def wandb_runs(folder: Path, run_id: str) -> list[dict]:
+def wandb_runs(folder: Path, run_id: str, wait_s: float = 60.0) -> list[dict]:
     """Each offline run file of `run_id` (one per attempt that logged to it), oldest first:
-    its name, tags and history rows."""
+    its name, tags and history rows. W&B's service writes the file on its own after
+    `finish()` returns: each is read once it holds the run's exit record (or after wait_s)."""
     runs = []
     for path in sorted(folder.glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not any(
+                r.WhichOneof("record_type") == "exit" for r in _records(path)):
+            time.sleep(0.2)
         run = {"name": None, "tags": [], "history": []}
         for record in _records(path):
             kind = record.WhichOneof("record_type")
