@@ -26,10 +26,18 @@ FREEZING = {
     "vision_speech_joint": ({"vision.encoder", "vision.projector", "lora.vision"},
                             {"backbone", "audio.encoder", "audio.projector", "lora.speech"}),
 }
+# Fine-tuning the released models (issue 14): LoRA on a frozen model.
+FINETUNE = {
+    "text_sft_lora": ({"lora.text"}, {"backbone"}),
+    "vision_sft_lora": ({"lora.vision"}, {"backbone", "vision.encoder", "vision.projector",
+                                          "audio.encoder", "audio.projector", "lora.speech"}),
+}
+# Their evaluation and export stages: no training.
+TOOL_STAGES = {"text_sft_lora_eval", "text_sft_lora_export", "vision_sft_lora_export"}
 
 
 def test_all_nine_stages_exist() -> None:
-    assert {p.stem for p in RECIPES} == set(FREEZING)
+    assert {p.stem for p in RECIPES} == set(FREEZING) | set(FINETUNE) | TOOL_STAGES
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -42,8 +50,11 @@ def test_recipe_valid(path: Path, profile: str | None) -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_freezing_matches_reference(path: Path) -> None:
     recipe = load_recipe(path).recipe
+    if recipe.name in TOOL_STAGES:
+        assert recipe.kind in ("eval", "export") and not recipe.trainable
+        return
     groups = model_of(recipe).module_groups
-    trained, frozen = FREEZING[recipe.name]
+    trained, frozen = {**FREEZING, **FINETUNE}[recipe.name]
     assert expand_groups(recipe.trainable, groups) == trained
     assert frozen <= expand_groups(recipe.frozen, groups)
 
@@ -69,7 +80,8 @@ def test_seed_numbers() -> None:
 @pytest.mark.parametrize("profile", [None, "tiny"])
 def test_pipeline_valid(path: Path, profile: str | None) -> None:
     loaded = load_pipeline(path, profile)
-    expected = {"phi4_mini": 2, "phi4_multimodal": 9, "phi4_multimodal_from_mini": 7}
+    expected = {"phi4_mini": 2, "phi4_multimodal": 9, "phi4_multimodal_from_mini": 7,
+                "finetune_phi4_mini": 3, "finetune_phi4_multimodal": 2}
     assert len(loaded.stages) == expected[path.stem]
 
 

@@ -101,6 +101,21 @@ def describe_item(spec: StageSpec, tokenizer, item: dict) -> list[str]:
     return lines
 
 
+def _row(batch: dict, r: int, pad_id: int) -> dict:
+    """Row r of a collated micro-batch as an item: a packed row (cu_seqlens) as it is; an
+    unpacked one without its padding (which describe_item then counts)."""
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    item = {k: batch[k][r] for k in keys if k in batch}
+    if "input_mode" in batch:
+        item["input_mode"] = batch["input_mode"]
+    if "cu_seqlens" not in batch:
+        real = ((item["tokens"] != pad_id) | (item["loss_mask"] > 0)).nonzero()
+        end = int(real.max()) + 1 if len(real) else 0
+        item = {k: (v[:end] if k != "input_mode" else v) for k, v in item.items()
+                if k != "position_ids"}
+    return item
+
+
 def preview(spec: StageSpec, n: int = 3) -> dict:
     """{"lines": [...], "reports": [report dicts]} for the first `n` sequences."""
     from phi4core.train import data as tdata
@@ -108,21 +123,37 @@ def preview(spec: StageSpec, n: int = 3) -> dict:
     tokenizer = tdata.tokenizer_for(spec)
     kind = tdata.data_kind(spec)
     t = spec.train
-    samples = tdata.build_samples(spec, tokenizer, max(n, 1) * t.global_batch_size)
     lines = [f"stage {spec.name}: {kind} data, seq_length {t.seq_length}, tokenizer "
              f"{tokenizer.path} (vocab {tokenizer.vocab_size})",
              f"loss on the tokens between {OPEN} and {CLOSE}"]
-    if kind == "chat":
-        paths = [Path(s.path) for s in spec.data.sources if s.kind == "chat_jsonl"]
-        if paths:
-            lines += chat_template_check(tokenizer, paths, n)
-    for i in range(min(n, len(samples))):
-        item = samples[i]
+    paths = [Path(s.path) for s in spec.data.sources if s.kind == "chat_jsonl"]
+    if paths:
+        lines += chat_template_check(tokenizer, paths, n)
+    if tdata.uses_streams(spec):
+        # Stream loaders (energon, lhotse) and mixed modalities: the rows of the first
+        # micro-batches, as the trainer's loader gives them; their counts grow as they read.
+        mixture = tdata.build_mixed_batches(spec, tokenizer, max(n, 1) * t.global_batch_size,
+                                            0, 1, block_mask=False)
+        try:
+            items = []
+            while len(items) < n:
+                batch = mixture.next_batch()
+                items += [_row(batch, r, tokenizer.pad_id)
+                          for r in range(batch["tokens"].shape[0])]
+            reports = mixture.reports()
+        finally:
+            mixture.close()
+        where = "train_summary.json, at the end of training"
+    else:
+        samples = tdata.build_samples(spec, tokenizer, max(n, 1) * t.global_batch_size)
+        items = [samples[i] for i in range(min(n, len(samples)))]
+        reports = tdata.data_reports(samples)
+        where = "data_report.json"
+    for i, item in enumerate(items[:n]):
         mode = f", input mode {int(item['input_mode'])}" if "input_mode" in item else ""
         lines.append(f"sequence {i}{mode}:")
         lines += describe_item(spec, tokenizer, item)
-    reports = tdata.data_reports(samples)
-    lines.append("data report (what the trainer's data_report.json says):")
+    lines.append(f"data report (the trainer writes it in {where}):")
     lines += [f"  source {k}: {r.summary()}" for k, r in enumerate(reports)]
     return {"lines": lines, "reports": [{"source": k, "name": r.name, **r.to_dict()}
                                         for k, r in enumerate(reports)]}
