@@ -379,7 +379,10 @@ def run_document(doc: dict[str, Any]) -> int:
     cluster = Cluster.model_validate(doc["cluster"]) if doc["cluster"] else None
     result: dict[str, Any] = {"jobs": {}, "failed": {}, "error": None}
     try:
-        with run.Experiment(doc["title"], base_dir=doc["home"], log_level="WARN") as exp:
+        # Detached on a cluster: phi4 says what was submitted, and `phi4 status` follows it
+        # (NeMo-Run's own look at the jobs on the way out would cost a squeue per job).
+        with run.Experiment(doc["title"], base_dir=doc["home"], log_level="WARN",
+                            skip_status_at_exit=cluster is not None) as exp:
             ids: dict[str, str] = {}
             for task in doc["tasks"]:
                 executor = _executor(run, task, cluster, doc["title"], doc["dryrun"])
