@@ -43,7 +43,7 @@ CLUSTER_ONLY_KEYS = frozenset({
     "partition", "account", "qos", "reservation", "time_limit", "gpus_per_node",
     "cpus_per_task", "mem_per_cpu", "container_image", "container_mounts", "setup",
     "dependency", "signal_lead_s", "requeue_release_now", "launcher", "rdzv_port", "python",
-    "host_python",
+    "host_python", "ssh",
 })
 
 
