@@ -145,7 +145,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
         """Record every stage as the Slurm executor does at submission, then drive the
         experiment: to its end locally, until its jobs are queued on a cluster. On a cluster
         each stage's record gets its job, or fails with the reason NeMo-Run could not submit
-        it; without --wait that is an error (exit 2), as is a driver that failed."""
+        it; without --wait that is an error (bad input), as is a driver that failed."""
         if self.cluster is not None:
             self._check_submission()
         todo = self.plan.to_run()
@@ -174,7 +174,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
                 self.say(f"{status.state if status else State.FAILED:<10} {s.name}: "
                          f"{status.error if status else ''}")
         if not_submitted and not self.options.wait:
-            failed = result.get("failed") or {}
+            failed = result.get("refused") or {}
             said = "; ".join(f"{n}: {why}" for n, why in failed.items()) or result.get("error")
             rest = [n for n in not_submitted if n not in failed]
             raise ExecutorError(
@@ -189,7 +189,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
         """Each stage's job in its record; a stage without one ends failed (NeMo-Run could not
         submit it, or the driver failed before trying) or blocked (an upstream was not
         submitted)."""
-        jobs, failed = result.get("jobs", {}), result.get("failed", {})
+        jobs, failed = result.get("jobs", {}), result.get("refused", {})
         done: list[Submission] = []
         for name in todo:
             folder = self.plan.stages[name].stage_dir
@@ -247,7 +247,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
 
 
 def check_rundir(plan: Plan, lc: LoadedCluster | None, home: str, prefix: str) -> None:
-    """Refuse (exit 2, naming the field) any `/nemo_run` that would reach NeMo-Run's sbatch
+    """Refuse (bad input, naming the field) any `/nemo_run` that would reach NeMo-Run's sbatch
     scripts, where NeMo-Run 0.11 would replace it with the job's folder: a path so mangled
     points at nothing (the job fails at launch) or at the wrong thing."""
     why = (f"NeMo-Run replaces every '{RUNDIR}' in its sbatch scripts with the job's folder, "
@@ -294,7 +294,7 @@ def check_rundir(plan: Plan, lc: LoadedCluster | None, home: str, prefix: str) -
 
 
 def _read_result(path: Path, code: int) -> dict[str, Any]:
-    """What the driver reported: {"jobs": {stage: {job_id, log}}, "failed": {stage: reason},
+    """What the driver reported: {"jobs": {stage: {job_id, log}}, "refused": {stage: reason},
     "error": why it stopped}; a driver that died before writing it submitted nothing we know."""
     try:
         return json.loads(path.read_text())
@@ -377,9 +377,12 @@ def run_document(doc: dict[str, Any]) -> int:
     os.environ["NEMORUN_HOME"] = doc["home"]  # set before nemo_run reads it
     run = import_nemo_run()
     cluster = Cluster.model_validate(doc["cluster"]) if doc["cluster"] else None
-    result: dict[str, Any] = {"jobs": {}, "failed": {}, "error": None}
+    result: dict[str, Any] = {"jobs": {}, "refused": {}, "error": None}
     try:
-        with run.Experiment(doc["title"], base_dir=doc["home"], log_level="WARN") as exp:
+        # Detached on a cluster: phi4 says what was submitted, and `phi4 status` follows it
+        # (NeMo-Run's own look at the jobs on the way out would cost a squeue per job).
+        with run.Experiment(doc["title"], base_dir=doc["home"], log_level="WARN",
+                            skip_status_at_exit=cluster is not None) as exp:
             ids: dict[str, str] = {}
             for task in doc["tasks"]:
                 executor = _executor(run, task, cluster, doc["title"], doc["dryrun"])
@@ -420,7 +423,7 @@ def _collect_jobs(exp, tasks: list[dict[str, Any]], ids: dict[str, str],
     for task in tasks:
         if task["name"] not in result["jobs"] and \
                 all(u in result["jobs"] for u in task["after"]):
-            result["failed"][task["name"]] = result["error"] or "NeMo-Run did not launch it"
+            result["refused"][task["name"]] = result["error"] or "NeMo-Run did not launch it"
 
 
 def failure_reason(err: BaseException) -> str:
