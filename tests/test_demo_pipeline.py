@@ -59,10 +59,44 @@ MULTIMODAL_OUTPUTS = {
 }
 
 
+# The held-out evaluations each stage writes (phi4core.evaluation.stage): every stage the text
+# perplexity, the media stages their modality's answers.
+MEDIA_EVALUATIONS = {
+    "vision_projector_align": "caption", "vision_joint_pretrain": "caption",
+    "vision_sft": "caption", "vision_multiframe": "caption",
+    "speech_pretrain": "transcription", "speech_post_train": "transcription",
+    "vision_speech_joint": "joint_caption",
+}
+MARGIN = 0.1  # how far above chance a trained stage's answer accuracy must be
+
+
+def check_evaluations(store: Path) -> None:
+    """Each stage's evaluation.json: its answers beat chance clearly; the text perplexity far
+    below chance after the text stages, and exactly unchanged by every multimodal stage
+    (language mode is the frozen backbone)."""
+    from orchestrator.store import Store
+
+    records = {}
+    for stage in ("text_pretrain", "text_post_train", *MULTIMODAL_OUTPUTS):
+        record = Store(store, read_only=True).latest(stage).evaluation()
+        assert record is not None and record.stage == stage, stage
+        records[stage] = record
+        ppl = record.result("heldout_perplexity")
+        assert ppl.value < ppl.chance / 10 and not ppl.higher_is_better, (stage, ppl)
+    backbone = records["text_post_train"].result("heldout_perplexity").value
+    for stage, task in MEDIA_EVALUATIONS.items():
+        record = records[stage]
+        assert record.result("heldout_perplexity").value == backbone, stage
+        accuracy = record.result(f"{task}_accuracy")
+        assert accuracy.samples >= 32 and accuracy.value >= accuracy.chance + MARGIN, (
+            stage, accuracy)
+
+
 @pytest.mark.slow
 def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None:
-    """`make demo`'s multimodal part: every stage trains from the synthetic sources, its loss
-    falling, its frozen weights unchanged, its artifact holding exactly its module groups."""
+    """`make demo`: every stage trains from the synthetic sources, its loss falling, its frozen
+    weights unchanged, its artifact holding exactly its module groups, its held-out
+    evaluations beating chance; a second run skips every stage."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(tmp_path / "cache")}
     store = tmp_path / "store"
     run = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
@@ -82,6 +116,11 @@ def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None
     assert summary["inputs"] == {"backbone": ["backbone"],
                                  "vision": ["lora.vision", "vision.encoder", "vision.projector"],
                                  "speech": ["lora.speech", "audio.encoder", "audio.projector"]}
+    check_evaluations(store)
+    assert "evaluation vision_sft: caption_accuracy" in run.stdout + run.stderr
+    again = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
+                 str(store), env=env)
+    assert again.returncode == 0 and "nothing to run: 9 stages up to date" in again.stdout
     report_in_browser(store, env, tmp_path)
 
 

@@ -18,10 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO
 
-from .. import launch
 from ..metrics import last_record, progress_text
 from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
@@ -228,7 +227,7 @@ class LocalExecutor(Executor):
                 self._finish_event(name, Outcome(State.BLOCKED, corrupt[1],
                                                  blocked_by=corrupt[0]))
                 return
-            folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+            folder.prepare(self.spec_document(name), sp.fields)
             record = folder.begin(self.name, command=argv, reasons=sp.reasons, inputs=lineage)
         except StoreError as err:
             lock.release()
@@ -283,8 +282,12 @@ class LocalExecutor(Executor):
                               cancelled=code != 0 and child.signalled_at is not None)
         if outcome.state in (State.FAILED, State.PREEMPTED):
             self._failed(name, outcome)
-        else:
-            self._finish_event(name, outcome)
+            return
+        evaluation = sp.stage_dir.evaluation() if outcome.state == State.SUCCEEDED else None
+        if evaluation is not None and evaluation.results:  # shown as the stage finishes
+            detail = "; ".join(d for d in (outcome.detail, evaluation.summary()) if d)
+            outcome = replace(outcome, detail=detail)
+        self._finish_event(name, outcome)
 
     def _failed(self, name: str, outcome: Outcome) -> None:
         self.failed_first = self.failed_first or name

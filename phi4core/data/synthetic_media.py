@@ -18,6 +18,8 @@ relative to the index's folder:
   beeps or rising chirps. The question asks for the count, the pitch, the kind or all three.
 * image_audio: one of each; the question needs both (a description, the total count, which
   is more).
+* speech: speech-like clips of 1-3 words of a small vocabulary (`SPOKEN_WORDS`), each word a
+  distinct pair of tone syllables; the user asks for the transcript or its French translation.
 
 A model that ignores the media can only learn the answers' prior; one that sees them can learn
 the answers exactly. Records are seeded per index like phi4core.data.synthetic, so the files
@@ -41,14 +43,14 @@ from phi4core.files import replace_dir, temp_dir_beside, write_json
 from phi4core.models.hd_transform import CROP, num_image_tokens
 
 SAMPLE_RATE = 16000
-MODALITIES = ("image", "audio", "image_audio")
+MODALITIES = ("image", "audio", "image_audio", "speech")
 # At most this many placeholder tokens per image by default: a 2x2-crop image without padding
 # (1329) is excluded, so an image, a clip and the text fit 1024 positions.
 DEFAULT_MAX_IMAGE_TOKENS = 900
 MEDIA_DIR = "media"
 INDEX = "index.jsonl"
 _CORPUS_INFO = "corpus.json"
-CORPUS_VERSION = 1  # bump when a generator changes what it writes
+CORPUS_VERSION = 2  # bump when a generator changes what it writes
 
 # -- images ---------------------------------------------------------------------------------
 
@@ -193,6 +195,65 @@ _AUDIO_QUESTIONS = [
 ]
 
 
+# -- speech-like words -------------------------------------------------------------------------
+
+# Each word: (French translation, its two syllables' pitches in Hz). No two words share a
+# pattern, and the syllable pitches are far enough apart (>= 1.4x) that jitter never confuses them.
+SPOKEN_WORDS: dict[str, tuple[str, tuple[float, float]]] = {
+    "red": ("rouge", (300.0, 600.0)),
+    "blue": ("bleu", (600.0, 300.0)),
+    "green": ("vert", (420.0, 1200.0)),
+    "yellow": ("jaune", (1200.0, 420.0)),
+    "cat": ("chat", (850.0, 1700.0)),
+    "dog": ("chien", (1700.0, 850.0)),
+    "one": ("un", (300.0, 1700.0)),
+    "two": ("deux", (2400.0, 600.0)),
+}
+SYLLABLE_S = (0.09, 0.13)  # seconds per syllable
+GAP_S = (0.08, 0.16)  # silence between words (and at the ends)
+
+
+def _tone(freq: float, length: int, amplitude: float) -> np.ndarray:
+    t = np.arange(length) / SAMPLE_RATE
+    ramp = min(80, length // 4)
+    env = np.ones(length)
+    env[:ramp] = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
+    env[length - ramp:] = env[:ramp][::-1]
+    return amplitude * env * np.sin(2 * np.pi * freq * t)
+
+
+def speak(words: list[str], rng: random.Random) -> np.ndarray:
+    """A clip saying `words`: per word its two syllables (pitches jittered by up to 4%, lengths
+    and loudness varying), words apart by short silences, faint noise throughout."""
+    pieces = []
+    for word in words:
+        pieces.append(np.zeros(int(rng.uniform(*GAP_S) * SAMPLE_RATE)))
+        amplitude = rng.uniform(0.3, 0.7)
+        for pitch in SPOKEN_WORDS[word][1]:
+            length = int(rng.uniform(*SYLLABLE_S) * SAMPLE_RATE)
+            pieces.append(_tone(pitch * rng.uniform(0.96, 1.04), length, amplitude))
+    pieces.append(np.zeros(int(rng.uniform(*GAP_S) * SAMPLE_RATE)))
+    clip = np.concatenate(pieces)
+    return clip + np.random.default_rng(rng.getrandbits(63)).normal(0.0, 0.005, len(clip))
+
+
+def spoken_words(ctx: SampleContext) -> tuple[str, dict]:
+    """A speech-like clip of 1-3 words, written as WAV: (relative path, truth)."""
+    rng = ctx.rng
+    words = [rng.choice(list(SPOKEN_WORDS)) for _ in range(rng.randint(1, 3))]
+    clip = speak(words, rng)
+    path = ctx.media_path("wav")
+    write_wav(path, clip, SAMPLE_RATE)
+    return f"{MEDIA_DIR}/{path.name}", {
+        "words": words, "text": " ".join(words),
+        "translation": " ".join(SPOKEN_WORDS[w][0] for w in words), "language": "fr",
+        "seconds": round(len(clip) / SAMPLE_RATE, 3)}
+
+
+TRANSCRIBE = "Transcribe the audio clip."
+TRANSLATE = "Translate the audio to French."
+
+
 def _more(i: dict, a: dict) -> str:
     if i["count"] == a["count"]:
         return "the same."
@@ -205,6 +266,56 @@ _BOTH_QUESTIONS = [
     ("How many shapes and sounds are there in all?", lambda i, a: f"{i['count'] + a['count']}."),
     ("Are there more shapes or more sounds?", _more),
 ]
+
+# -- the same in words (the text stages' share of the demo data) ----------------------------
+
+
+def _image_truth(rng: random.Random) -> dict:
+    return {"count": rng.randint(1, 4), "colour": rng.choice(list(COLOURS)),
+            "shape": rng.choice(SHAPES)}
+
+
+def _audio_truth(rng: random.Random) -> dict:
+    return {"count": rng.randint(1, 4), "pitch": rng.choice(list(PITCHES)),
+            "sound": rng.choice(SOUNDS)}
+
+
+def _spoken(rng: random.Random) -> tuple[str, str]:
+    words = [rng.choice(list(SPOKEN_WORDS)) for _ in range(rng.randint(1, 3))]
+    return " ".join(words), " ".join(SPOKEN_WORDS[w][0] for w in words)
+
+
+def described_media_text(rng: random.Random) -> str:
+    """Sentences describing pictures, sounds and spoken words as the media answers do."""
+    sentences = []
+    for _ in range(rng.randint(3, 5)):
+        kind = rng.randrange(3)
+        if kind == 0:
+            sentences.append(f"the picture shows {describe_image(_image_truth(rng))}.")
+        elif kind == 1:
+            sentences.append(f"the clip has {describe_audio(_audio_truth(rng))}.")
+        else:
+            text, french = _spoken(rng)
+            sentences.append(f"someone says {text}. in french: {french}.")
+    return " ".join(sentences)
+
+
+def described_media_chat(rng: random.Random) -> list[dict]:
+    """A media question about a description in words, answered as for the media itself."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        truth = _image_truth(rng)
+        question, answer = rng.choice(_IMAGE_QUESTIONS)
+        return _chat(f"A picture of {describe_image(truth)}. {question}", answer(truth))
+    if kind == 1:
+        truth = _audio_truth(rng)
+        question, answer = rng.choice(_AUDIO_QUESTIONS)
+        return _chat(f"A clip of {describe_audio(truth)}. {question}", answer(truth))
+    text, french = _spoken(rng)
+    if rng.random() < 0.5:
+        return _chat(f"Someone says: {text}. {TRANSCRIBE}", f"{text}.")
+    return _chat(f"Someone says: {text}. {TRANSLATE}", f"{french}.")
+
 
 # -- records --------------------------------------------------------------------------------
 
@@ -237,12 +348,23 @@ def image_audio_record(ctx: SampleContext,
             "images": [image], "audios": [clip], "truth": {"image": itruth, "audio": atruth}}
 
 
+def speech_record(ctx: SampleContext) -> dict:
+    clip, truth = spoken_words(ctx)
+    if ctx.rng.random() < 0.5:
+        question, answer = TRANSCRIBE, truth["text"]
+    else:
+        question, answer = TRANSLATE, truth["translation"]
+    return {"messages": _chat(AUDIO_PLACEHOLDER + question, f"{answer}."),
+            "images": [], "audios": [clip], "truth": {"audio": truth}}
+
+
 def media_generators(max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
                      ) -> dict[str, Generator]:
     return {
         "image": lambda ctx: image_record(ctx, max_image_tokens),
         "audio": audio_record,
         "image_audio": lambda ctx: image_audio_record(ctx, max_image_tokens),
+        "speech": speech_record,
     }
 
 

@@ -1,0 +1,132 @@
+"""`phi4 data demo OUT`: the demo corpus as raw files, in the formats users' data arrives in.
+
+    OUT/corpus.json                    what was written: counts, seed, version
+    OUT/text/{train,heldout}.jsonl     {"text": ...}                      (prepare-text)
+    OUT/chat/{train,heldout}.jsonl     {"messages": [...], "tools": [...]} (chat SFT, tool calls)
+    OUT/images/{train,heldout}/        media/*.png, and
+        captions.jsonl                 {"image": "media/x.png", "caption": "3 red circles."}
+        conversations.jsonl            {"images": ["media/x.png"], "messages": [user turn with
+                                        <|image_1|>, assistant answer]}          (pack-images)
+    OUT/audio/{train,heldout}/         media/*.wav (16 kHz), and
+        transcripts.jsonl              {"audio": "media/x.wav", "text": "red cat",
+                                        "translation": "rouge chat", "language": "fr"}
+                                                                                (prepare-speech)
+
+Everything comes from the synthetic generators (phi4core.data.synthetic, synthetic_media):
+shapes of several kinds, colours, counts, positions, sizes and aspect ratios (so the HD
+transform's crops vary) and speech-like clips whose words are tone patterns. The held-out
+splits use `HELDOUT_SEED`, which no training corpus uses. The same seed gives the same bytes;
+the folder is written beside OUT and renamed into place, so a crash leaves no half corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from phi4core.data.jsonl import write_jsonl
+from phi4core.data.synthetic import (
+    CHAT_GENERATORS,
+    HELDOUT_SEED,
+    TEXT_GENERATORS,
+    generate,
+)
+from phi4core.data.synthetic_media import (
+    CORPUS_VERSION,
+    MEDIA_DIR,
+    describe_image,
+    media_generators,
+)
+from phi4core.data.tokenizer import IMAGE_PLACEHOLDER
+from phi4core.files import replace_dir, temp_dir_beside, write_json
+
+INFO = "corpus.json"
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class DemoCounts:
+    """Records per split: (train, held-out)."""
+
+    text: tuple[int, int] = (2000, 64)
+    chat: tuple[int, int] = (800, 64)
+    images: tuple[int, int] = (400, 48)
+    audio: tuple[int, int] = (400, 48)
+
+    def __post_init__(self) -> None:
+        for kind, pair in asdict(self).items():
+            if len(pair) != 2 or any(type(n) is not int or n < 1 for n in pair):
+                raise ValueError(f"{kind}: counts must be two whole numbers >= 1, got {pair}")
+
+
+class CorpusExists(FileExistsError):
+    """OUT holds something other than this exact demo corpus."""
+
+
+def _seed(seed: int, split: str) -> int:
+    return seed if split == "train" else HELDOUT_SEED + seed
+
+
+def _image_files(folder: Path, n: int, seed: int) -> int:
+    media = folder / MEDIA_DIR
+    media.mkdir(parents=True)
+    records = list(generate(media_generators(), n, seed, kinds=["image"], out_dir=media))
+    write_jsonl(folder / "captions.jsonl", (
+        {"image": r["images"][0], "caption": f"{describe_image(r['truth']['image'])}."}
+        for r in records))
+    # The Hugging Face processors' placeholder, <|image_1|>, in place of the token itself.
+    write_jsonl(folder / "conversations.jsonl", (
+        {"images": r["images"], "messages": [
+            {**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, "<|image_1|>")}
+            for m in r["messages"]]} for r in records))
+    return len(records)
+
+
+def _audio_files(folder: Path, n: int, seed: int) -> int:
+    media = folder / MEDIA_DIR
+    media.mkdir(parents=True)
+    records = list(generate(media_generators(), n, seed, kinds=["speech"], out_dir=media))
+    write_jsonl(folder / "transcripts.jsonl", (
+        {"audio": r["audios"][0], "text": r["truth"]["audio"]["text"],
+         "translation": r["truth"]["audio"]["translation"],
+         "language": r["truth"]["audio"]["language"]} for r in records))
+    return len(records)
+
+
+def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
+                      counts: DemoCounts | None = None) -> dict:
+    """Write the demo corpus to `out` (see the module); returns its corpus.json. A folder that
+    already holds this exact corpus is left as it is; any other existing `out` is refused."""
+    counts = counts or DemoCounts()
+    out = Path(out)
+    info = {"version": CORPUS_VERSION, "seed": seed, "heldout_seed": HELDOUT_SEED + seed,
+            "counts": {k: dict(zip(SPLITS, v)) for k, v in asdict(counts).items()}}
+    if out.exists():
+        try:
+            if json.loads((out / INFO).read_text(encoding="utf-8")) == info:
+                return info
+        except (OSError, ValueError):
+            pass
+        if not out.is_dir() or any(out.iterdir()):
+            raise CorpusExists(f"{out} already exists and is not this demo corpus; remove it "
+                               "or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(out)
+    try:
+        for kind in ("text", "chat"):
+            (tmp / kind).mkdir()
+        for split, (n_text, n_chat, n_img, n_aud) in zip(SPLITS, zip(*asdict(counts).values())):
+            s = _seed(seed, split)
+            write_jsonl(tmp / "text" / f"{split}.jsonl", generate(TEXT_GENERATORS, n_text, s))
+            write_jsonl(tmp / "chat" / f"{split}.jsonl", generate(CHAT_GENERATORS, n_chat, s))
+            _image_files(tmp / "images" / split, n_img, s)
+            _audio_files(tmp / "audio" / split, n_aud, s)
+        write_json(tmp / INFO, info)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
