@@ -3,8 +3,9 @@
 Used by `phi4 diff` and meant for any other view of two runs (an HTML report): the field diff
 works on flat `key -> value` mappings, as `fields.json` holds them, and carries for each side
 where the value came from when that is known. A stage folder's `provenance.json` (a flat
-`key -> "file:line"` mapping, written where the loader records provenance) gives those
-sources; a key without its own entry takes the nearest parent's (`train` for `train.lr`).
+`key -> "file:line"` mapping from the loader's positions, written when the stage is prepared:
+orchestrator/provenance.py) gives those sources; a key without its own entry takes the nearest
+parent's (`train` for `train.lr`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .store import StageDir, read_json
 # not in fields.json): shown as settings, never as a cause of a different result.
 SETTINGS = ("logging.", "world_size", "data.num_workers", "train.max_skipped_steps")
 GROUPS = ("field", "input", "data", "setting")
-PROVENANCE_FILE = "provenance.json"
 
 
 class _Missing:
@@ -97,7 +97,7 @@ def folder_fields(folder: StageDir) -> dict[str, Any]:
 
 
 def folder_sources(folder: StageDir) -> dict[str, str] | None:
-    data = read_json(folder.path / PROVENANCE_FILE)
+    data = read_json(folder.provenance_file)
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else None
 
 

@@ -175,6 +175,7 @@ class StageDir:
     spec_file = property(lambda self: self.path / "spec.json")
     status_file = property(lambda self: self.path / "status.json")
     fields_file = property(lambda self: self.path / "fields.json")
+    provenance_file = property(lambda self: self.path / "provenance.json")
     manifest_file = property(lambda self: self.path / "manifest.json")
     logs = property(lambda self: self.path / "logs")
     log_file = property(lambda self: self.path / "logs" / "stdout.log")
@@ -341,13 +342,16 @@ class StageDir:
     # writing: one method per event in an attempt's life
     # ------------------------------------------------------------------------------------
 
-    def prepare(self, spec: dict, fields: dict) -> None:
+    def prepare(self, spec: dict, fields: dict, sources: dict[str, str] | None = None) -> None:
         """Before a stage is launched or submitted: what it is given (spec.json), what its
-        fingerprint hashes (fields.json), and the folders its processes write into."""
+        fingerprint hashes (fields.json), where each value was written (provenance.json:
+        key path -> file:line or --set flag), and the folders its processes write into."""
         for folder in (self.logs, self.checkpoints):
             folder.mkdir(parents=True, exist_ok=True)
         write_json(self.spec_file, spec)
         write_json(self.fields_file, fields)
+        if sources is not None:
+            write_json(self.provenance_file, sources)
 
     def queue(self, executor: str, *, force: bool, command: list[str], reasons: list[str],
               inputs: dict[str, InputRecord], cluster: str | None = None,

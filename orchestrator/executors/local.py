@@ -227,7 +227,7 @@ class LocalExecutor(Executor):
                 self._finish_event(name, Outcome(State.BLOCKED, corrupt[1],
                                                  blocked_by=corrupt[0]))
                 return
-            folder.prepare(self.spec_document(name), sp.fields)
+            folder.prepare(self.spec_document(name), sp.fields, sp.sources)
             record = folder.begin(self.name, command=argv, reasons=sp.reasons, inputs=lineage)
         except StoreError as err:
             lock.release()

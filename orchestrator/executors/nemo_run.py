@@ -152,7 +152,7 @@ class NemoRunExecutor(FollowsSlurmJobs):
         for name in todo:
             sp = self.plan.stages[name]
             folder = sp.stage_dir
-            folder.prepare(self.spec_document(name), sp.fields)
+            folder.prepare(self.spec_document(name), sp.fields, sp.sources)
             folder.queue(self.name, force=self.plan.selection.forces(name) and sp.selected,
                          command=list(sp.launcher(self.cluster).layout().argv),
                          reasons=sp.reasons, inputs=sp.lineage_records(),

@@ -209,7 +209,7 @@ class SlurmExecutor(FollowsSlurmJobs):
         sp = self.plan.stages[name]
         folder = sp.stage_dir
         script = self.batch_script(name)
-        folder.prepare(self.spec_document(name), sp.fields)
+        folder.prepare(self.spec_document(name), sp.fields, sp.sources)
         path = folder.path / SCRIPT_NAME
         path.write_text(render(script))
         folder.queue(
