@@ -3,9 +3,9 @@
 Used by `phi4 diff` and meant for any other view of two runs (an HTML report): the field diff
 works on flat `key -> value` mappings, as `fields.json` holds them, and carries for each side
 where the value came from when that is known. A stage folder's `provenance.json` (a flat
-`key -> "file:line"` or `--set ...` mapping, written when the stage is launched) gives those
-sources; a key without its own entry takes the nearest parent's (`train` for `train.lr`), and
-one with none at all is a default.
+`key -> "file:line"` or `--set ...` mapping from the loader's positions, written when the stage
+is prepared: orchestrator/provenance.py) gives those sources; a key without its own entry takes
+the nearest parent's (`train` for `train.lr`), and one with none at all is a default.
 """
 
 from __future__ import annotations

@@ -80,6 +80,13 @@ class StagePlan:
         return list(self.launcher().layout().argv) if self.stage_dir else []
 
     @property
+    def sources(self) -> dict[str, str]:
+        """Where each value of the recipe was written (provenance.json)."""
+        from .provenance import provenance_record
+
+        return provenance_record(self.loaded)
+
+    @property
     def env(self) -> dict[str, str]:
         return environment(self.loaded, self.stage_dir, self.inputs) if self.stage_dir else {}
 

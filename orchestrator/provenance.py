@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoadedRecipe
-from .config.errors import Origin
+from .config.errors import Origin, format_loc
 
 DEFAULT = "default"
 
@@ -52,6 +52,13 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _loc(key: str) -> tuple[str, ...]:
     return tuple(key.split("."))
+
+
+def provenance_record(loaded: LoadedRecipe) -> dict[str, str]:
+    """Every key path the layers wrote, as fields.json spells it (`data.sources[0].path`), ->
+    its file:line or --set flag: a stage folder's provenance.json, read by `phi4 diff`."""
+    return {format_loc(loc): str(origin) for loc, origin in loaded.positions.items()
+            if loc and "<key>" not in loc}
 
 
 def layer_of(origin: Origin | None, loaded: LoadedRecipe, pipeline: Path | None,
@@ -103,23 +110,24 @@ def extends_diff(loaded: LoadedRecipe) -> list[tuple[str, Any, Any]]:
 
 
 def attempt_diff(store, name: str, fingerprint: str | None) -> tuple[str | None, list[str]]:
-    """(the previous fingerprint of stage `name`, its fingerprinted fields that differ from
-    `fingerprint`'s), from the store's fields.json records; (None, []) when there is none."""
-    from .fingerprint import describe_changes
-    from .store import _mtime
+    """(the label of the attempt of stage `name` before the latest one of `fingerprint`, what
+    differs: `key: old -> new  (source)` per field, through `phi4 diff`'s field diff
+    (orchestrator/compare.py)); (None, []) when there is none."""
+    from .compare import field_changes, folder_fields, folder_sources, show_value
+    from .runs import stage_attempts
 
-    if fingerprint is None:
+    attempts = stage_attempts(store, name)
+    mine = [i for i, a in enumerate(attempts) if a.fingerprint == fingerprint and a.current]
+    if not mine or mine[0] == 0:
         return None, []
-    current = store.stage_dir(name, fingerprint)
-    others = [(t, d) for d in store.stage_dirs(name) if d.fingerprint != fingerprint
-              for t in [_mtime(d.status_file) or _mtime(d.fields_file)] if t is not None]
-    if not others:
-        return None, []
-    previous = max(others, key=lambda pair: pair[0])[1]
-    old, new = previous.fields() or {}, current.fields() or {}
-    if not new:
-        return previous.fingerprint, ["this fingerprint has no record yet"]
-    return previous.fingerprint, describe_changes(old, new, limit=10**6)
+    before, now = attempts[mine[0] - 1], attempts[mine[0]]
+    label = f"attempt {before.number} of fingerprint {before.fingerprint}"
+    if before.folder == now.folder:
+        return label, ["same fingerprint: no field differs"]
+    changes = field_changes(folder_fields(before.folder), folder_fields(now.folder),
+                            folder_sources(before.folder), folder_sources(now.folder))
+    return label, [f"{c.key}: {show_value(c.a)} -> {show_value(c.b)}"
+                   + (f" ({c.source_b})" if c.source_b else "") for c in changes]
 
 
 def explain_lines(loaded: LoadedRecipe, pipeline: Path | None = None,
@@ -160,20 +168,3 @@ def profile_path(profile: str | None, loaded) -> Path | None:
     else:
         dirs = [Path(loaded.path).parent]
     return find_profile(profile, dirs)
-
-
-def recorded_origins(loaded: LoadedRecipe) -> dict[str, str]:
-    """Where each key the recipe's files, the pipeline, the profile and `--set` wrote came
-    from (`file:line` or the flag), keyed as fields.json keys them (`data.sources[0].weight`):
-    what a stage folder's provenance.json keeps for `phi4 diff`; keys nobody wrote are
-    defaults."""
-    out = {}
-    for loc, origin in loaded.positions.items():
-        if any(isinstance(part, str) and part.startswith("<") for part in loc):
-            continue  # where a mapping's keys were written (`data.<key>`), for key errors
-        key = ""
-        for part in loc:
-            key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
-        if key:
-            out[key] = str(origin)
-    return out

@@ -23,6 +23,7 @@ from .config.checks import expand_groups, model_of
 from .plan import Plan, StagePlan
 from .provenance import UNSET, attempt_diff, extends_diff, sources
 from .render import COLOURS, node_state, svg
+from .runs import read_metrics
 from .store import StageDir, read_json
 from .words import bytes_text, count
 
@@ -52,22 +53,6 @@ def _text(value: Any) -> str:
 
 def _bytes(n: float | None) -> str:
     return "-" if n is None else bytes_text(n)
-
-
-def metrics_records(folder: StageDir) -> list[dict]:
-    out = []
-    try:
-        lines = folder.metrics.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def loss_curve(records: list[dict], width: int = 420, height: int = 160) -> str:
@@ -209,7 +194,7 @@ def _changes_section(plan: Plan, sp: StagePlan, folder: StageDir | None) -> str:
     fingerprint = folder.fingerprint if folder else sp.fingerprint
     previous, changes = attempt_diff(plan.store, sp.name, fingerprint)
     if previous:
-        out.append(f"<h3>Differs from the previous fingerprint {escape(previous)}</h3>"
+        out.append(f"<h3>Differs from the previous attempt ({escape(previous)})</h3>"
                    + ("<ul>" + "".join(f"<li>{escape(c)}</li>" for c in changes) + "</ul>"
                       if changes else '<p class="muted">no fingerprinted field</p>'))
     return "".join(out)
@@ -229,7 +214,7 @@ def stage_section(plan: Plan, sp: StagePlan, pipeline: Path | None, profile: Pat
     folder = _folder(plan, sp)
     state = node_state(plan, sp.name)
     status = folder.status() if folder else None
-    records = metrics_records(folder) if folder else []
+    records = read_metrics(folder.metrics) if folder else []
     duration = ""
     if status and status.started and status.ended:
         duration = f" · {status.ended - status.started:,.0f} s"

@@ -90,8 +90,9 @@ def test_html_report_in_a_browser(tmp_path: Path) -> None:
     assert dict(seen["curves"]) == {"a": 1, "b": 1, "c": 1, "d": 0}  # d never ran
     rows = {r[0]: r for r in seen["evaluations"][1:]}
     assert rows["heldout_perplexity"][2] == "12.5" and rows["caption_accuracy"][3] == "0.25"
-    assert f"Differs from the previous fingerprint {first}" in seen["text"]
-    assert 'env.SALT: (unset) -> "x"' in seen["text"]
+    assert f"Differs from the previous attempt (attempt 1 of fingerprint {first})" \
+        in seen["text"]
+    assert "env.SALT: (unset) -> x (--set c.env.SALT=x)" in seen["text"]
     check_layout(seen)
     assert "out (frozen)" in seen["text"] and "failed" in seen["text"]
 

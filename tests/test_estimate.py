@@ -38,11 +38,16 @@ SMALL = ModelConfig.model_construct(
 
 
 def test_parameter_counts_equal_model_info_for_every_preset():
+    from phi4core.config import LoraConfig
     from phi4core.info import model_info
 
-    for name in PRESETS:
-        info = model_info(name)
-        counts = parameter_counts(PRESETS[name])
+    # every preset, and the text fine-tuning adapter a recipe adds (model.lora.text)
+    configs = {name: PRESETS[name] for name in PRESETS}
+    configs["phi4_mini_tiny+lora.text"] = PRESETS["phi4_mini_tiny"].model_copy(
+        update={"lora_text": LoraConfig(rank=8, alpha=16, targets=["qkv_proj", "down_proj"])})
+    for name, config in configs.items():
+        info = model_info(config)
+        counts = parameter_counts(config)
         assert counts.total == info["total"], name
         assert counts.groups == info["groups"], name
         assert counts.parts == info["parts"], name

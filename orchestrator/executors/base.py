@@ -108,12 +108,11 @@ class Executor(ABC):
         tracker settings, its tracker run named after the pipeline), fields.json and where
         each field's value came from (provenance.json, for `phi4 diff`)."""
         from .. import launch
-        from ..provenance import recorded_origins
 
         sp = self.plan.stages[name]
         spec = launch.spec_document(sp.loaded, sp.stage_dir, sp.inputs, self.cluster,
                                     self.options.prefix)
-        sp.stage_dir.prepare(spec, sp.fields, recorded_origins(sp.loaded))
+        sp.stage_dir.prepare(spec, sp.fields, sp.sources)
 
     def command(self, name: str) -> list[str]:
         """What each of the stage's processes runs, laid out for where this executor runs it."""
