@@ -36,6 +36,7 @@ from phi4core.data.multimodal import ImageGeometry, MultimodalCollator
 from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataError, DataReport, check_policy
 from phi4core.data.vision_records import RecordError
+from phi4core.files import atomic_output, json_text
 
 log = logging.getLogger("phi4core.data")
 
@@ -200,13 +201,12 @@ def blend_path(paths: list[str], weights: list[float], data_dir: Path) -> Path:
     for path, weight in zip(paths, weights):
         # absolute: energon resolves a blend's paths from the YAML's own folder
         lines += [f"      - weight: {float(weight)!r}",
-                  f"        path: {json.dumps(str(Path(path).resolve()))}"]
+                  f"        path: {json_text(str(Path(path).resolve()))}"]
     target = data_dir / "vision_blend.yaml"
     text = "\n".join(lines) + "\n"
     if not target.is_file() or target.read_text() != text:
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        with atomic_output(target) as f:
+            f.write(text)
     return target
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from phi4core.config import PRESETS, StageSpec
+from phi4core.files import write_json
 
 
 def _rss_bytes() -> int:
@@ -142,9 +142,9 @@ def main(argv: list[str]) -> int:
             "logging": {"interval": 1, "tensorboard": False},
             "stage_dir": str(Path(tmp) / "stage"), "output_dir": str(Path(tmp) / "out")})
         measured = _measure(spec, args, on_gpu)
-    Path(args.out).write_text(json.dumps({
+    write_json(args.out, {
         "device": "cuda" if on_gpu else "cpu", **measured, "model": model, "train": train,
-        "precision": precision, "recompute": args.recompute}))
+        "precision": precision, "recompute": args.recompute})
     return 0
 
 

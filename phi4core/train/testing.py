@@ -76,6 +76,7 @@ def synthetic_speech_corpus(folder: str | Path, n: int, seed: int = 0,
     from phi4core.data.speech_prepare import prepare_speech
     from phi4core.data.synthetic_media import write_media_corpus
     from phi4core.data.tokenizer import AUDIO_PLACEHOLDER
+    from phi4core.files import json_text
 
     folder = Path(folder)
     index = write_media_corpus(folder / "media", "audio", n, seed=seed)
@@ -84,7 +85,7 @@ def synthetic_speech_corpus(folder: str | Path, n: int, seed: int = 0,
         user, assistant = json.loads(line)["messages"]
         clip = json.loads(line)["audios"][0]
         question = user["content"].replace(AUDIO_PLACEHOLDER, "")
-        lines.append(json.dumps({"audio": clip, "text": assistant["content"],
+        lines.append(json_text({"audio": clip, "text": assistant["content"],
                                  "question": question, "answer": assistant["content"]}))
     (folder / "transcripts.jsonl").write_text("\n".join(lines) + "\n")
     prepare_speech(index.parent, folder / "transcripts.jsonl", folder / "prepared",
