@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes side by side (CI has 2 cores; each test runs one thread): files stay whole on
+# one worker and the Slurm tests share one (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 export OMP_NUM_THREADS ?= 1
 
@@ -40,8 +43,15 @@ demo: $(STAMP)
 	$(PHI4) graph $(DEMO_PIPELINE) --profile tiny --store $(DEMO_STORE) --format svg -o $(DEMO_STORE)/lineage.svg
 	$(PY) scripts/demo_report.py $(DEMO_STORE) $(DEMO_PIPELINE) $(DEMO_STORE)/lineage.svg
 
-test: $(NEMO_STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# ... and the W&B and MLflow clients, whose tests log offline / to a local file store.
+TRACKERS_STAMP := $(VENV)/.installed-trackers
+
+$(TRACKERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,trackers]'
+	@touch $(TRACKERS_STAMP)
+
+test: $(NEMO_STAMP) $(TRACKERS_STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py

@@ -30,6 +30,9 @@ LAZY_COMMANDS = {
     "status": "pipeline:status",
     "graph": "pipeline:graph",
     "cancel": "slurm:cancel",
+    "diff": "runs:diff",
+    "metrics": "runs:metrics",
+    "gc": "runs:gc",
     "stage-hook": "slurm:stage_hook",
     "model-info": "model:model_info_cmd",
     "convert": "model:convert",
@@ -124,10 +127,24 @@ def _dump(data: Any, fmt: str) -> str:
 @click.argument("path")
 @config_options
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml")
+@click.option("--explain", is_flag=True,
+              help="Every value with the file:line it came from (recipe, extends base, "
+                   "pipeline, profile, --set or default) and what differs from the extends "
+                   "base.")
 @report_config_errors
-def show(path: str, profile: str | None, overrides: tuple[str, ...], fmt: str) -> None:
+def show(path: str, profile: str | None, overrides: tuple[str, ...], fmt: str,
+         explain: bool) -> None:
     """Print the fully resolved stage or pipeline."""
     loaded = load_any(path, profile, list(overrides))
+    if explain:
+        from .provenance import explain_lines, profile_path
+
+        prof = profile_path(profile, loaded)
+        pipeline = loaded.path if isinstance(loaded, LoadedPipeline) else None
+        stages = loaded.stages.values() if pipeline else [loaded]
+        for stage in stages:
+            click.echo("\n".join(explain_lines(stage, pipeline, prof)))
+        return
     if isinstance(loaded, LoadedPipeline):
         data: Any = {
             "name": loaded.pipeline.name,

@@ -6,8 +6,9 @@ content hash of a `{path}`/`{hf}` folder; the content hash of local data files a
 tokenizer folder; the resolved model preset; the phi4 version. Local paths themselves are left
 out so that moving data or a store keeps fingerprints; remote data URLs stay as written. Knobs
 that never change a result are left out too: `data.num_workers` (loader processes read the
-same samples) and `train.max_skipped_steps` (how long a diverging run goes on before it fails;
-raising it after a failure resumes the same attempt).
+same samples), `train.max_skipped_steps` (how long a diverging run goes on before it fails;
+raising it after a failure resumes the same attempt) and `parallel.recompute` (recomputed
+activations are the same numbers: only memory and time change).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .config.paths import is_remote
 
 FINGERPRINT_CHARS = 16  # 64 bits: collisions are not a practical concern per stage name
 _UNFINGERPRINTED = ("resources", "logging", "description", "inputs", "data", "tokenizer")
-_NOT_RESULTS = {"train": {"max_skipped_steps"}, "data": {"num_workers"}}
+_NOT_RESULTS = {"train": {"max_skipped_steps"}, "data": {"num_workers"},
+                "parallel": {"recompute"}}
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -120,7 +122,8 @@ def stage_fields(loaded: LoadedRecipe, inputs: dict[str, dict], hashes: mf.HashC
     """
     recipe = loaded.recipe
     doc = recipe.model_dump(mode="json", exclude={**dict.fromkeys(_UNFINGERPRINTED, True),
-                                                  "train": _NOT_RESULTS["train"]})
+                                                  "train": _NOT_RESULTS["train"],
+                                                  "parallel": _NOT_RESULTS["parallel"]})
     missing: list[tuple[tuple, str]] = []  # (recipe location, what is not there)
     doc["inputs"] = inputs
     if recipe.data is not None:

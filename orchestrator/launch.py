@@ -5,7 +5,8 @@ what each task runs, on how many nodes, how many tasks per node, CPUs and GPUs, 
 job exports first. Executors only render it (local: one child process; Slurm: sbatch
 directives and an srun line; NeMo-Run: task fields and a script).
 
-Train stages run `python -m phi4core train SPEC.json`: one process when the stage has one
+Eval and export stages run `python -m phi4core eval|export SPEC.json`, one process. Train
+stages run `python -m phi4core train SPEC.json`: one process when the stage has one
 rank; otherwise torchrun (`python -m phi4core.elastic`, which passes stop signals on to the
 ranks), with every rank on one node (`--standalone`: a free rendezvous port, so stages side by
 side do not collide), or on a cluster per node with a c10d rendezvous on the first node; or,
@@ -23,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from phi4core.config import InputSpec, StageSpec
+from phi4core.config import InputSpec, Logging, StageSpec, ToolSpec, TrackerRun
 
 from .config import LoadedRecipe
 from .config.checks import expand_groups, model_of
@@ -86,6 +87,10 @@ class Launcher:
         res = recipe.resources
         gpus = res.gpus_per_node or None
         python = c.stage_python() if c else sys.executable
+        if recipe.kind in ("eval", "export"):  # one process
+            return ProcessLayout((python, "-m", "phi4core", recipe.kind,
+                                  str(self.stage_dir.spec_file)), env, cpus_per_task=cpus,
+                                 gpus_per_node=gpus)
         train = (python, "-m", "phi4core", "train", str(self.stage_dir.spec_file))
         if res.world_size == 1:
             return ProcessLayout(train, env, cpus_per_task=cpus, gpus_per_node=gpus)
@@ -135,7 +140,7 @@ def environment(loaded: LoadedRecipe, stage_dir: StageDir,
         "PHI4_STAGE_DIR": str(stage_dir.path),
         "PHI4_OUTPUT_DIR": str(stage_dir.staging),
     }
-    if loaded.recipe.kind == "train":
+    if loaded.recipe.kind != "command":
         env["PHI4_SPEC"] = str(stage_dir.spec_file)
     for name, inp in inputs.items():
         env[f"PHI4_INPUT_{name.upper()}"] = inp.path
@@ -143,13 +148,20 @@ def environment(loaded: LoadedRecipe, stage_dir: StageDir,
     return env
 
 
-def spec_document(loaded: LoadedRecipe, stage_dir: StageDir,
-                  inputs: dict[str, ResolvedInput]) -> dict:
+def spec_document(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput],
+                  cluster: Cluster | None = None, pipeline: str = "phi4") -> dict:
     """What goes into spec.json: the trainer's StageSpec, or for a command stage the same
     facts about what it was given (a record; the command reads its environment)."""
     if loaded.recipe.kind == "train":
-        return spec(loaded, stage_dir, inputs).model_dump(mode="json")
+        return spec(loaded, stage_dir, inputs, cluster, pipeline).model_dump(mode="json")
     recipe = loaded.recipe
+    if recipe.kind in ("eval", "export"):
+        return ToolSpec(
+            name=recipe.name, kind=recipe.kind, fingerprint=stage_dir.fingerprint,
+            inputs={name: InputSpec(source=i.source, path=i.path, artifact=i.artifact,
+                                    frozen=i.frozen) for name, i in inputs.items()},
+            outputs=recipe.outputs, evaluate=recipe.evaluate, stage_dir=str(stage_dir.path),
+            output_dir=str(stage_dir.staging)).model_dump(mode="json")
     return {"name": recipe.name, "kind": "command", "fingerprint": stage_dir.fingerprint,
             "cmd": recipe.cmd, "env": recipe.env, "outputs": recipe.outputs,
             "inputs": {name: {"source": i.source, "path": i.path, "artifact": i.artifact,
@@ -157,7 +169,34 @@ def spec_document(loaded: LoadedRecipe, stage_dir: StageDir,
             "stage_dir": str(stage_dir.path), "output_dir": str(stage_dir.staging)}
 
 
-def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput]) -> StageSpec:
+def tracker_logging(logging: Logging, cluster: Cluster | None) -> Logging:
+    """The recipe's `logging:` over the cluster file's tracker defaults, key by key."""
+    defaults = cluster.logging if cluster is not None else None
+    if defaults is None:
+        return logging
+    merged = {}
+    for name in ("wandb", "mlflow"):
+        base, own = getattr(defaults, name), getattr(logging, name)
+        if base is None and own is None:
+            continue
+        merged[name] = {**(base.model_dump(exclude_unset=True) if base else {}),
+                        **(own.model_dump(exclude_unset=True) if own else {})}
+    return logging.model_validate({**logging.model_dump(), **merged})
+
+
+def tracker_run(pipeline: str, stage_dir: StageDir, inputs: dict[str, ResolvedInput]
+                ) -> TrackerRun:
+    """`<pipeline>.<stage>.<fingerprint>`, tagged with the lineage: each input's upstream
+    stage and fingerprint, or its source and content digest."""
+    tags = {"pipeline": pipeline, "stage": stage_dir.name, "fingerprint": stage_dir.fingerprint}
+    for name, inp in sorted(inputs.items()):
+        tags[f"input.{name}"] = f"{inp.stage}@{inp.fingerprint}" if inp.source == "stage" \
+            else f"{inp.source}:{(inp.fingerprint or '')[:16]}"
+    return TrackerRun(name=f"{pipeline}.{stage_dir.name}.{stage_dir.fingerprint}", tags=tags)
+
+
+def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedInput],
+         cluster: Cluster | None = None, pipeline: str = "phi4") -> StageSpec:
     recipe = loaded.recipe
     model = model_of(recipe)
     assert model is not None and recipe.data is not None and recipe.train is not None
@@ -176,7 +215,8 @@ def spec(loaded: LoadedRecipe, stage_dir: StageDir, inputs: dict[str, ResolvedIn
         train=recipe.train,
         parallel=recipe.parallel,
         precision=recipe.precision,
-        logging=recipe.logging,
+        logging=tracker_logging(recipe.logging, cluster),
+        run=tracker_run(pipeline, stage_dir, inputs),
         world_size=recipe.resources.world_size,
         stage_dir=str(stage_dir.path),
         output_dir=str(stage_dir.staging),

@@ -69,6 +69,15 @@ class InputRecord(_Record):
     digest: str | None = None
 
 
+class LoginRecord(_Record):
+    """The login node (ssh) a stage's job was submitted through: where Slurm is asked."""
+
+    host: str
+    port: int = 22
+    user: str
+    identity: str | None = None
+
+
 class StageStatus(_Record):
     """`status.json`: the latest attempt at one stage fingerprint (earlier ones leave only their
     count in `attempt` and their metrics file)."""
@@ -91,7 +100,9 @@ class StageStatus(_Record):
     restarts: int | None = None  # Slurm's requeue count
     nodes: str | None = None  # Slurm node list
     cluster: str | None = None
+    login: LoginRecord | None = None  # Slurm is reached over ssh (NeMo-Run's SSHTunnel)
     script: str | None = None  # the batch script submitted
+    job_log: str | None = None  # the job's own output, when not the stage's log (NeMo-Run)
     dependency: str | None = None  # sbatch --dependency
     depends_on: dict[str, str] = {}  # upstream stage -> the job id this one waits on
     command: list[str] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .checkpoints import resume_text
 from .executors.outcomes import describe, last_line
@@ -29,6 +29,7 @@ class StatusRow:
     path: str
     executor: str | None = None  # local | slurm | nemo_run
     job: str | None = None  # Slurm job id (local runs: the stage's pid)
+    evaluations: list[dict] = field(default_factory=list)  # EvaluationResult dicts
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -60,6 +61,7 @@ def row_for(folder: StageDir) -> StatusRow | None:
     manifest = folder.manifest()
     artifacts = sorted(manifest.artifacts) if manifest is not None else []
     loss = record.get("loss")
+    evaluation = folder.evaluation()
     return StatusRow(
         stage=folder.name, fingerprint=folder.fingerprint, state=state,
         attempt=status.number, started=status.started if began else None,
@@ -67,7 +69,8 @@ def row_for(folder: StageDir) -> StatusRow | None:
         duration=(end - status.started) if began and status.started and end else None,
         exit_code=status.exit_code, step=steps_done(record),
         loss=loss if isinstance(loss, (int, float)) else None, artifacts=artifacts,
-        note=note, path=str(folder.path), executor=status.executor, job=status.job_id)
+        note=note, path=str(folder.path), executor=status.executor, job=status.job_id,
+        evaluations=[r.model_dump() for r in evaluation.results] if evaluation else [])
 
 
 def failure_note(folder: StageDir, error: str, code: int | None) -> str:
@@ -119,12 +122,41 @@ def format_rows(rows: list[StatusRow]) -> list[str]:
     table = [("STAGE", "FINGERPRINT", "STATE", "TRY", "JOB", "TIME", "STEP", "LOSS", "ARTIFACTS",
               "NOTE")]
     for r in rows:
-        job = f"slurm:{r.job}" if r.executor == "slurm" and r.job else "-"
+        job = f"slurm:{r.job}" if r.executor in ("slurm", "nemo_run") and r.job else "-"
         table.append((r.stage, r.fingerprint, r.state, str(r.attempt), job,
                       duration_text(r.duration),
                       "-" if r.step is None else str(r.step),
                       "-" if r.loss is None else f"{r.loss:.4g}",
                       ",".join(r.artifacts) or "-", r.note))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
-            for row in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(table[0], widths)) + "  " + table[0][-1]]
+    for r, row in zip(rows, table[1:]):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        lines += [f"  {line}" for line in evaluation_lines(r.evaluations)]
+    return lines
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def evaluation_lines(results: list[dict]) -> list[str]:
+    """One line per measurement: `name: base X -> trained Y (chance Z, N samples)` where an
+    evaluation compares the model before the stage with the one after, else its one value."""
+    by_name: dict[str, dict[str, dict]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], {})[r.get("model", "trained")] = r
+    lines = []
+    for name, models in by_name.items():
+        trained, base = models.get("trained"), models.get("base")
+        any_r = trained or base or next(iter(models.values()))
+        text = (f"base {_value(base['value'])} -> trained {_value(trained['value'])}"
+                if base and trained else _value(any_r["value"]))
+        better = "higher" if any_r.get("higher_is_better", True) else "lower"
+        extra = [f"{better} is better"]
+        if any_r.get("chance") is not None:
+            extra.append(f"chance {_value(any_r['chance'])}")
+        if any_r.get("samples") is not None:
+            extra.append(f"{any_r['samples']} samples")
+        lines.append(f"{name}: {text} ({', '.join(extra)})")
+    return lines

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import manifest as mf
 from .artifact_tree import ArtifactError, make_read_only, remove_tree, settle_links
-from .records import EvaluationRecord, InputRecord, ManifestRecord, StageStatus, State
+from .records import EvaluationRecord, InputRecord, LoginRecord, ManifestRecord, StageStatus, State
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -352,7 +352,8 @@ class StageDir:
     def queue(self, executor: str, *, force: bool, command: list[str], reasons: list[str],
               inputs: dict[str, InputRecord], cluster: str | None = None,
               script: str | None = None, dependency: str | None = None,
-              depends_on: dict[str, str] | None = None) -> StageStatus:
+              depends_on: dict[str, str] | None = None,
+              login: LoginRecord | None = None) -> StageStatus:
         """A submission to a scheduler: `pending` until its job's `stage-hook begin`, which
         honours `force` and `start_over` (whether the finished attempt before it must not be
         resumed) as a local run would have."""
@@ -362,6 +363,7 @@ class StageDir:
             start_over=previous.starts_over if previous else False, force=force,
             submitted=time.time(), started=None, ended=None, exit_code=None, error=None,
             blocked_by=None, script=script, dependency=dependency, depends_on=depends_on or {},
+            login=login, job_log=None,
             command=list(command), reasons=list(reasons), inputs=inputs)
         self.store.set_latest(self.name, self.fingerprint)
         return record
@@ -400,9 +402,16 @@ class StageDir:
         self.store.set_latest(self.name, self.fingerprint)
         return record
 
-    def record_job(self, job_id: str, child_pid: int | None = None) -> StageStatus:
-        """The job (or, locally, the process) that carries the attempt."""
-        return self._write(self.status(), job_id=job_id, child_pid=child_pid)
+    def record_job(self, job_id: str, child_pid: int | None = None, *,
+                   job_log: str | None = None,
+                   depends_on: dict[str, str] | None = None) -> StageStatus:
+        """The job (or, locally, the process) that carries the attempt; `job_log`: where the
+        scheduler writes the job's own output, when not in the stage's log (NeMo-Run's);
+        `depends_on`: upstream stage -> job, when known only once submitted (NeMo-Run)."""
+        changes: dict[str, Any] = {"job_log": job_log} if job_log else {}
+        if depends_on is not None:
+            changes["depends_on"] = depends_on
+        return self._write(self.status(), job_id=job_id, child_pid=child_pid, **changes)
 
     def end(self, state: State, *, exit_code: int | None = None, error: str | None = None,
             blocked_by: str | None = None, ended: float | None = None) -> StageStatus:
@@ -464,6 +473,43 @@ class StageDir:
                 pass  # tidying is best effort; the stage's next publish tries again
             finally:
                 lock.release()
+
+    # ------------------------------------------------------------------------------------
+    # garbage collection (phi4 gc): never while the stage runs
+    # ------------------------------------------------------------------------------------
+
+    def remove(self) -> bool:
+        """Remove this whole fingerprint folder; False (nothing removed) when a process holds
+        its lock or it is recorded running or queued. It is moved aside first
+        (`stages/<name>/.trash.*`), so a kill leaves no half folder under a fingerprint."""
+        lock = self.lock()
+        if not self.path.is_dir() or not lock.try_acquire():
+            return False
+        try:
+            if self.state() in (State.RUNNING, State.PENDING):
+                return False
+            trash = self.path.parent / f".trash.{self.fingerprint}.{os.getpid()}"
+            os.rename(self.path, trash)
+        finally:
+            lock.release()
+        remove_tree(trash)
+        return True
+
+    def remove_checkpoints(self) -> bool:
+        """Remove the checkpoints of a finished attempt (its rerun starts over, never resumes
+        from them); False when the stage runs or its last attempt did not succeed."""
+        lock = self.lock()
+        if not lock.try_acquire():
+            return False
+        try:
+            status = self.status()
+            if status is None or status.state != State.SUCCEEDED \
+                    or not os.path.lexists(self.checkpoints):
+                return False
+            self._discard(self.checkpoints)
+            return True
+        finally:
+            lock.release()
 
     def _point_at(self, version: Path) -> None:
         """The one atomic switch of publish: `artifacts` -> versions/<id>."""
@@ -605,6 +651,14 @@ class Store:
             return []
         return [StageDir(self, name, p.name) for p in entries
                 if _FINGERPRINT.fullmatch(p.name) and p.is_dir()]
+
+    def collect_trash(self) -> None:
+        """Remove what a killed `phi4 gc` left beside the stage folders (`.trash.*`)."""
+        for name in self.stage_names():
+            with contextlib.suppress(OSError):
+                for entry in (self.root / "stages" / name).iterdir():
+                    if entry.name.startswith(".trash."):
+                        remove_tree(entry)
 
     def set_latest(self, name: str, fingerprint: str) -> None:
         path = self.root / "stages" / name / "latest"

@@ -68,12 +68,25 @@ class LongRopeConfig(Strict):
         return math.sqrt(1 + math.log(scale) / math.log(self.original_max_position_embeddings))
 
 
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 class LoraConfig(Strict):
-    rank: int
-    alpha: int
-    dropout: float = 0.0
+    rank: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     # Decoder linears the adapter wraps, named as in the HF checkpoint.
-    targets: list[str] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    targets: list[str] = Field(default=list(LORA_TARGETS), min_length=1)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; known: {', '.join(LORA_TARGETS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a LoRA target is listed twice")
+        return value
 
 
 class VisionConfig(Strict):
@@ -158,6 +171,7 @@ class ModelConfig(Strict):
     pad_token_id: int = 199999
     vision: VisionConfig | None = None
     audio: AudioConfig | None = None
+    lora_text: LoraConfig | None = None  # fine-tuning adapter of the decoder (language mode)
     lora_vision: LoraConfig | None = None
     lora_speech: LoraConfig | None = None
     image_token_id: int | None = None
@@ -284,7 +298,7 @@ _PRESET_VALUES: dict[str, tuple[dict[str, Any], ...]] = {
 
 _PRESET_SECTIONS: dict[str, type[Strict]] = {
     "rope_scaling": LongRopeConfig, "vision": VisionConfig, "audio": AudioConfig,
-    "lora_vision": LoraConfig, "lora_speech": LoraConfig,
+    "lora_text": LoraConfig, "lora_vision": LoraConfig, "lora_speech": LoraConfig,
 }
 
 
@@ -403,6 +417,11 @@ class Parallel(Strict):
     cp: int = Field(default=1, ge=1)
     sequence_parallel: bool = False
     pp_layers: list[int] | None = Field(default=None, description="uneven split: layers per stage")
+    recompute: Literal["none", "selective", "full"] = Field(
+        default="none",
+        description="activation recomputation in the decoder layers (megatron-core's "
+                    "recompute_granularity): selective recomputes core attention, full every "
+                    "layer from its input; same results, less memory, more compute")
 
     @property
     def model_parallel_size(self) -> int:
@@ -432,6 +451,13 @@ class DataSource(Strict):
         default=None, description="synthetic sources: what to generate"
     )
     samples: int | None = Field(default=None, gt=0, description="synthetic sources: how many")
+    task: Literal["asr", "translate", "qa", "summarize"] | None = Field(
+        default=None, description="lhotse sources: the chat each clip becomes (default asr)")
+    max_clip_seconds: float | None = Field(
+        default=None, gt=0, description="lhotse sources: longer clips are skipped (default 1800)")
+    max_duration: float | None = Field(
+        default=None, gt=0,
+        description="lhotse sources: seconds of audio per duration bucket's batch (default 3600)")
 
     @model_validator(mode="after")
     def _source_named(self) -> Self:
@@ -440,6 +466,14 @@ class DataSource(Strict):
                 raise ValueError("a synthetic source needs `modality:`")
         elif self.path is None:
             raise ValueError(f"a {self.kind} source needs `path:`")
+        speech_only = [k for k in ("task", "max_clip_seconds", "max_duration")
+                       if getattr(self, k) is not None]
+        if speech_only and self.kind != "lhotse":
+            raise ValueError(f"{', '.join(speech_only)}: only for lhotse sources, not "
+                             f"{self.kind}")
+        if (self.max_clip_seconds or 0) > (self.max_duration or float("inf")):
+            raise ValueError(f"max_clip_seconds ({self.max_clip_seconds}) exceeds max_duration "
+                             f"({self.max_duration}): such a clip fits no batch")
         return self
 
 
@@ -450,11 +484,39 @@ class Data(Strict):
                              description="loader processes reading batches ahead (0: none)")
 
 
+class WandbLogging(Strict):
+    """Weights & Biases (`pip install 'phi4[trackers]'`). `mode: offline` writes the run under
+    the stage folder (`wandb/`) for a later `wandb sync`."""
+
+    project: str = "phi4"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
+class MlflowLogging(Strict):
+    """MLflow (`pip install 'phi4[trackers]'`): a tracking server's URI, or a local store
+    (`file:/path/mlruns`); unset: MLflow's own default ($MLFLOW_TRACKING_URI)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "phi4"
+
+
 class Logging(Strict):
-    """How a run reports; never part of a stage's fingerprint."""
+    """How a run reports; never part of a stage's fingerprint. W&B and MLflow are off unless
+    their section is given (here or in the cluster file, whose values the recipe's override)."""
 
     interval: int = Field(default=10, ge=1)
     tensorboard: bool = True
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
+
+
+class TrackerRun(Strict):
+    """What the orchestrator tells the trackers about a stage: the run's name
+    (`<pipeline>.<stage>.<fingerprint>`) and tags with its lineage."""
+
+    name: str
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,6 +549,65 @@ class StageSpec(Strict):
     parallel: Parallel
     precision: Precision
     logging: Logging = Field(default_factory=Logging)
+    run: TrackerRun | None = None  # for W&B / MLflow; None: named after the stage
     world_size: int = 1
     stage_dir: str  # logs, metrics, checkpoints/
     output_dir: str  # artifacts/<name>/ are written here, then published by the orchestrator
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation and export stages (`kind: eval`, `kind: export`): no training, one process
+# --------------------------------------------------------------------------------------------
+
+
+class EvalTask(Strict):
+    """A small scored set, a JSONL of chat records whose last turn is the user's:
+    `multiple_choice` records add `choices` (assistant replies) and `answer` (the right one's
+    index), scored by the likelihood of each reply; `exact_match` records add `answer`, the
+    reply greedy decoding must produce exactly (then `<|end|>`)."""
+
+    name: str = Field(pattern=r"[A-Za-z_][A-Za-z0-9_]*")
+    kind: Literal["multiple_choice", "exact_match"]
+    path: str
+
+
+class Evaluate(Strict):
+    """What an eval stage measures, for the base model and the trained one side by side."""
+
+    heldout: str | None = Field(default=None, description="chat JSONL: held-out loss and "
+                                "perplexity on its assistant tokens")
+    tasks: list[EvalTask] = Field(default_factory=list)
+    base: list[str] | None = Field(
+        default=None, description="the inputs the base model is made of (default: the frozen "
+                                  "ones); the trained model loads every input, in order, later "
+                                  "ones over earlier ones")
+    seq_length: int = Field(default=2048, gt=0)
+    max_samples: int = Field(default=1000, gt=0, description="per set, from its start")
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        if self.heldout is None and not self.tasks:
+            raise ValueError("`evaluate` needs `heldout:` (a chat JSONL), `tasks:`, or both")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("two tasks have the same name")
+        return self
+
+
+# The outputs an export stage may declare: the adapter as a PEFT folder, and/or the base
+# model with the adapter merged in as a full Hugging Face folder.
+EXPORT_OUTPUTS = ("peft", "hf")
+
+
+class ToolSpec(Strict):
+    """What `python -m phi4core eval|export SPEC.json` runs. The model is the one the inputs
+    describe (a phi4 weights folder's config, with its LoRA adapters), not a preset."""
+
+    name: str
+    kind: Literal["eval", "export"]
+    fingerprint: str
+    inputs: dict[str, InputSpec]
+    outputs: list[str] = Field(default_factory=list)
+    evaluate: Evaluate | None = None
+    stage_dir: str
+    output_dir: str

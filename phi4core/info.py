@@ -89,7 +89,7 @@ def parameter_rows(model, groups: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def _is_multimodal(cfg: ModelConfig) -> bool:
-    return groups_of(cfg) != ["backbone"]
+    return any(g not in ("backbone", "lora.text") for g in groups_of(cfg))
 
 
 def model_info(name: str | ModelConfig, towers: dict | None = None) -> dict[str, Any]:

@@ -8,7 +8,9 @@ Torch-free: the orchestrator imports it at start-up.
 A parameter belongs to the first group whose rule matches its name (as
 ``model.named_parameters()`` spells it; wrappers' ``module.`` prefixes are ignored):
 
-    lora.vision       any ``lora_vision`` module (a LoRA factor inside a decoder linear)
+    lora.text         any ``lora_text`` module (a LoRA factor inside a decoder linear: the
+                      fine-tuning adapter of a frozen decoder, run in language mode)
+    lora.vision       any ``lora_vision`` module
     lora.speech       any ``lora_speech`` module
     vision.encoder    ``vision.encoder.*``, ``vision.embeddings.*`` (the encoder; its patch and
                       position embeddings)
@@ -41,10 +43,16 @@ class ModuleGroup:
         return True
 
 
+# The artifact of a fine-tuning stage: the LoRA adapters it trains, nothing else (lora.text's
+# only home; a multimodal stage training lora.vision may publish it this way too).
+ADAPTER_ARTIFACT = "adapter"
+
 # Order matters: the first match wins, so a tower's encoder rule precedes its catch-all, and
 # backbone (no rule) comes last in matching while it is listed first for users.
 GROUPS: tuple[ModuleGroup, ...] = (
     ModuleGroup("backbone", "model", None, summary="the decoder (Phi-4-Mini)"),
+    ModuleGroup("lora.text", ADAPTER_ARTIFACT, "lora_text", module="lora_text",
+                summary="LoRA on the decoder's linears for fine-tuning (language mode)"),
     ModuleGroup("lora.vision", "vision", "lora_vision", module="lora_vision",
                 summary="LoRA_V on qkv, o, gate_up, down of every layer"),
     ModuleGroup("lora.speech", "speech", "lora_speech", module="lora_speech",
@@ -71,13 +79,16 @@ for _g in GROUPS:
     ARTIFACT_GROUPS[_g.artifact] += (_g.name,)
 
 
-
-def artifact_groups(artifact: str, model_groups) -> tuple[str, ...]:
+def artifact_groups(artifact: str, model_groups, trainable=None) -> tuple[str, ...]:
     """The groups a stage's output ``artifact`` holds, for a model with ``model_groups``:
     `model` is the whole model (a text model's backbone; every group of a multimodal one),
-    `vision` / `speech` the groups of ARTIFACT_GROUPS that the model has."""
+    `adapter` the LoRA groups the stage trains (``trainable``; all the model's LoRAs when
+    None), `vision` / `speech` the groups of ARTIFACT_GROUPS that the model has."""
     if artifact == "model":
         return tuple(model_groups)
+    if artifact == ADAPTER_ARTIFACT:
+        return tuple(g for g in model_groups if g in LORA_GROUPS
+                     and (trainable is None or g in trainable))
     if artifact not in ARTIFACT_GROUPS:
         raise KeyError(f"unknown artifact {artifact!r}; known: {', '.join(ARTIFACT_GROUPS)}")
     return tuple(g for g in model_groups if g in ARTIFACT_GROUPS[artifact])
@@ -86,9 +97,12 @@ def artifact_groups(artifact: str, model_groups) -> tuple[str, ...]:
 # The LoRA adapters: adapter name -> its group. The module holding an adapter's factors inside
 # a decoder linear is named after the group's rule (`lora_vision`), as is its ModelConfig field.
 LORA_ADAPTERS: dict[str, ModuleGroup] = {
+    "text": BY_NAME["lora.text"],
     "vision": BY_NAME["lora.vision"],
     "speech": BY_NAME["lora.speech"],
 }
+LORA_GROUPS: tuple[str, ...] = tuple(g.name for g in LORA_ADAPTERS.values())
+ARTIFACT_GROUPS[ADAPTER_ARTIFACT] = LORA_GROUPS  # what it may hold: the stage's trained LoRAs
 # The towers: the model attribute holding the tower -> (encoder group, rest-of-tower group).
 TOWERS: dict[str, tuple[str, str]] = {
     "vision": ("vision.encoder", "vision.projector"),

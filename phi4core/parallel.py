@@ -43,6 +43,7 @@ class ParallelSettings:
     cp: int = 1
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
     sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective | full: the decoder's activation recomputation
 
     @classmethod
     def from_any(cls, obj: Any) -> ParallelSettings:

@@ -44,3 +44,31 @@ def tiny_phi3(seed: int = 0, tie: bool = True, dtype=torch.float32, **over):
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(tiny_phi3_config(tie=tie, **over)).eval()
     return model.to(dtype)
+
+
+def tiny_mini_folder(out, seed: int = 0, cache=None):
+    """A random Phi3ForCausalLM folder at phi4_mini_tiny's shapes, as a released Phi-4-mini
+    folder is laid out: weights, config, and a tokenizer (the demo vocabulary, whose ids the
+    tiny preset expects) with Phi-4-mini's chat template in tokenizer_config.json."""
+    import json
+    import os
+    from pathlib import Path
+
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from phi4core.config import PRESETS
+    from phi4core.data.chat import PHI4_MINI_CHAT_TEMPLATE
+    from phi4core.data.tokenizer import get_demo_tokenizer
+    from phi4core.interop.hf import copy_tokenizer, hf_config_from_model_config
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    cfg = hf_config_from_model_config(PRESETS["phi4_mini_tiny"])
+    model = Phi3ForCausalLM(Phi3Config(**{**cfg, "initializer_range": 0.1})).eval()
+    model.save_pretrained(out)
+    cache = cache or os.environ.get("PHI4_CACHE") or Path.home() / ".cache" / "phi4"
+    copy_tokenizer(get_demo_tokenizer(cache).path, out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["chat_template"] = PHI4_MINI_CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out

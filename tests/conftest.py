@@ -18,8 +18,16 @@ from phi4core import torchvision_compat  # noqa: E402
 torchvision_compat.install()
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist turns the marks into scheduling groups
 def pytest_collection_modifyitems(config, items):
-    """`cpu_only` tests are skipped, and say why, where torch sees a GPU."""
+    """Scheduling under `pytest -n N --dist loadgroup` (`make test`): a test file's tests stay
+    on one worker (they share module fixtures), and every test of the real Slurm controller
+    runs on the same worker, one at a time (its node has 2 CPUs; tests wait on their jobs).
+    Then: `cpu_only` tests are skipped, and say why, where torch sees a GPU."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            group = "slurm" if item.get_closest_marker("slurm") else item.path.stem
+            item.add_marker(pytest.mark.xdist_group(group))
     marked = [item for item in items if item.get_closest_marker("cpu_only")]
     if not marked:
         return

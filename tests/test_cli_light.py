@@ -38,6 +38,7 @@ LIGHT_COMMANDS = {
     "plan": ["plan", PIPELINE, "--profile", "tiny", "--store", "{store}"],
     "graph": ["graph", PIPELINE, "--profile", "tiny", "--store", "{store}", "--format", "svg"],
     "status": ["status", "--store", "{store}", "--all"],
+    "gc": ["gc", "--store", "{store}", "--dry-run"],
 }
 
 
@@ -50,7 +51,8 @@ def _probe(args: list[str], store: Path) -> dict:
 
 @pytest.mark.parametrize("name", sorted(LIGHT_COMMANDS))
 def test_light_commands_never_import_torch(name: str, tmp_path: Path) -> None:
-    """validate, show, lr, plan, graph and status: no torch, megatron or numpy, each alone."""
+    """validate, show, lr, plan, graph, status and gc: no torch, megatron or numpy, each
+    alone."""
     (tmp_path / "store" / "stages").mkdir(parents=True)  # an empty store for status
     report = _probe(LIGHT_COMMANDS[name], tmp_path / "store")
     assert report["code"] == 0, report["output"]

@@ -245,3 +245,27 @@ def test_gpu_flavoured_config_validates(single, monkeypatch):
         assert cfg.bias_activation_fusion and cfg.bias_dropout_fusion
     finally:
         decoder.te_importable.cache_clear()
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(single, recompute):
+    """`parallel.recompute` reaches megatron's TransformerConfig and the trainer's model, and
+    recomputed activations give the very gradients of the stored ones."""
+    from phi4core.models.decoder import build_model
+    from phi4core.parallel import ParallelSettings, seed_model_parallel
+
+    mc = preset("phi4_mini_tiny")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mc.vocab_size, (2, 33), generator=g)
+    grads = {}
+    for setting in ("none", recompute):
+        seed_model_parallel(3)
+        torch.manual_seed(3)
+        m = build_model(mc, ParallelSettings(recompute=setting))
+        m.train()
+        granularity = None if setting == "none" else setting
+        assert m.config.recompute_granularity == granularity
+        m(tokens[:, :-1], None, None, labels=tokens[:, 1:]).float().mean().backward()
+        grads[setting] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for name, grad in grads["none"].items():
+        torch.testing.assert_close(grads[recompute][name], grad, rtol=0, atol=0, msg=name)

@@ -198,7 +198,7 @@ def test_unknown_adapter_or_target_is_refused(single):
     m = build_model(preset("phi4_mini_tiny"))
     with pytest.raises(ValueError, match="unknown LoRA adapter 'video'"):
         add_lora(m, {"video": LoraConfig(rank=2, alpha=4)})
-    with pytest.raises(ValueError, match="unknown targets"):
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
         add_lora(m, {"vision": LoraConfig(rank=2, alpha=4, targets=["q_proj"])})
     router = add_lora(m, {"vision": LoraConfig(rank=2, alpha=4)})
     router.select(2)  # speech: this model has no speech adapter

@@ -61,7 +61,8 @@ def test_parameter_groups_from_the_one_table(single):
 
     mc, m = _model()
     groups = param_groups(m)
-    assert list(sorted(groups)) == sorted(GROUP_NAMES) == sorted(groups_of(mc))
+    # every group but the fine-tuning adapter, which the preset has not
+    assert sorted(groups) == sorted(set(GROUP_NAMES) - {"lora.text"}) == sorted(groups_of(mc))
     assert "vision.sub_GN" in groups["vision.projector"]  # the tower's rest: separators
     assert all(n.startswith("audio.projector.") for n in groups["audio.projector"])
     assert group_of("module.module.decoder.layers.1.mlp.linear_fc2.lora_speech.B") == \

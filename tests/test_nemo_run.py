@@ -37,7 +37,7 @@ def test_two_stages_through_the_local_executor(tmp_path: Path) -> None:
     assert rows["b"]["executor"] == "nemo_run"
     assert next((store / "stages" / "b").glob("*/artifacts/out/data.txt")).read_text() == \
         "b:[a:]"
-    assert list((store / "nemo_run" / "experiments" / "test").iterdir())  # NEMORUN_HOME
+    assert list((store / "nemorun" / "experiments" / "test").iterdir())  # NEMORUN_HOME
     again = phi4("run", str(pipeline), "--store", str(store), "--executor", "nemo_run")
     assert "nothing to run: 2 stages up to date" in again.stdout
 

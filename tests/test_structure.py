@@ -13,7 +13,8 @@ from orchestrator.records import State
 PACKAGE = Path(__file__).resolve().parents[1] / "orchestrator"
 CLI_MODULES = [PACKAGE / "cli.py", *sorted((PACKAGE / "commands").glob("*.py"))]
 # The methods that write into the store (StageDir's, Store's), and its file writer.
-STORE_METHODS = {"prepare", "queue", "begin", "record_job", "end", "publish", "set_latest"}
+STORE_METHODS = {"prepare", "queue", "begin", "record_job", "end", "publish", "set_latest",
+                 "remove", "remove_checkpoints", "collect_trash"}
 STORE_WRITER = "write_json"
 
 
@@ -75,7 +76,7 @@ def test_python_m_orchestrator_cli_has_every_command() -> None:
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--help"],
                          capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
     for command in ("plan", "run", "status", "graph", "cancel", "model-info", "convert",
-                    "data", "validate", "show", "lr"):
+                    "data", "validate", "show", "lr", "diff", "metrics", "gc"):
         assert f"\n  {command} " in out.stdout, command
 
 

@@ -12,9 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from _vision_helpers import packed
 
 from phi4core.module_groups import group_of
-from phi4core.train.testing import tiny_multimodal_spec, tiny_spec, write_spec
+from phi4core.train.testing import (
+    synthetic_speech_corpus,
+    tiny_multimodal_spec,
+    tiny_spec,
+    write_spec,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -77,20 +83,41 @@ def _backbone(text) -> dict:
                          "frozen": True}}
 
 
+def _vision_spec(work: Path, name: str, inputs: dict):
+    """A vision stage over a mixture of three families: synthetic images, an energon dataset
+    (pack-images) and text-only chat, whose micro-batches run in language mode; one loader
+    worker each, so the loader position crosses process boundaries."""
+    dataset = work / "vision_data" / "ds"
+    if not dataset.is_dir():
+        packed(work / "vision_data", 16, shard_size=6)
+    spec = tiny_multimodal_spec(work, name, "image", trainable=VISION, outputs=["vision"],
+                                frozen=["backbone"], inputs=inputs, steps=12, save_interval=6)
+    sources = [{"kind": "synthetic", "modality": "image", "samples": 60, "weight": 2.0},
+               {"kind": "webdataset", "path": str(dataset), "weight": 1.0},
+               {"kind": "synthetic", "modality": "chat", "samples": 40, "weight": 1.0}]
+    data = spec.data.model_validate({"sources": sources, "num_workers": 1})
+    return spec.model_copy(update={"data": data})
+
+
 @pytest.fixture(scope="module")
 def vision(work, text):
-    spec = tiny_multimodal_spec(work, "vision", "image", trainable=VISION, outputs=["vision"],
-                                frozen=["backbone"], inputs=_backbone(text), steps=12,
-                                save_interval=6)
+    spec = _vision_spec(work, "vision", _backbone(text))
     _train(spec, work)
     return spec
 
 
 @pytest.fixture(scope="module")
 def speech(work, text):
+    """The speech stage reads its clips as a lhotse corpus (the synthetic audio, prepared),
+    in 2 loader workers: the trainer's path for `{kind: lhotse}` sources."""
+    corpus = synthetic_speech_corpus(work / "speech_corpus", 60, seed=3)
+    data = {"sources": [{"kind": "lhotse", "path": str(corpus), "task": "qa"}],
+            "num_workers": 2}
     spec = tiny_multimodal_spec(work, "speech", "audio", trainable=SPEECH, outputs=["speech"],
-                                frozen=["backbone"], inputs=_backbone(text), steps=12)
-    _train(spec, work)
+                                frozen=["backbone"], inputs=_backbone(text), steps=12,
+                                data=data)
+    out = _train(spec, work)
+    assert "speech " in out and "read 60, kept 60" in out  # the corpus's report
     return spec
 
 
@@ -162,12 +189,9 @@ SPEECH_ORDER = ["lora.speech", "audio.encoder", "audio.projector"]
 
 def test_resume_is_bit_identical(work, vision):
     """A vision stage stopped after its step-6 checkpoint resumes to the same weights as the
-    uninterrupted run."""
-    spec = tiny_multimodal_spec(work, "vision_resumed", "image", trainable=VISION,
-                                outputs=["vision"], frozen=["backbone"],
-                                inputs=vision.inputs and {k: v.model_dump() for k, v
-                                                          in vision.inputs.items()},
-                                steps=12, save_interval=6)
+    uninterrupted run: its mixture and energon loader continue exactly where they were."""
+    spec = _vision_spec(work, "vision_resumed",
+                        {k: v.model_dump() for k, v in vision.inputs.items()})
     ckpts = Path(spec.stage_dir) / "checkpoints"
     ckpts.mkdir(parents=True)
     shutil.copytree(Path(vision.stage_dir) / "checkpoints" / "step_6", ckpts / "step_6")
@@ -175,3 +199,6 @@ def test_resume_is_bit_identical(work, vision):
     s = _summary(spec, "vision")
     assert s["resumed_from_step"] == 6
     assert s["weights_sha256"] == _summary(vision, "vision")["weights_sha256"]
+    reports = s["data_reports"]
+    assert reports == _summary(vision, "vision")["data_reports"]
+    assert reports[0]["records_kept"] == 12 and not reports[0]["skipped_by_reason"]  # 48 / 4

@@ -14,6 +14,7 @@ import click
 from .. import executors
 from ..config import LoadedPipeline, load_any
 from ..config.errors import did_you_mean
+from ..exitcodes import BAD_INPUT
 from .common import (
     FiniteFloat,
     UsageProblem,
@@ -97,6 +98,58 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
     return planned, title, prefix
 
 
+def estimate_options(fn: Callable) -> Callable:
+    from ..estimate import DEFAULT_GPU, DEFAULT_MFU, GPUS
+
+    options = [
+        click.option("--gpu", type=click.Choice(sorted(GPUS)), default=DEFAULT_GPU,
+                     show_default=True, help="The GPU memory and peak FLOPs estimated for."),
+        click.option("--mfu", type=FiniteFloat(positive=True), default=DEFAULT_MFU,
+                     show_default=True, help="Model FLOPs utilisation assumed for step time."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+def _estimates(path: str, profile: str | None, overrides: tuple[str, ...], gpu: str,
+               mfu: float, suggest: bool, fmt: str) -> None:
+    """`plan --estimate | --suggest`: every train stage; exit 2 when one does not fit."""
+    from ..estimate import Layout, estimate
+    from ..estimate import suggest as search
+    from ..estimate_text import estimate_lines, suggest_lines
+
+    loaded = load_any(path, profile, list(overrides))
+    pipeline = isinstance(loaded, LoadedPipeline)
+    stages = loaded.stages if pipeline else {loaded.recipe.name: loaded}
+    out, lines, misfits = [], [], []
+    for name, stage in stages.items():
+        if stage.recipe.kind != "train":
+            continue
+        est = estimate(stage.recipe, gpu, mfu)
+        if not est.fits:
+            misfits.append(name)
+        record = est.as_json()
+        lines += estimate_lines(est)
+        if suggest:
+            found = search(stage.recipe, gpu, mfu)
+            base = Layout.of(stage.recipe)
+            record["suggestions"] = [
+                {**f.as_json(), "overrides": f.layout.overrides(base, name if pipeline else None)}
+                for f in found]
+            lines += suggest_lines(name, base, found, name if pipeline else None)
+        out.append(record)
+        lines.append("")
+    if fmt == "json":
+        click.echo(json.dumps({"gpu": gpu, "mfu": mfu, "stages": out}, indent=1))
+    else:
+        click.echo("\n".join(lines), nl=False)
+    if misfits and not suggest:
+        click.echo(f"phi4: {', '.join(misfits)} would not fit on a {gpu}; `phi4 plan {path} "
+                   "--suggest` lists layouts that do", err=True)
+        sys.exit(BAD_INPUT)
+
+
 # ---------------------------------------------------------------------------------------------
 # plan
 # ---------------------------------------------------------------------------------------------
@@ -109,13 +162,25 @@ def _load_plan(path: str, profile: str | None, overrides: tuple[str, ...], store
 @selection_options
 @executor_options
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--estimate", is_flag=True,
+              help="Per train stage: parameters, memory per GPU, FLOPs, step time, GPU-hours; "
+                   "exit 2 if one does not fit.")
+@click.option("--suggest", is_flag=True,
+              help="Per train stage: the fastest TP/PP/CP/micro-batch/recompute layouts that "
+                   "fit, with the --set overrides selecting each.")
+@estimate_options
 @report_config_errors
 def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
-         executor: str, cluster_file: str | None, fmt: str, **selection: Any) -> None:
+         executor: str, cluster_file: str | None, fmt: str, estimate: bool, suggest: bool,
+         gpu: str, mfu: float, **selection: Any) -> None:
     """What `phi4 run` would do and why, and how the executor would launch each stage; runs
     nothing."""
     from ..executors.base import ExecutorError, RunOptions
     from ..plan_text import plan_json, plan_text
+
+    if estimate or suggest:
+        _estimates(path, profile, overrides, gpu, mfu, suggest, fmt)
+        return
 
     cls = executors.get(executor)
     options = RunOptions(cluster_file=cluster_file)
@@ -157,10 +222,14 @@ def plan(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: 
 @click.option("--wait", is_flag=True,
               help="slurm: follow the submitted jobs until they end (default: return at once).")
 @click.option("--poll", type=FiniteFloat(positive=True), default=1.0, hidden=True)
+@click.option("--no-check", is_flag=True,
+              help="Run stages even where the memory estimate says they do not fit.")
+@estimate_options
 @report_config_errors
 def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: str | None,
         jobs: int, keep_going: bool, dry_run: bool, grace: float, executor: str,
-        cluster_file: str | None, wait: bool, poll: float, **selection: Any) -> None:
+        cluster_file: str | None, wait: bool, poll: float, no_check: bool, gpu: str,
+        mfu: float, **selection: Any) -> None:
     """Run the stages that are not up to date, in dependency order."""
     from ..executors.base import ExecutorError, RunOptions
     from ..executors.base import run as run_plan
@@ -177,6 +246,15 @@ def run(path: str, profile: str | None, overrides: tuple[str, ...], store_dir: s
         planned, title, prefix = _load_plan(
             path, profile, overrides, store_dir, read_only=dry_run,
             data_elsewhere=dry_run and cls.runs_elsewhere(options), **selection)
+        if not no_check:  # GPU stages that would run out of memory never reach a queue
+            from ..estimate_text import check_fit
+
+            gpu_stages = {n: s for n, s in planned.graph.stages.items()
+                          if s.recipe.resources.gpus_per_node > 0}
+            from ..plan import BLOCKED, RUN
+
+            selected = [n for n, sp in planned.stages.items() if sp.verdict in (RUN, BLOCKED)]
+            check_fit(gpu_stages, selected, gpu, mfu, title.startswith("pipeline "))
         chosen = cls(planned, dataclasses.replace(options, title=title, prefix=prefix),
                      say=click.echo, note=lambda line: click.echo(line, err=True))
         _warn_absent_data(planned)

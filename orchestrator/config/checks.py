@@ -11,8 +11,8 @@ from __future__ import annotations
 import fnmatch
 import math
 
-from phi4core.config import INT64_MAX, PRESETS, LearningRate, ModelConfig, preset
-from phi4core.module_groups import ARTIFACT_GROUPS, artifact_groups
+from phi4core.config import EXPORT_OUTPUTS, INT64_MAX, PRESETS, LearningRate, ModelConfig, preset
+from phi4core.module_groups import ARTIFACT_GROUPS, LORA_ADAPTERS, artifact_groups
 
 from .errors import Loc, Origin, Positions, Problem, did_you_mean, origin_of
 from .schema import MODULE_GROUPS, Recipe
@@ -61,26 +61,63 @@ def model_of(recipe: Recipe) -> ModelConfig | None:
     if recipe.model is None:
         return None
     try:
-        return preset(recipe.model.preset, recipe.model.size)
+        model = preset(recipe.model.preset, recipe.model.size)
     except KeyError:
         return None
+    if not recipe.model.lora:
+        return model
+    return model.model_copy(update={LORA_ADAPTERS[a].config_field: cfg
+                                    for a, cfg in recipe.model.lora.items()})
 
 
 def check_recipe(recipe: Recipe, positions: Positions, default: Origin) -> list[Problem]:
     r = _Report(positions, default)
-    if recipe.kind == "command":
-        _check_command(recipe, r)
-    else:
+    if recipe.kind == "train":
         _check_train(recipe, r)
+    else:
+        _check_command(recipe, r)
     return r.problems
 
 
 def _check_command(recipe: Recipe, r: _Report) -> None:
-    if not recipe.cmd:
+    """Command, eval and export stages: no training fields; each its own section."""
+    kind = recipe.kind
+    if kind == "command" and not recipe.cmd:
         r.add(("cmd",), "a command stage needs `cmd:`, the argv to run")
+    if kind != "command" and recipe.cmd is not None:
+        r.add(("cmd",), f"`cmd` belongs to command stages; this stage is `kind: {kind}`")
+    if kind == "eval" and recipe.evaluate is None:
+        r.add(("evaluate",), "an eval stage needs `evaluate:` (heldout: a chat JSONL, and/or "
+              "tasks:)")
+    if kind != "eval" and recipe.evaluate is not None:
+        r.add(("evaluate",), f"`evaluate` belongs to eval stages; this stage is `kind: {kind}`")
+    if kind in ("eval", "export"):
+        _check_model_inputs(recipe, r)
+    if kind == "export":
+        for i, out in enumerate(recipe.outputs):
+            if out not in EXPORT_OUTPUTS:
+                r.add(("outputs", i), "an export stage's output is peft (the adapter as a PEFT "
+                      "folder) or hf (the merged Hugging Face folder)", out,
+                      hint=did_you_mean(out, list(EXPORT_OUTPUTS)))
+        if not recipe.outputs:
+            r.add(("outputs",), "an export stage lists what it writes: peft, hf or both")
     for key in _TRAIN_ONLY:
         if getattr(recipe, key) not in (None, [], {}):
-            r.add((key,), f"`{key}` belongs to train stages; this stage is `kind: command`")
+            r.add((key,), f"`{key}` belongs to train stages; this stage is `kind: {kind}`")
+
+
+def _check_model_inputs(recipe: Recipe, r: _Report) -> None:
+    """Eval and export stages build their model from their inputs: a Hugging Face folder or
+    phi4 weights (the base) and, for the trained model, the adapter."""
+    if not recipe.inputs:
+        r.add(("inputs",), f"a {recipe.kind} stage needs inputs: the base model (hf: or a "
+              "stage's model) and the trained adapter (a stage's adapter artifact)")
+        return
+    ev = recipe.evaluate
+    for i, name in enumerate((ev.base or []) if ev is not None else []):
+        if name not in recipe.inputs:
+            r.add(("evaluate", "base", i), "names no input of this stage", name,
+                  hint=did_you_mean(name, list(recipe.inputs)))
 
 
 def _check_train(recipe: Recipe, r: _Report) -> None:
@@ -142,7 +179,7 @@ def _check_outputs(recipe: Recipe, available: list[str], trainable: set[str],
                   hint=did_you_mean(out, list(ARTIFACT_GROUPS))
                   or f"known: {', '.join(ARTIFACT_GROUPS)}")
             continue
-        groups = artifact_groups(out, available)
+        groups = artifact_groups(out, available, trainable)
         if not groups:
             bad = True
             r.add(("outputs", i), "this model has none of the artifact's module groups", out,

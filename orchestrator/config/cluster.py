@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from phi4core.config import Strict
+from phi4core.config import MlflowLogging, Strict, WandbLogging
 
 from .checks import defaulted
 from .errors import Loc, Origin, Positions, Problem, origin_of
@@ -30,6 +30,7 @@ from .validate import validate
 SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")
 TIME = re.compile(r"(\d+-)?\d{1,2}:\d{2}:\d{2}")
 MEMORY = re.compile(r"\d+[KMGT]?")
+SSH_TOKEN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never an ssh option (-oProxyCommand)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -37,6 +38,41 @@ def _plain(value: str, what: str) -> str:
     if _CONTROL.search(value):
         raise ValueError(f"{what} must not hold newlines or control characters")
     return value
+
+
+class SshLogin(Strict):
+    """A cluster's login node, reached over SSH from the machine phi4 runs on (NeMo-Run's
+    SSHTunnel submits there; `phi4 status` and `phi4 cancel` ask Slurm there)."""
+
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str
+    identity: str | None = Field(default=None, description="private key file (ssh -i)")
+    job_dir: str = Field(description="NeMo-Run's job folders on the cluster")
+
+    @field_validator("host", "user")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if not SSH_TOKEN.fullmatch(value):
+            raise ValueError("must be a host or user name: letters, digits and _ . -")
+        return value
+
+    @field_validator("identity", "job_dir")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value or _CONTROL.search(value) or not
+                                  value.startswith(("/", "~"))):
+            raise ValueError("must be an absolute path (or start with ~), without control "
+                             "characters")
+        return value
+
+
+class ClusterLogging(Strict):
+    """Tracker settings for every stage run on the cluster; a recipe's `logging:` values win,
+    key by key."""
+
+    wandb: WandbLogging | None = None
+    mlflow: MlflowLogging | None = None
 
 
 class Cluster(Strict):
@@ -71,6 +107,11 @@ class Cluster(Strict):
     host_python: str | None = Field(
         default=None, description="runs phi4's bookkeeping in the batch script (outside any "
                                   "container); default: this interpreter")
+    ssh: SshLogin | None = Field(
+        default=None, description="submit from another machine through this login node "
+                                  "(--executor nemo_run)")
+    logging: ClusterLogging | None = Field(
+        default=None, description="W&B / MLflow defaults for every stage (recipes override)")
 
     @field_validator("name")
     @classmethod

@@ -25,7 +25,7 @@ from .files import file_problem
 from .interpolate import resolve
 from .merge import copy_document, drop_nulls, merge, set_path
 from .paths import anchor_paths
-from .schema import Pipeline, Recipe, StageEntry
+from .schema import NON_TRAIN_KINDS, Pipeline, Recipe, StageEntry
 from .validate import validate
 from .yamlio import MAX_DEPTH, parse_value, read_yaml
 
@@ -268,7 +268,7 @@ class Profile:
 
     def overlay_for(self, stage: str, kind: str) -> list[tuple[dict, Positions]]:
         common = self.common
-        if kind == "command":
+        if kind in NON_TRAIN_KINDS:
             common = {k: v for k, v in common.items() if k not in _TRAIN_ONLY_KEYS}
         layers = [(common, self.common_pos)]
         if stage in self.per_stage:
@@ -436,7 +436,7 @@ def _sub_positions(positions: Positions, prefix: Loc) -> Positions:
 
 def _for_kind(overrides: list[Override], kind: str) -> list[Override]:
     """Pipeline-wide overrides of training fields skip command stages."""
-    if kind != "command":
+    if kind not in NON_TRAIN_KINDS:
         return overrides
     return [o for o in overrides if o.stage is not None or o.loc[0] not in _TRAIN_ONLY_KEYS]
 

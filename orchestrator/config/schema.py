@@ -14,8 +14,17 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from phi4core.config import Data, Logging, Parallel, Precision, Strict, Train
-from phi4core.module_groups import GROUP_NAMES
+from phi4core.config import (
+    Data,
+    Evaluate,
+    Logging,
+    LoraConfig,
+    Parallel,
+    Precision,
+    Strict,
+    Train,
+)
+from phi4core.module_groups import GROUP_NAMES, LORA_ADAPTERS
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names become store folders (with a fingerprint beside them) and Slurm job names.
@@ -98,11 +107,27 @@ class Input(Strict):
 class ModelRef(Strict):
     preset: str = Field(description="phi4_mini or phi4_multimodal")
     size: Literal["full", "tiny"] = "full"
+    lora: dict[str, LoraConfig] = Field(
+        default_factory=dict,
+        description="LoRA adapters by name (text: the fine-tuning adapter, trained as "
+                    "lora.text; vision, speech: replace the preset's), each rank, alpha, "
+                    "dropout and targets")
+
+    @field_validator("lora")
+    @classmethod
+    def _adapters(cls, value: dict[str, LoraConfig]) -> dict[str, LoraConfig]:
+        unknown = sorted(set(value) - set(LORA_ADAPTERS))
+        if unknown:
+            raise ValueError(f"unknown LoRA adapter {unknown[0]!r}; known: "
+                             f"{', '.join(LORA_ADAPTERS)}")
+        return value
 
 
 # Defaults of `resources.gpus_per_node`: a train stage fills a node; a command stage (data
 # preparation, evaluation, conversion) is one process without a GPU unless it asks.
-DEFAULT_GPUS = {"train": 8, "command": 0}
+DEFAULT_GPUS = {"train": 8, "command": 0, "eval": 1, "export": 0}
+# Stages that train nothing: the recipe's training fields do not apply, nor do a profile's.
+NON_TRAIN_KINDS = ("command", "eval", "export")
 
 
 class Resources(Strict):
@@ -130,7 +155,7 @@ class Resources(Strict):
 class Recipe(Strict):
     name: str
     description: str = ""
-    kind: Literal["train", "command"] = "train"
+    kind: Literal["train", "command", "eval", "export"] = "train"
     model: ModelRef | None = None
     tokenizer: str | None = Field(default=None, description="folder with tokenizer.json, or 'demo'")
     inputs: dict[str, Input] = Field(default_factory=dict)
@@ -144,17 +169,19 @@ class Recipe(Strict):
     resources: Resources = Field(default_factory=Resources)
     logging: Logging = Field(default_factory=Logging)
     cmd: list[str] | None = Field(default=None, description="command stages: argv to run")
+    evaluate: Evaluate | None = Field(default=None, description="eval stages: what to measure")
     env: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _kind_defaults(cls, data: object) -> object:
-        """A command stage that says nothing of GPUs gets none (see DEFAULT_GPUS)."""
-        if isinstance(data, dict) and data.get("kind") == "command":
+        """A stage that says nothing of GPUs gets its kind's default (see DEFAULT_GPUS)."""
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind in NON_TRAIN_KINDS:
             resources = data.get("resources", {})
             if isinstance(resources, dict) and "gpus_per_node" not in resources:
                 return {**data, "resources": {**resources,
-                                              "gpus_per_node": DEFAULT_GPUS["command"]}}
+                                              "gpus_per_node": DEFAULT_GPUS[kind]}}
         return data
 
     @field_validator("name")

@@ -103,6 +103,15 @@ class Executor(ABC):
         if problems:
             raise ConfigError(problems)
 
+    def spec_document(self, name: str) -> dict:
+        """spec.json of a stage to run: with the cluster's tracker settings, and its tracker
+        run named after the pipeline."""
+        from .. import launch
+
+        sp = self.plan.stages[name]
+        return launch.spec_document(sp.loaded, sp.stage_dir, sp.inputs, self.cluster,
+                                    self.options.prefix)
+
     def command(self, name: str) -> list[str]:
         """What each of the stage's processes runs, laid out for where this executor runs it."""
         return list(self.plan.stages[name].launcher(self.cluster).layout().argv)

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import IO
 
-from .. import launch
 from ..metrics import last_record, progress_text
 from ..plan import UP_TO_DATE, Plan, assess
 from ..progress import Display
@@ -228,7 +227,7 @@ class LocalExecutor(Executor):
                 self._finish_event(name, Outcome(State.BLOCKED, corrupt[1],
                                                  blocked_by=corrupt[0]))
                 return
-            folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+            folder.prepare(self.spec_document(name), sp.fields)
             record = folder.begin(self.name, command=argv, reasons=sp.reasons, inputs=lineage)
         except StoreError as err:
             lock.release()

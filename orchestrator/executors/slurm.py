@@ -16,27 +16,19 @@ copy of a job that is still running would be worse than waiting.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-from .. import launch
 from ..config.cluster import load_cluster, stage_time
-from ..exitcodes import PREEMPTED
 from ..plan import Plan
-from ..records import LIVE, StageStatus, State
+from ..records import LIVE, State
 from ..shell import shell_words
-from ..status import StatusRow
-from ..store import Store
-from ..words import count
-from . import slurm_cli, slurm_status
-from .base import Executor, ExecutorError, RunOptions, Say, Submission, nothing_to_run
-from .outcomes import Outcome
+from . import slurm_cli
+from .base import ExecutorError, RunOptions, Say, Submission, nothing_to_run
 from .sbatch import BatchScript, directive_value, render
+from .slurm_wait import FollowsSlurmJobs
 
 SCRIPT_NAME = "job.sbatch"
 
 
-class SlurmExecutor(Executor):
+class SlurmExecutor(FollowsSlurmJobs):
     """Submits every stage at once, each waiting on its upstream jobs; detached: `wait`
     (`phi4 run --wait`) follows the jobs, `phi4 status` asks Slurm about them."""
 
@@ -58,21 +50,6 @@ class SlurmExecutor(Executor):
     @classmethod
     def runs_elsewhere(cls, options: RunOptions) -> bool:
         return True
-
-    @classmethod
-    def sync(cls, store: Store) -> None:
-        """Records stay as they are while Slurm does not answer: `submit` then refuses to
-        submit the stages whose job it cannot see."""
-        try:
-            slurm_status.reconcile_store(store)
-        except slurm_cli.SlurmUnavailable:
-            pass
-        except slurm_cli.SlurmError as err:
-            raise ExecutorError(str(err)) from None
-
-    @classmethod
-    def status(cls, store: Store, rows: list[StatusRow]) -> list[StatusRow]:
-        return slurm_status.annotate(store, rows)
 
     # ------------------------------------------------------------------------------------
     # checks and rendering
@@ -158,7 +135,7 @@ class SlurmExecutor(Executor):
         """How the stage is submitted; upstream jobs named by stage (their ids come later)."""
         dep = self.dependency(name, {n: f"<job of {n}>" for n in self.plan.to_run()})
         script = self.plan.stages[name].stage_dir.path / SCRIPT_NAME
-        return f"sbatch --parsable{f' --dependency={dep}' if dep else ''} {script}"
+        return " ".join(["sbatch", "--parsable", *slurm_cli.dependency_args(dep), str(script)])
 
     def launch_lines(self, name: str) -> list[str]:
         """sbatch, what the script asks of Slurm (its #SBATCH lines, bookkeeping left out),
@@ -232,7 +209,7 @@ class SlurmExecutor(Executor):
         sp = self.plan.stages[name]
         folder = sp.stage_dir
         script = self.batch_script(name)
-        folder.prepare(launch.spec_document(sp.loaded, folder, sp.inputs), sp.fields)
+        folder.prepare(self.spec_document(name), sp.fields)
         path = folder.path / SCRIPT_NAME
         path.write_text(render(script))
         folder.queue(
@@ -249,68 +226,6 @@ class SlurmExecutor(Executor):
         folder.record_job(job_id)
         return job_id
 
-    # ------------------------------------------------------------------------------------
-    # --wait
-    # ------------------------------------------------------------------------------------
-
-    def wait(self, submitted: list[Submission]) -> dict[str, Outcome]:
-        """Follow the jobs (requeues included) until each has ended or can never start."""
-        job_of = {s.name: s.job_id for s in submitted if s.job_id}
-        folders = {n: self.plan.stages[n].stage_dir for n in job_of}
-        outcomes: dict[str, Outcome] = {}
-        shown: dict[str, str] = {}
-        outage: str | None = None
-        while True:
-            left = [n for n in job_of if n not in outcomes]
-            if not left:
-                return outcomes
-            try:
-                jobs = slurm_cli.query([job_of[n] for n in left])
-            except slurm_cli.SlurmUnavailable as err:
-                if outage is None:  # once per outage: the jobs run on without us
-                    self.note(f"Slurm is not answering ({err}); still following "
-                              f"{count(len(left), 'job')}, Ctrl-C stops following (not the jobs)")
-                outage = str(err)
-                time.sleep(self.options.poll)
-                continue
-            if outage is not None:
-                self.note("Slurm answers again")
-                outage = None
-            slurm_status.reconcile([folders[n] for n in left], jobs)
-            for name in left:
-                job = jobs[job_of[name]]
-                status = folders[name].status()
-                if not job.active:
-                    outcomes[name] = _outcome(status, job)
-                    self._event(name, job.job_id, outcomes[name].state, outcomes[name].detail)
-                    continue
-                root = self._failed_upstream(name, outcomes)
-                if job.state == "PENDING" and (root or job.never_runs):
-                    why = f"upstream {root} failed" if root else "an upstream job failed"
-                    outcomes[name] = Outcome(State.BLOCKED, f"never ran: {why}",
-                                             blocked_by=root)
-                    self._event(name, job.job_id, State.BLOCKED, f"never ran: {why} (left "
-                                "pending: a rerun replaces it, phi4 cancel removes it)")
-                    continue
-                requeued = status is not None and status.state == State.PREEMPTED
-                state = State.REQUEUED if requeued and job.state == "PENDING" \
-                    else job.state.lower()
-                if shown.get(name) != state:
-                    shown[name] = state
-                    self._event(name, job.job_id, state)
-            time.sleep(self.options.poll)
-
-    def _event(self, name: str, job_id: str, state: str, detail: str = "") -> None:
-        self.say(f"{state:<10} {name}: job {job_id}" + (f": {detail}" if detail else ""))
-
-    def _failed_upstream(self, name: str, outcomes: dict[str, Outcome]) -> str | None:
-        """The stage at the root of a failure that keeps `name` from ever starting."""
-        for edge in self.plan.graph.inputs_of(name):
-            o = outcomes.get(edge.upstream)
-            if o is not None and not o.done:
-                return o.blocked_by or edge.upstream
-        return None
-
 
 def _unknown_jobs(live: dict[str, str], why: str) -> str:
     jobs = ", ".join(f"{name} (job {job_id})" for name, job_id in live.items())
@@ -318,20 +233,3 @@ def _unknown_jobs(live: dict[str, str], why: str) -> str:
             f"running ({why}), and a second copy must not run beside them. Try again when "
             "`scontrol ping` answers; `phi4 status` shows what the store knows, `phi4 cancel` "
             "ends those jobs for good")
-
-
-def _outcome(status: StageStatus | None, job: slurm_cli.Job) -> Outcome:
-    """What a job that Slurm says has ended did, by the record its hooks (or reconcile) left."""
-    if status is None:
-        return Outcome(State.FAILED, f"job ended ({job.state}) and the stage has no record")
-    state, code = status.state, status.exit_code
-    if state == State.SUCCEEDED:
-        return Outcome(State.SUCCEEDED, exit_code=0)
-    detail = status.error or f"Slurm says {job.state}"
-    if state == State.PREEMPTED:
-        return Outcome(State.PREEMPTED, detail, code if code is not None else PREEMPTED)
-    if state in (State.FAILED, State.CANCELLED):
-        log = Path(status.script or "").parent / "logs" / "stdout.log"
-        return Outcome(state, f"{detail}; log: {log}" if state == State.FAILED and "log:" not in
-                       detail else detail, code)
-    return Outcome(State.FAILED, f"job ended ({job.state}) but the stage recorded {state}", code)

@@ -5,9 +5,11 @@ then for ended jobs from `sacct` where accounting is configured, else `scontrol 
 (which knows jobs for MinJobAge seconds after they end).
 
 A controller that is restarting, overloaded or unreachable makes these commands fail, hang or
-print half an answer. A query is retried with backoff (each call under a timeout) for a bounded
-time, then raises SlurmUnavailable: never a guess, since "not listed" would read as "ended" and
-a rerun would then submit a second copy of a job that is still running.
+print half an answer. Where the cluster is reached over SSH (`via`, a cluster file's `ssh:`),
+each command runs on its login node, and ssh's own failures read as Slurm not answering. A
+query is retried with backoff (each call under a timeout) for a bounded time, then raises
+SlurmUnavailable: never a guess, since "not listed" would read as "ended" and a rerun would
+then submit a second copy of a job that is still running.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..words import count
+from .ssh import Login
 
 # States in which a job may still run (or is finishing): never submit a second one then.
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
@@ -83,15 +86,21 @@ class Job:
         return self.reason == NEVER
 
 
-def _run(argv: list[str], input_text: str | None = None) -> subprocess.CompletedProcess:
+def _run(argv: list[str], via: Login | None = None) -> subprocess.CompletedProcess:
     timeout = call_timeout()
+    full = via.argv(argv, timeout) if via is not None else argv
     try:
-        return subprocess.run(argv, capture_output=True, text=True, input=input_text,
-                              timeout=timeout)
+        r = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise SlurmError(f"{argv[0]} not found: is Slurm installed on this machine?") from None
+        raise SlurmError(f"{full[0]} not found: is "
+                         f"{'ssh' if via else 'Slurm'} installed on this machine?") from None
     except subprocess.TimeoutExpired:
-        raise SlurmUnavailable(f"{' '.join(argv)} did not answer in {timeout:g} s") from None
+        on = f" on {via.where}" if via else ""
+        raise SlurmUnavailable(f"{' '.join(argv)}{on} did not answer in {timeout:g} s") from None
+    if via is not None and r.returncode == 255:  # ssh's own failure, not the command's
+        raise SlurmUnavailable(via.problem(r.stderr) or f"ssh to {via.where} failed")
+    return r
 
 
 class _Garbled(Exception):
@@ -121,11 +130,15 @@ def _said(r: subprocess.CompletedProcess) -> str:
     return f"exit {r.returncode}" + (f": {text[-1][:200]}" if text else "")
 
 
+def dependency_args(dependency: str | None) -> list[str]:
+    """Sbatch's options for a job that waits on others. Slurm removes the job once its
+    dependency can never be met (an afterok upstream failed), and with it, in turn, the jobs
+    waiting on it: nothing of a failed run is left queued forever."""
+    return [f"--dependency={dependency}", "--kill-on-invalid-dep=yes"] if dependency else []
+
+
 def submit(script: Path, dependency: str | None) -> str:
-    argv = ["sbatch", "--parsable"]
-    if dependency:
-        argv.append(f"--dependency={dependency}")
-    argv.append(str(script))
+    argv = ["sbatch", "--parsable", *dependency_args(dependency), str(script)]
     r = _run(argv)
     job_id = r.stdout.strip().split(";")[0]
     if r.returncode != 0 or not job_id.isdigit():
@@ -134,38 +147,39 @@ def submit(script: Path, dependency: str | None) -> str:
     return job_id
 
 
-def cancel(job_ids: list[str]) -> None:
+def cancel(job_ids: list[str], via: Login | None = None) -> None:
     if job_ids:
-        r = _run(["scancel", *job_ids])
+        r = _run(["scancel", *job_ids], via)
         if r.returncode != 0:
             raise SlurmError(f"scancel {' '.join(job_ids)} failed: {r.stderr.strip()}")
 
 
-@lru_cache(maxsize=1)
-def has_accounting() -> bool:
+@lru_cache(maxsize=4)
+def has_accounting(via: Login | None = None) -> bool:
     """Sacct answers only where slurmdbd keeps accounting ("accounting storage is disabled")."""
     try:
-        r = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True,
-                           text=True, timeout=call_timeout())
-    except (OSError, subprocess.TimeoutExpired):
+        r = _run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], via)
+    except SlurmError:
         return False
     return r.returncode == 0
 
 
-def query(job_ids: list[str], budget: float | None = None) -> dict[str, Job]:
+def query(job_ids: list[str], budget: float | None = None, via: Login | None = None
+          ) -> dict[str, Job]:
     """What Slurm knows of each job; "UNKNOWN" for jobs it has forgotten. SlurmUnavailable
     when Slurm gave no trustworthy answer within `budget` seconds (default retry_budget())."""
     ids = sorted({j for j in job_ids if j and j.isdigit()}, key=int)
     if not ids:
         return {}
     deadline = time.monotonic() + (retry_budget() if budget is None else budget)
-    jobs = _with_retries("squeue", lambda: _squeue(ids), deadline)
+    jobs = _with_retries("squeue", lambda: _squeue(ids, via), deadline)
     ended = [j for j in ids if j not in jobs or not jobs[j].active]
     if ended:
-        if has_accounting():
-            details = _with_retries("sacct", lambda: _sacct(ended), deadline)
+        if has_accounting(via):
+            details = _with_retries("sacct", lambda: _sacct(ended, via), deadline)
         else:
-            details = {j: _with_retries("scontrol show job", lambda j=j: _scontrol(j), deadline)
+            details = {j: _with_retries("scontrol show job", lambda j=j: _scontrol(j, via),
+                                        deadline)
                        for j in ended}
         for job_id in ended:
             found = details.get(job_id)
@@ -174,8 +188,8 @@ def query(job_ids: list[str], budget: float | None = None) -> dict[str, Job]:
     return {j: jobs.get(j, Job(j, "UNKNOWN")) for j in ids}
 
 
-def _squeue(ids: list[str]) -> dict[str, Job]:
-    r = _run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+def _squeue(ids: list[str], via: Login | None) -> dict[str, Job]:
+    r = _run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%r"], via)
     if r.returncode != 0:
         if _FORGOTTEN in r.stderr:  # none of the jobs is known (any longer)
             return {}
@@ -192,9 +206,9 @@ def _squeue(ids: list[str]) -> dict[str, Job]:
     return jobs
 
 
-def _sacct(ids: list[str]) -> dict[str, Job]:
+def _sacct(ids: list[str], via: Login | None) -> dict[str, Job]:
     r = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids),
-              "-o", "JobIDRaw,State,ExitCode,Reason"])
+              "-o", "JobIDRaw,State,ExitCode,Reason"], via)
     if r.returncode != 0:
         raise SlurmUnavailable(f"sacct {_said(r)}")
     out = {}
@@ -209,9 +223,9 @@ def _sacct(ids: list[str]) -> dict[str, Job]:
     return out
 
 
-def _scontrol(job_id: str) -> Job | None:
+def _scontrol(job_id: str, via: Login | None) -> Job | None:
     """None when the controller has forgotten the job (it ended over MinJobAge ago)."""
-    r = _run(["scontrol", "-o", "show", "job", job_id])
+    r = _run(["scontrol", "-o", "show", "job", job_id], via)
     if r.returncode != 0:
         if _FORGOTTEN in r.stderr:
             return None

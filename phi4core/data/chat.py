@@ -262,3 +262,14 @@ class ChatDataset(torch.utils.data.Dataset):
         """Share of sequence positions holding real tokens (1.0 = no padding)."""
         used = sum(len(ids) - 1 for ids, _ in self.samples)
         return used / (len(self.bins) * self.seq_length)
+
+
+# Phi-4-mini-instruct's shipped chat template (tokenizer_config.json), which the rendering above
+# follows: written into test folders, and what `phi4 data preview` compares a folder's own to.
+PHI4_MINI_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and "
+    "message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + "
+    "'<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + "
+    "message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if "
+    "add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)

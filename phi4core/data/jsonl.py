@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -29,10 +30,12 @@ def iter_jsonl(
 
     Lines are decoded one by one so that an invalid UTF-8 byte or a malformed line is reported
     at its own line number instead of aborting the whole file. Each non-blank line counts as a
-    record read; blank lines are counted separately.
+    record read; blank lines are counted separately. Files ending in `.gz` are decompressed
+    (lhotse writes its manifests so).
     """
     for path in paths:
-        with open(path, "rb") as f:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 where = f"{path}:{lineno}"
                 if not raw.strip():

@@ -46,6 +46,7 @@ from phi4core.models.audio_features import (
     WIN,
     extract_features,
     num_audio_tokens,
+    pad_features,
 )
 from phi4core.models.lora import InputMode
 
@@ -268,8 +269,12 @@ class MultimodalCollator:
             _check_counts("image", out.pop("num_img_tokens"), items, "image_tokens")
             batch.update(out)
         clips = [c for it in items for c in it["audios"]]
-        if clips:
-            out = extract_features(clips)
+        feats = [f for it in items for f in it.get("audio_features", [])]
+        if clips and feats:
+            raise ValueError("a batch mixes raw clips and precomputed features; batch one "
+                             "source at a time")
+        if clips or feats:
+            out = extract_features(clips) if clips else pad_features(feats)
             _check_counts("audio", out["audio_embed_sizes"], items, "audio_tokens")
             batch.update(out)
         batch["input_mode"] = modes[0]
@@ -300,7 +305,9 @@ class MultimodalSamples:
         if group <= 0:
             raise ValueError(f"group must be positive, got {group}")
         self.datasets = list(datasets)
-        self.sources = [Epochs(d, seed + 1000 * k) for k, d in enumerate(datasets)]
+        # A dataset with its own epoch order (a speech corpus's duration buckets) keeps it.
+        self.sources = [Epochs(d, seed + 1000 * k, getattr(d, "epoch_order", None))
+                        for k, d in enumerate(datasets)]
         self.group, self.size = group, max(1, num_samples)
         groups = -(-self.size // group)
         w = np.asarray(weights, dtype=np.float64)
@@ -351,12 +358,15 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
 
     datasets = []
     for i, s in enumerate(sources):
+        if s.kind == "lhotse":
+            datasets.append(_speech_source(s, tokenizer, seq_length, on_bad_record))
+            continue
         if s.kind != "synthetic" or media_modality(s.modality) not in INPUT_MODES:
             what = s.kind if s.kind != "synthetic" else f"synthetic {s.modality}"
-            raise ValueError(f"data.sources[{i}] ({what}): a multimodal stage reads synthetic "
-                             f"image, audio, image_audio or speech sources for now (webdataset and "
-                             f"lhotse loaders come next); text and chat sources cannot share "
-                             f"its batches")
+            raise ValueError(f"data.sources[{i}] ({what}): a multimodal stage reads lhotse "
+                             f"and synthetic image, audio, image_audio or speech sources for now "
+                             f"(webdataset sources are read by their own stream); text "
+                             f"and chat sources cannot share its batches")
         n = s.samples or SYNTHETIC_SAMPLES
         name, extra = f"synthetic_{i}_{s.modality}_{n}", {}
         if "image" in s.modality:
@@ -366,3 +376,16 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
         datasets.append(MultimodalDataset(index, tokenizer, seq_length, vision,
                                           media_modality(s.modality), on_bad_record))
     return MultimodalSamples(datasets, [s.weight for s in sources], group, num_samples, seed)
+
+
+def _speech_source(s: Any, tokenizer: PhiTokenizer, seq_length: int, on_bad_record: str):
+    """A `{kind: lhotse}` source: its corpus's clips as task chats (phi4core.data.speech)."""
+    from phi4core.data import speech
+
+    try:
+        return speech.SpeechDataset(
+            s.path, tokenizer, seq_length, task=s.task or "asr",
+            max_clip_seconds=s.max_clip_seconds or speech.MAX_CLIP_SECONDS,
+            max_duration=s.max_duration or speech.MAX_DURATION, on_bad_record=on_bad_record)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None

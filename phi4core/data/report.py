@@ -25,11 +25,14 @@ log = logging.getLogger("phi4core.data")
 class DataError(ValueError):
     """A record that cannot be used, with where it came from (`file:line`) and why."""
 
-    def __init__(self, where: str, reason: str, detail: str = "") -> None:
+    def __init__(self, where: str, reason: str = "", detail: str = "") -> None:
+        # reason may be empty: a loader worker's error is re-raised in the training process
+        # from its message alone (torch's ExceptionWrapper), and stays a DataError there.
         self.where = where
         self.reason = reason
         self.detail = detail
-        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else "")
+                         if reason else where)
 
 
 def check_policy(on_bad_record: str) -> OnBadRecord:

@@ -27,9 +27,12 @@ from typing import Literal
 
 import torch
 
+from phi4core.module_groups import LORA_ADAPTERS
+
 TP = Literal["replicated", "column", "row", "gate_up"]
 
-_FIELD_RE = {"L": r"\d+", "i": r"\d+", "a": r"vision|speech", "rest": r".+"}
+# {a}: any LoRA adapter of the one table (text, vision, speech).
+_FIELD_RE = {"L": r"\d+", "i": r"\d+", "a": "|".join(LORA_ADAPTERS), "rest": r".+"}
 
 
 def _pattern(template: str) -> re.Pattern:

@@ -100,13 +100,15 @@ def adapter_config(model_or_chunks, adapter: str) -> dict:
 
 
 def save_adapter(model_or_chunks, adapter: str, out_dir: str | os.PathLike,
-                 dtype: torch.dtype | str | None = None) -> Path:
+                 dtype: torch.dtype | str | None = None,
+                 config_update: dict | None = None) -> Path:
     """Write one adapter as a PEFT folder (collective: every rank calls, global rank 0
-    writes into a temporary sibling renamed into place)."""
+    writes into a temporary sibling renamed into place); ``config_update``: fields of
+    adapter_config.json to set (the base model's name, target patterns)."""
     from safetensors.torch import save_file
 
     chunks = as_chunks(model_or_chunks)
-    config = adapter_config(chunks, adapter)
+    config = {**adapter_config(chunks, adapter), **(config_update or {})}
     tensors = adapter_state_dict(chunks, adapter,
                                  dtypes.to_dtype(dtype) if dtype is not None else None)
     merged = _gather_to_rank0(tensors)

@@ -7,6 +7,10 @@ Per 25 ms frame (400 samples, hop 160, edges snipped): pre-emphasis 0.97 within 
 samples scaled to the int16 range, a symmetric Hamming window, a 512-point power spectrum, 80
 triangular filters on the Kaldi/HTK mel scale from 0 to 7690 Hz (unnormalised) and
 log(max(x, 1)). No dither, no DC removal. Needs only torch (no megatron).
+
+`lhotse_log_mel` computes the same features with lhotse's Kaldi-compatible `Fbank`, configured
+from the constants below (`lhotse_fbank_config`), for features precomputed into a corpus; the
+tests hold both to transformers' extractor.
 """
 
 from __future__ import annotations
@@ -70,6 +74,45 @@ def _frames_to_log_mel(frames: torch.Tensor) -> torch.Tensor:
     return torch.log(torch.clamp(mel, min=1.0))
 
 
+def lhotse_fbank_config():
+    """The `FbankConfig` of lhotse that equals these features (its defaults do not: povey window,
+    DC removal, 20 Hz low edge, no edge snipping). Apply it to samples scaled to the int16
+    range, then clamp at 0 (lhotse has no log-floor setting)."""
+    from lhotse import FbankConfig
+
+    return FbankConfig(
+        sampling_rate=SAMPLE_RATE, frame_length=WIN / SAMPLE_RATE, frame_shift=HOP / SAMPLE_RATE,
+        remove_dc_offset=False, preemph_coeff=PREEMPHASIS, window_type="hamming", dither=0.0,
+        snip_edges=True, low_freq=MEL_LOW_HZ, high_freq=MEL_HIGH_HZ, num_filters=MEL_BINS,
+        torchaudio_compatible_mel_scale=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _lhotse_fbank():
+    import warnings
+
+    from lhotse import Fbank
+
+    with warnings.catch_warnings():  # "snip_edges=True" is what Phi-4 does; lhotse warns
+        warnings.simplefilter("ignore", UserWarning)
+        return Fbank(lhotse_fbank_config())
+
+
+def lhotse_log_mel(clip: Any):
+    """[frames, 80] float32 numpy features of one mono 16 kHz clip, through lhotse."""
+    import warnings
+
+    import numpy as np
+
+    x = np.asarray(clip, dtype=np.float32)
+    if x.ndim != 1 or x.size < WIN:
+        raise ValueError(f"expected a mono clip of at least {WIN} samples, got shape {x.shape}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        feats = _lhotse_fbank().extract(x * INT16_SCALE, SAMPLE_RATE)
+    return np.maximum(np.asarray(feats, dtype=np.float32), 0.0)  # log(max(x, 1))
+
+
 def log_mel(clip: Any) -> torch.Tensor:
     """[frames, 80] float32 features of one mono 16 kHz clip (1-D samples in [-1, 1])."""
     x = torch.as_tensor(clip).to(torch.float32)
@@ -91,7 +134,14 @@ def extract_features(clips: Sequence[Any], sampling_rate: int = SAMPLE_RATE
                          "resample it first")
     if not clips:
         raise ValueError("extract_features needs at least one clip")
-    feats = [log_mel(c) for c in clips]
+    return pad_features([log_mel(c) for c in clips])
+
+
+def pad_features(feats: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-clip [frames, 80] features (computed here or precomputed into a corpus) as the
+    batch `extract_features` returns."""
+    if not feats:
+        raise ValueError("pad_features needs at least one clip")
     longest = max(f.shape[0] for f in feats)
     out = torch.zeros(len(feats), longest, MEL_BINS)
     for i, f in enumerate(feats):

@@ -207,6 +207,11 @@ def transformer_config(
         batch_p2p_comm=gpu_available(),
         cuda_graph_scope=[],  # the default "full" only warns that it is deprecated
     )
+    if par.recompute == "selective":  # core attention (the s x s scores) only
+        kwargs.update(recompute_granularity="selective")
+    elif par.recompute == "full":  # every layer from its input, one layer per checkpoint
+        kwargs.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
     if prec.fp8 != "off":
         kwargs.update(
             fp8=prec.fp8,
@@ -250,6 +255,7 @@ class Phi4Decoder(GPTModel):
         post_process: bool = True,
         parallel_output: bool = True,
         vp_stage: int | None = None,
+        lora_seed: int = 1234,
         **kwargs: Any,
     ) -> None:
         rs = model_cfg.rope_scaling
@@ -278,6 +284,11 @@ class Phi4Decoder(GPTModel):
                 rotary_interleaved=config.rotary_interleaved,
                 cp_group=self.pg_collection.cp,
             )
+        # The fine-tuning adapter (lora.text), if the config has one; language mode runs it.
+        # Subclasses add their own adapters on the same router.
+        from phi4core.models.lora import TEXT_ADAPTER, add_lora
+
+        self.lora_router = add_lora(self, {TEXT_ADAPTER: model_cfg.lora_text}, seed=lora_seed)
 
 
 def build_model(

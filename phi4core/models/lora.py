@@ -55,6 +55,7 @@ class InputMode(IntEnum):
 
 
 # The routing table (phi4_multimodal.md): the adapter each mode runs; None is the pure backbone.
+# Language mode runs the fine-tuning adapter `text` where the model has one (LoraRouter).
 ADAPTER_FOR_MODE: dict[InputMode, str | None] = {
     InputMode.LANGUAGE: None,
     InputMode.VISION: "vision",
@@ -109,15 +110,22 @@ def adapter_module_name(adapter: str) -> str:
     return LORA_ADAPTERS[adapter].module
 
 
+TEXT_ADAPTER = "text"
+
+
 class LoraRouter:
     """Which adapter the wrapped linears add now (None: none). One per model, shared by all
     its linears and pipeline chunks; set per batch from ``input_mode``."""
 
     def __init__(self) -> None:
         self.adapter: str | None = None
+        self.adapters: set[str] = set()  # those some wrapped linear holds
 
     def select(self, mode) -> str | None:
-        self.adapter = ADAPTER_FOR_MODE[to_input_mode(mode)]
+        mode = to_input_mode(mode)
+        self.adapter = ADAPTER_FOR_MODE[mode]
+        if mode == InputMode.LANGUAGE and TEXT_ADAPTER in self.adapters:
+            self.adapter = TEXT_ADAPTER
         return self.adapter
 
 
@@ -324,6 +332,8 @@ def add_lora(model_or_chunks, adapters: dict[str, LoraConfig | None],
     Nothing is drawn on the meta device."""
     router = router or LoraRouter()
     adapters = {a: c for a, c in adapters.items() if c is not None}
+    if not adapters:
+        return router
     for a, cfg in adapters.items():
         adapter_module_name(a)  # known adapter
         unknown = sorted(set(cfg.targets) - set(TARGETS))
@@ -338,6 +348,7 @@ def add_lora(model_or_chunks, adapters: dict[str, LoraConfig | None],
                     parent = getattr(layer, target.path[0])
                     wrap_linear(getattr(parent, target.path[1]), target, mine, router, seed,
                                 layer.layer_number - 1)
+    router.select(InputMode.LANGUAGE)  # a text model runs its `text` adapter from the start
     return router
 
 
@@ -366,6 +377,7 @@ def wrap_linear(linear: nn.Module, target: Target, adapters: dict[str, LoraConfi
         _set_tp_attributes(factors, sp)
         linear.add_module(adapter_module_name(a), factors)
         linear._lora_adapters += (a,)
+        router.adapters.add(a)
         if linear.weight.device.type != "meta":
             _init_factors(factors, seed, layer, target, a,
                           ps.get_tensor_model_parallel_rank(),
@@ -391,10 +403,10 @@ def set_adapter(model_or_chunks, mode) -> str | None:
     """Select the adapter of ``mode`` on the chunks' router; returns the adapter (or None)."""
     routers = {id(linear._lora_router): linear._lora_router
                for _, _, linear in lora_linears(model_or_chunks)}
-    chosen = ADAPTER_FOR_MODE[to_input_mode(mode)]
+    chosen = None
     for router in routers.values():
-        router.select(mode)
-    return chosen
+        chosen = router.select(mode)
+    return chosen if routers else ADAPTER_FOR_MODE[to_input_mode(mode)]
 
 
 @torch.no_grad()

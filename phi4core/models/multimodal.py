@@ -49,6 +49,7 @@ from phi4core.config import ModelConfig
 from phi4core.models.decoder import Phi4Decoder, build_meta_model, build_model
 from phi4core.models.lora import (
     ADAPTER_FOR_MODE,
+    TEXT_ADAPTER,
     InputMode,
     LoraRouter,
     add_lora,
@@ -143,9 +144,10 @@ class MultimodalModel(Phi4Decoder):
                  lora_seed: int = 1234, **kwargs: Any) -> None:
         super().__init__(config, model_cfg, transformer_layer_spec, pre_process=pre_process,
                          post_process=post_process, parallel_output=parallel_output,
-                         vp_stage=vp_stage, **kwargs)
-        adapters = {a: getattr(model_cfg, g.module) for a, g in LORA_ADAPTERS.items()}
-        self.lora_router = add_lora(self, adapters, seed=lora_seed)
+                         vp_stage=vp_stage, lora_seed=lora_seed, **kwargs)
+        adapters = {a: getattr(model_cfg, g.module) for a, g in LORA_ADAPTERS.items()
+                    if a != TEXT_ADAPTER}  # the decoder added that one
+        add_lora(self, adapters, router=self.lora_router, seed=lora_seed)
         builders = dict(tower_builders or {})
         unknown = sorted(set(builders) - set(TOWERS))
         if unknown:

@@ -55,6 +55,7 @@ from phi4core.models.tower_common import (
     tp_group,
     use_transformer_engine,
 )
+from phi4core.param_counts import siglip_tail_shapes
 
 __all__ = ["VisionTower", "build_tower", "num_image_tokens", "process_images",
            "siglip_tail_shapes"]
@@ -112,32 +113,6 @@ def encoder_layer_spec(use_te: bool):
     if not use_te:
         attn.submodules.core_attention = PaddingSDPAAttention
     return spec
-
-
-def siglip_tail_shapes(vc: VisionConfig) -> dict[str, tuple[int, ...]]:
-    """HF names and shapes of the checkpoint's tower past the feature layer (never run)."""
-    h, f = vc.hidden_size, vc.intermediate_size
-    out: dict[str, tuple[int, ...]] = {}
-
-    def mlp(prefix: str) -> None:
-        out.update({f"{prefix}.fc1.weight": (f, h), f"{prefix}.fc1.bias": (f,),
-                    f"{prefix}.fc2.weight": (h, f), f"{prefix}.fc2.bias": (h,)})
-
-    for i in range(vc.used_layers, vc.num_layers):
-        p = f"encoder.layers.{i}"
-        for ln in ("layer_norm1", "layer_norm2"):
-            out.update({f"{p}.{ln}.weight": (h,), f"{p}.{ln}.bias": (h,)})
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out.update({f"{p}.self_attn.{proj}.weight": (h, h), f"{p}.self_attn.{proj}.bias": (h,)})
-        mlp(f"{p}.mlp")
-    out.update({"post_layernorm.weight": (h,), "post_layernorm.bias": (h,),
-                "head.probe": (1, 1, h),
-                "head.attention.in_proj_weight": (3 * h, h),
-                "head.attention.in_proj_bias": (3 * h,),
-                "head.attention.out_proj.weight": (h, h), "head.attention.out_proj.bias": (h,),
-                "head.layernorm.weight": (h,), "head.layernorm.bias": (h,)})
-    mlp("head.mlp")
-    return out
 
 
 class PatchEmbedding(nn.Module):

@@ -54,26 +54,47 @@ def tokenizer_for(spec: StageSpec):
     return tok
 
 
+def source_family(source) -> str:
+    """'text', 'chat', a stream kind (STREAM_BUILDERS: webdataset), or 'media': the media
+    sources addressed by sample index (synthetic image/audio, and a loader kind with no stream
+    of its own, read by phi4core.data.multimodal)."""
+    if source.kind in ("indexed", "text_jsonl") or (source.kind == "synthetic"
+                                                     and source.modality == "text"):
+        return "text"
+    if source.kind == "chat_jsonl" or (source.kind == "synthetic" and source.modality == "chat"):
+        return "chat"
+    if source.kind in STREAM_BUILDERS:
+        return source.kind
+    if source.kind in MEDIA_KINDS or (source.kind == "synthetic"
+                                      and source.modality in MEDIA_MODALITIES):
+        return "media"
+    raise DataSpecError(f"source {source.kind}/{source.modality}: not a kind this trainer reads")
+
+
 def data_kind(spec: StageSpec) -> str:
-    """'text', 'chat' or 'multimodal' for the whole mixture."""
-    kinds = set()
-    for s in spec.data.sources:
-        if s.kind in ("indexed", "text_jsonl") or (s.kind == "synthetic" and s.modality == "text"):
-            kinds.add("text")
-        elif s.kind == "chat_jsonl" or (s.kind == "synthetic" and s.modality == "chat"):
-            kinds.add("chat")
-        elif s.kind in MEDIA_KINDS or (s.kind == "synthetic" and s.modality in MEDIA_MODALITIES):
-            kinds.add("multimodal")
-        else:
-            raise DataSpecError(f"source {s.kind}/{s.modality}: not a kind this trainer reads")
+    """'text', 'chat' or 'multimodal' for the whole mixture; 'mixed' when a multimodal
+    stage mixes text or chat sources with media ones (a text micro-batch runs in language
+    mode)."""
+    kinds = {"multimodal" if f not in ("text", "chat") else f
+             for f in map(source_family, spec.data.sources)}
+    has_towers = spec.model.vision is not None or spec.model.audio is not None
     if len(kinds) > 1:
-        raise DataSpecError(f"a stage mixes {' and '.join(sorted(kinds))} sources; use one "
-                            "kind per stage")
+        if not has_towers:
+            raise DataSpecError(f"a stage mixes {' and '.join(sorted(kinds))} sources; use one "
+                                "kind per stage (only a multimodal model mixes modalities)")
+        return "mixed"
     kind = kinds.pop()
-    if kind == "multimodal" and spec.model.vision is None and spec.model.audio is None:
+    if kind == "multimodal" and not has_towers:
         raise DataSpecError(f"image/audio sources need a multimodal model; {spec.model.name} "
                             "has no towers")
     return kind
+
+
+def uses_streams(spec: StageSpec) -> bool:
+    """Whether the stage's batches come from a MixedBatches of streams (a loader position in
+    the checkpoints) rather than from one sample set addressed by global sample index."""
+    return data_kind(spec) == "mixed" or any(source_family(s) in STREAM_BUILDERS
+                                             for s in spec.data.sources)
 
 
 def _synthetic_file(spec: StageSpec, i: int, modality: str, n: int) -> Path:
@@ -187,6 +208,19 @@ def build_samples(spec: StageSpec, tokenizer, num_samples: int):
     return ChatSamples(spec, tokenizer, num_samples)
 
 
+def data_reports(samples) -> list:
+    """The DataReport of each source behind a stage's samples (what `phi4 data preview`
+    prints and the trainer writes as data_report.json), in source order."""
+    sources = getattr(samples, "sources", None) or []
+    out = []
+    for s in sources:
+        dataset = getattr(s, "dataset", s)  # an Epochs wraps it
+        report = getattr(dataset, "report", None)
+        if report is not None:
+            out.append(report)
+    return out
+
+
 def collator_for(spec: StageSpec, tokenizer, block_mask: bool):
     """How this stage's items become a micro-batch."""
     if data_kind(spec) == "multimodal":
@@ -194,6 +228,63 @@ def collator_for(spec: StageSpec, tokenizer, block_mask: bool):
 
         return MultimodalCollator(spec.train.seq_length, tokenizer.pad_id, spec.model.vision)
     return _Collate(block_mask)
+
+
+def _subspec(spec: StageSpec, sources: list) -> StageSpec:
+    return spec.model_copy(update={"data": spec.data.model_copy(update={"sources": sources})})
+
+
+def _webdataset_stream(spec: StageSpec, sources: list, tokenizer, dp_rank: int, dp: int):
+    from phi4core.data.vision_loader import VisionStream
+
+    if spec.model.vision is None:
+        raise DataSpecError(f"webdataset sources hold images; {spec.model.name} has no vision "
+                            "tower")
+    t = spec.train
+    try:
+        return VisionStream(
+            [s.path for s in sources], [s.weight for s in sources], tokenizer, t.seq_length,
+            t.micro_batch_size, vision=spec.model.vision, dp_rank=dp_rank, dp=dp,
+            num_workers=spec.data.num_workers, seed=t.seed,
+            on_bad_record=spec.data.on_bad_record, data_dir=Path(spec.stage_dir) / "data")
+    except ValueError as e:
+        raise DataSpecError(str(e)) from None
+
+
+# Loaders of stream kinds: (spec, its sources of that kind, tokenizer, dp_rank, dp) -> a
+# stream (see phi4core.train.mixture). Each kind's sources form one stream that blends them.
+STREAM_BUILDERS = {"webdataset": _webdataset_stream}
+
+
+def build_mixed_batches(spec: StageSpec, tokenizer, num_samples: int, dp_rank: int, dp: int,
+                        block_mask: bool):
+    """The stage's sources as streams, one per family (text, chat, synthetic media, each
+    stream kind), mixed per micro-batch by the family's summed weights."""
+    from phi4core.data.multimodal import MultimodalCollator
+    from phi4core.train.mixture import IndexedStream, MixedBatches
+
+    t = spec.train
+    families: dict[str, list] = {}
+    for s in spec.data.sources:
+        families.setdefault(source_family(s), []).append(s)
+    streams, weights = [], []
+    for family, sources in families.items():
+        sub = _subspec(spec, sources)
+        if family in STREAM_BUILDERS:
+            stream = STREAM_BUILDERS[family](spec, sources, tokenizer, dp_rank, dp)
+        else:
+            if family == "text":
+                samples, collate = TextSamples(sub, tokenizer, num_samples), _Collate(block_mask)
+            elif family == "chat":
+                samples, collate = ChatSamples(sub, tokenizer, num_samples), _Collate(block_mask)
+            else:
+                samples = multimodal_samples(sub, tokenizer, num_samples)
+                collate = MultimodalCollator(t.seq_length, tokenizer.pad_id, spec.model.vision)
+            stream = IndexedStream(samples, collate, t.micro_batch_size, dp_rank, dp,
+                                   spec.data.num_workers, _quiet_worker, name=family)
+        streams.append(stream)
+        weights.append(sum(s.weight for s in sources))
+    return MixedBatches(streams, weights, t.global_batch_size // dp // t.micro_batch_size)
 
 
 class _MicroBatchIndices:

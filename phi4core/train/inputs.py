@@ -23,7 +23,8 @@ log = logging.getLogger("phi4core.train")
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers",
                "num_attention_heads", "num_query_groups", "kv_channels", "tie_embeddings")
 # The config sections a group's shapes also depend on (beyond the decoder's _SHAPE_KEYS).
-_GROUP_SECTIONS = {"lora.vision": ("lora_vision",), "lora.speech": ("lora_speech",),
+_GROUP_SECTIONS = {"lora.text": ("lora_text",), "lora.vision": ("lora_vision",),
+                   "lora.speech": ("lora_speech",),
                    "vision.encoder": ("vision",), "vision.projector": ("vision",),
                    "audio.encoder": ("audio",), "audio.projector": ("audio",)}
 

@@ -33,7 +33,12 @@ import torch
 from phi4core import exitcodes
 from phi4core.config import StageSpec
 from phi4core.files import json_text
-from phi4core.module_groups import ARTIFACT_GROUPS, artifact_groups, groups_of
+from phi4core.module_groups import (
+    ADAPTER_ARTIFACT,
+    ARTIFACT_GROUPS,
+    artifact_groups,
+    groups_of,
+)
 from phi4core.train.schedules import lr_at
 
 log = logging.getLogger("phi4core.train")
@@ -60,7 +65,8 @@ def load_spec(path: str | os.PathLike) -> StageSpec:
 
 
 def is_multimodal(spec: StageSpec) -> bool:
-    return groups_of(spec.model) != ["backbone"]
+    """A model with towers or the multimodal LoRAs (a text model's lora.text is not)."""
+    return any(g not in ("backbone", "lora.text") for g in groups_of(spec.model))
 
 
 def output_groups(spec: StageSpec) -> dict[str, tuple[str, ...]]:
@@ -71,8 +77,11 @@ def output_groups(spec: StageSpec) -> dict[str, tuple[str, ...]]:
         if artifact != "model" and artifact not in ARTIFACT_GROUPS:
             raise SpecError(f"output {artifact!r} is not an artifact kind; known: model, "
                             f"{', '.join(a for a in ARTIFACT_GROUPS if a != 'model')}")
-        groups = artifact_groups(artifact, mine)
-        if artifact != "model" and groups != ARTIFACT_GROUPS[artifact]:
+        groups = artifact_groups(artifact, mine, spec.trainable)
+        if artifact == ADAPTER_ARTIFACT and not groups:
+            raise SpecError(f"output {artifact!r} holds the LoRA adapters a stage trains; "
+                            f"this one trains none of {', '.join(ARTIFACT_GROUPS[artifact])}")
+        if artifact not in ("model", ADAPTER_ARTIFACT) and groups != ARTIFACT_GROUPS[artifact]:
             lacking = [g for g in ARTIFACT_GROUPS[artifact] if g not in groups]
             raise SpecError(f"output {artifact!r} holds {', '.join(ARTIFACT_GROUPS[artifact])}"
                             f"; model {spec.model.name} has no {', '.join(lacking)}")
@@ -134,8 +143,23 @@ class Trainer:
 
         self.kind = tdata.data_kind(spec)
         self.tokenizer = tdata.tokenizer_for(spec)
-        self.samples = tdata.build_samples(spec, self.tokenizer,
-                                           t.total_steps * t.global_batch_size)
+        # Stream sources (energon, lhotse) and mixed modalities: a MixedBatches whose loader
+        # position goes into the checkpoints; otherwise one sample set addressed by index.
+        self.samples, self.mixture = None, None
+        if tdata.uses_streams(spec):
+            self.mixture = tdata.build_mixed_batches(
+                spec, self.tokenizer, t.total_steps * t.global_batch_size, self.dp_rank,
+                self.dp, block_mask=not self.on_gpu)
+        else:
+            self.samples = tdata.build_samples(spec, self.tokenizer,
+                                               t.total_steps * t.global_batch_size)
+        reports = [] if self.samples is None else tdata.data_reports(self.samples)
+        if reports and self.rank == 0:  # the counts `phi4 data preview` shows
+            from phi4core.files import write_json
+
+            write_json(Path(spec.stage_dir) / "data_report.json",
+                       [{"source": i, "name": r.name, **r.to_dict()}
+                        for i, r in enumerate(reports)])
 
         if is_multimodal(spec):
             from phi4core.models.multimodal import build_multimodal_chunks
@@ -144,6 +168,7 @@ class Trainer:
                                              lora_seed=t.seed, calculate_per_token_loss=True)
         else:
             chunks = build_model_chunks(spec.model, spec.parallel, spec.precision,
+                                        model_kwargs={"lora_seed": t.seed},
                                         calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
         apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
@@ -258,17 +283,22 @@ class Trainer:
         skips = SkippedSteps(t.max_skipped_steps)
         resume = ckpt.newest_intact(ckpt_root)
         if resume is not None:
-            progress = ckpt.load(resume, self.model, self.optimizer)
+            progress = ckpt.load(resume, self.model, self.optimizer,
+                                 with_data_state=self.mixture is not None)
+            if self.mixture is not None:
+                self.mixture.load_state_dict(progress.pop("data_state"))
             start, consumed = progress["step"], progress["consumed_samples"]
             first_loss, last_loss = progress.get("first_loss"), progress.get("last_loss")
             skips.restore(progress)
             if self.rank == 0:
                 log.info("resumed from %s (step %d, %d samples consumed)", resume, start, consumed)
-        metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging.tensorboard, self.rank == 0)
-        batches = StepBatches(self.samples, start, t.total_steps, t.global_batch_size,
-                              t.micro_batch_size, self.dp_rank, self.dp,
-                              block_mask=not self.on_gpu, num_workers=spec.data.num_workers,
-                              collate=collator_for(spec, self.tokenizer, not self.on_gpu))
+        metrics = MetricsWriter(stage_dir, t.total_steps, spec.logging, self.rank == 0,
+                                spec.run, resumed=resume is not None)
+        batches = self.mixture or StepBatches(
+            self.samples, start, t.total_steps, t.global_batch_size, t.micro_batch_size,
+            self.dp_rank, self.dp, block_mask=not self.on_gpu,
+            num_workers=spec.data.num_workers,
+            collate=collator_for(spec, self.tokenizer, not self.on_gpu))
         if self.rank == 0:
             print(f"stage {spec.name}: peak lr {t.peak_lr:.6g} ({t.schedule}), "
                   f"{t.total_steps} steps from step {start}", flush=True)
@@ -280,9 +310,10 @@ class Trainer:
 
         def save(step: int) -> None:
             ckpt.save(ckpt_root, step, self.model, self.optimizer, progress(step), t.keep_last,
-                      meta)
+                      meta, data_state=None if self.mixture is None else batches.state_dict())
 
         tokens_per_step = t.global_batch_size * t.seq_length
+        completed = False
         try:
             for step in range(start, t.total_steps):
                 began = time.perf_counter()
@@ -317,9 +348,10 @@ class Trainer:
                     return exitcodes.PREEMPTED
             if start < t.total_steps or resume is None:
                 save(t.total_steps)
+            completed = True
         finally:
             batches.close()
-            metrics.close()
+            metrics.close(ok=completed)
         after = frozen_checksums(self.raw_chunks)
         check_unchanged(self.checksums_before, after)
         self.write_artifacts({"before": self.checksums_before, "after": after},
@@ -384,6 +416,8 @@ class Trainer:
                 "trainable": spec.trainable, "groups": list(groups),
                 "weights_sha256": weights,
             }
+            if self.mixture is not None:  # what the stream loaders skipped, with examples
+                summary["data_reports"] = [r.to_dict() for r in self.mixture.reports()]
             (out / "train_summary.json").write_text(json_text(summary, indent=1))
 
 
@@ -428,6 +462,7 @@ class SkippedSteps:
 
 def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     """Train one stage; returns the process exit code (see phi4core.exitcodes)."""
+    from phi4core.data.report import DataError
     from phi4core.model_weights import NonFiniteWeights
     from phi4core.train.data import DataSpecError
     from phi4core.train.freezing import FrozenWeightsChanged
@@ -436,7 +471,8 @@ def run(spec: StageSpec, hooks: Hooks | None = None) -> int:
     try:
         check_spec(spec)
         return Trainer(spec, hooks).run()
-    except (SpecError, DataSpecError, InputError) as e:
+    except (SpecError, DataSpecError, InputError, DataError) as e:
+        # DataError: a bad record met while training under data.on_bad_record: fail
         log.error("cannot train stage %s: %s", spec.name, e)
         return exitcodes.BAD_SPEC
     except (FrozenWeightsChanged, NonFiniteWeights, TrainingDiverged) as e:

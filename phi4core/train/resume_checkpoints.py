@@ -59,6 +59,20 @@ def _rng_entry(state: dict | None):
     )
 
 
+def _data_entry(state):
+    """The data loaders' position (phi4core.train.mixture), one object per data-parallel rank:
+    the ranks of a model-parallel group read the same data, so one of them writes it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "data_state", state, (ps.get_data_parallel_world_size(),),
+        (ps.get_data_parallel_rank(),),
+        replica_id=(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                    ps.get_context_parallel_rank()),
+    )
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -74,9 +88,10 @@ def _sharded_state(chunks: list, optimizer, is_loading: bool) -> dict:
 
 
 def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_last: int,
-         model_meta: dict) -> Path:
+         model_meta: dict, data_state=None) -> Path:
     """Collective. `progress`: step, consumed_samples, losses... (plain JSON-able values);
-    `model_meta`: what `phi4core.model_weights.model_meta` gives for the chunks."""
+    `model_meta`: what `phi4core.model_weights.model_meta` gives for the chunks; `data_state`:
+    this rank's loader position when the data is read by streams (phi4core.train.mixture)."""
     from megatron.core import dist_checkpointing
 
     from phi4core.model_weights import write_model_meta
@@ -91,6 +106,8 @@ def save(root: Path, step: int, chunks: list, optimizer, progress: dict, keep_la
     state = _sharded_state(chunks, optimizer, is_loading=False)
     state["progress"] = dict(progress)
     state["rng"] = _rng_entry(rng_state())
+    if data_state is not None:
+        state["data_state"] = _data_entry(data_state)
     with shielded_helpers():  # a Ctrl-C or scancel reaching its writers must not break it
         dist_checkpointing.save(state, str(tmp))
     if parallel.rank() == 0:
@@ -159,17 +176,23 @@ def newest_intact(root: Path) -> Path | None:
     return Path(choice) if choice else None
 
 
-def load(folder: Path, chunks: list, optimizer) -> dict:
-    """Collective: restore model, optimizer and RNG; returns the saved progress dict."""
+def load(folder: Path, chunks: list, optimizer, with_data_state: bool = False) -> dict:
+    """Collective: restore model, optimizer and RNG; returns the saved progress dict (with
+    this rank's loader position under "data_state" when `with_data_state`)."""
     from megatron.core import dist_checkpointing
 
     state = _sharded_state(chunks, optimizer, is_loading=True)
     state["progress"] = None
     state["rng"] = _rng_entry(None)
+    if with_data_state:
+        state["data_state"] = _data_entry(None)
     loaded = dist_checkpointing.load(state, str(folder))
     from phi4core.model_weights import load_model_state
 
     load_model_state(chunks, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
     set_rng_state(loaded["rng"])
-    return loaded["progress"]
+    progress = dict(loaded["progress"])
+    if with_data_state:
+        progress["data_state"] = loaded["data_state"]
+    return progress

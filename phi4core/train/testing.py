@@ -44,9 +44,10 @@ _MM_SEQ = {"image": 512, "audio": 256, "image_audio": 512}
 
 def tiny_multimodal_spec(workdir: str | Path, name: str, modality: str, *, trainable: list[str],
                          outputs: list[str], inputs: dict | None = None, steps: int = 6,
-                         frozen: list[str] | None = None, **train) -> StageSpec:
+                         frozen: list[str] | None = None, data: dict | None = None,
+                         **train) -> StageSpec:
     """A phi4_multimodal_tiny stage over a synthetic `modality` source (image, audio,
-    image_audio), everything under `workdir`."""
+    image_audio) unless `data` is given, everything under `workdir`."""
     workdir = Path(workdir)
     t = dict(steps=steps, global_batch_size=4, micro_batch_size=2,
              seq_length=_MM_SEQ[modality], lr=3e-3, warmup_steps=2, schedule="cosine",
@@ -57,11 +58,38 @@ def tiny_multimodal_spec(workdir: str | Path, name: str, modality: str, *, train
         "model": PRESETS["phi4_multimodal_tiny"].model_dump(),
         "tokenizer": "demo", "inputs": inputs or {}, "outputs": outputs,
         "trainable": trainable, "frozen": frozen or [],
-        "data": {"sources": [{"kind": "synthetic", "modality": modality, "samples": 60}]},
+        "data": data or {"sources": [{"kind": "synthetic", "modality": modality,
+                                      "samples": 60}]},
         "train": t, "parallel": {}, "precision": {"params": "fp32"},
         "logging": {"interval": 5, "tensorboard": False},
         "stage_dir": str(workdir / name / "stage"), "output_dir": str(workdir / name / "out"),
     })
+
+
+def synthetic_speech_corpus(folder: str | Path, n: int, seed: int = 0,
+                            features: bool = False) -> Path:
+    """The synthetic audio corpus (phi4core.data.synthetic_media) as a prepared lhotse corpus
+    (`phi4 data prepare-speech`): `folder/prepared`, read with task "qa" it gives the same
+    chats as the synthetic source."""
+    import json
+
+    from phi4core.data.speech_prepare import prepare_speech
+    from phi4core.data.synthetic_media import write_media_corpus
+    from phi4core.data.tokenizer import AUDIO_PLACEHOLDER
+
+    folder = Path(folder)
+    index = write_media_corpus(folder / "media", "audio", n, seed=seed)
+    lines = []
+    for line in index.read_text().splitlines():
+        user, assistant = json.loads(line)["messages"]
+        clip = json.loads(line)["audios"][0]
+        question = user["content"].replace(AUDIO_PLACEHOLDER, "")
+        lines.append(json.dumps({"audio": clip, "text": assistant["content"],
+                                 "question": question, "answer": assistant["content"]}))
+    (folder / "transcripts.jsonl").write_text("\n".join(lines) + "\n")
+    prepare_speech(index.parent, folder / "transcripts.jsonl", folder / "prepared",
+                   features=features)
+    return folder / "prepared"
 
 
 def write_spec(spec: StageSpec, path: str | Path) -> Path:
