@@ -110,3 +110,16 @@ def test_rerun_keeps_the_corpus_and_other_folders_are_refused(corpus, tmp_path):
     assert cli.exit_code == 2 and "not this demo corpus" in cli.output, cli.output
     assert cli.exception is None or isinstance(cli.exception, SystemExit)
     assert (busy / "mine.txt").read_text() == "keep me"
+
+
+def test_packed_for_the_energon_and_lhotse_loaders(tmp_path):
+    out = tmp_path / "packed"
+    tiny = DemoCounts(text=(2, 1), chat=(2, 1), images=(3, 2), audio=(3, 2))
+    info = write_demo_corpus(out, counts=tiny, pack=True)
+    assert info["loaders"] == {
+        "energon/train_captions": 3, "energon/train_conversations": 3, "lhotse/train": 3,
+        "energon/heldout_captions": 2, "energon/heldout_conversations": 2, "lhotse/heldout": 2}
+    for name in ("train_captions", "heldout_conversations"):
+        assert (out / "energon" / name / ".nv-meta" / "dataset.yaml").is_file()
+    assert (out / "lhotse" / "train" / "cuts.jsonl.gz").is_file()
+    assert write_demo_corpus(out, counts=tiny, pack=True) == info  # kept as it is

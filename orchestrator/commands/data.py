@@ -56,20 +56,24 @@ def prepare_text_cmd(jsonl: tuple[Path, ...], tokenizer_dir: str, out_prefix: st
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
               help="The same seed writes the same bytes.")
-def demo_cmd(out: Path, seed: int) -> None:
+@click.option("--pack/--no-pack", default=True, show_default=True,
+              help="Also build the loaders' datasets (pack-images, prepare-speech).")
+def demo_cmd(out: Path, seed: int, pack: bool) -> None:
     """Write the demo corpus to OUT: text, chat and tool-call JSONL; shape images with
     captions and conversations; speech-like clips with transcripts and translations; each
-    with a held-out split. No download; seconds."""
+    with a held-out split, packed for the energon and lhotse loaders. No download; seconds."""
     from phi4core.data.demo_corpus import CorpusExists, write_demo_corpus
 
     try:
-        info = write_demo_corpus(out, seed=seed)
+        info = write_demo_corpus(out, seed=seed, pack=pack)
     except CorpusExists as err:
         raise UsageProblem(str(err)) from None
     except OSError as err:
         raise UsageProblem(f"{out}: cannot write the demo corpus: {err}") from None
     counts = ", ".join(f"{kind} {c['train']}+{c['heldout']}" for kind, c in info["counts"].items())
     click.echo(f"demo corpus in {out}: {counts} (train+held-out records)")
+    for folder, samples in info.get("loaders", {}).items():
+        click.echo(f"  {out / folder}: {samples} samples")
 
 
 @data.command("prepare-speech")

@@ -12,6 +12,13 @@
                                         "translation": "rouge chat", "language": "fr"}
                                                                                 (prepare-speech)
 
+With `pack` (the command's default) it also builds what the loaders read, from those files:
+
+    OUT/energon/{train,heldout}_{captions,conversations}/   `phi4 data pack-images` datasets
+                                                           ({kind: webdataset, path: ...})
+    OUT/lhotse/{train,heldout}/                            `phi4 data prepare-speech` corpora
+                                                           ({kind: lhotse, path: ...})
+
 Everything comes from the synthetic generators (phi4core.data.synthetic, synthetic_media):
 shapes of several kinds, colours, counts, positions, sizes and aspect ratios (so the HD
 transform's crops vary) and speech-like clips whose words are tone patterns. The held-out
@@ -96,18 +103,40 @@ def _audio_files(folder: Path, n: int, seed: int) -> int:
     return len(records)
 
 
+def _pack_for_loaders(root: Path, split: str) -> dict[str, int]:
+    """The split's images as energon datasets and clips as a lhotse corpus: {folder: samples}.
+    The files were just generated, so a bad record is a bug: it fails."""
+    from phi4core.data.pack_images import pack_images
+    from phi4core.data.speech_prepare import prepare_speech
+
+    images, audio, packed = root / "images" / split, root / "audio" / split, {}
+    for name in ("captions", "conversations"):
+        folder = f"energon/{split}_{name}"
+        result = pack_images(images, images / f"{name}.jsonl", root / folder,
+                             on_bad_record="fail")
+        packed[folder] = result.samples
+    folder = f"lhotse/{split}"
+    report = prepare_speech(audio, audio / "transcripts.jsonl", root / folder,
+                            on_bad_record="fail")
+    packed[folder] = report.records_kept
+    return packed
+
+
 def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
-                      counts: DemoCounts | None = None) -> dict:
-    """Write the demo corpus to `out` (see the module); returns its corpus.json. A folder that
-    already holds this exact corpus is left as it is; any other existing `out` is refused."""
+                      counts: DemoCounts | None = None, pack: bool = False) -> dict:
+    """Write the demo corpus to `out` (see the module), with `pack` also the loaders' datasets;
+    returns its corpus.json. A folder that already holds this exact corpus is left as it is;
+    any other existing `out` is refused."""
     counts = counts or DemoCounts()
     out = Path(out)
     info = {"version": CORPUS_VERSION, "seed": seed, "heldout_seed": HELDOUT_SEED + seed,
-            "counts": {k: dict(zip(SPLITS, v)) for k, v in asdict(counts).items()}}
+            "counts": {k: dict(zip(SPLITS, v)) for k, v in asdict(counts).items()},
+            "packed": pack}
     if out.exists():
         try:
-            if json.loads((out / INFO).read_text(encoding="utf-8")) == info:
-                return info
+            there = json.loads((out / INFO).read_text(encoding="utf-8"))
+            if {k: v for k, v in there.items() if k != "loaders"} == info:
+                return there
         except (OSError, ValueError):
             pass
         if not out.is_dir() or any(out.iterdir()):
@@ -124,6 +153,11 @@ def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
             write_jsonl(tmp / "chat" / f"{split}.jsonl", generate(CHAT_GENERATORS, n_chat, s))
             _image_files(tmp / "images" / split, n_img, s)
             _audio_files(tmp / "audio" / split, n_aud, s)
+        if pack:
+            loaders: dict[str, int] = {}
+            for split in SPLITS:
+                loaders.update(_pack_for_loaders(tmp, split))
+            info = {**info, "loaders": loaders}
         write_json(tmp / INFO, info)
         replace_dir(tmp, out)
     except BaseException:

@@ -105,20 +105,10 @@ def sentence_text(ctx: SampleContext) -> dict:
     return {"text": " ".join(sentences)}
 
 
-def media_words_text(ctx: SampleContext) -> dict:
-    """Shapes, sounds and spoken words described in words: the vocabulary and phrasing of the
-    media answers (phi4core.data.synthetic_media), so the language model the multimodal stages
-    freeze can already say them."""
-    from phi4core.data.synthetic_media import described_media_text
-
-    return {"text": described_media_text(ctx.rng)}
-
-
 TEXT_GENERATORS: dict[str, Generator] = {
     "arithmetic": arithmetic_text,
     "pattern": pattern_text,
     "sentence": sentence_text,
-    "media_words": media_words_text,
 }
 
 # -- chat ---------------------------------------------------------------------------------
@@ -168,19 +158,10 @@ def tool_chat(ctx: SampleContext) -> dict:
     }
 
 
-def media_words_chat(ctx: SampleContext) -> dict:
-    """The media questions asked about a description in words (the answer the same as for
-    the image, clip or spoken words themselves)."""
-    from phi4core.data.synthetic_media import described_media_chat
-
-    return {"messages": described_media_chat(ctx.rng)}
-
-
 CHAT_GENERATORS: dict[str, Generator] = {
     "arithmetic": arithmetic_chat,
     "reverse": reverse_chat,
     "tool": tool_chat,
-    "media_words": media_words_chat,
 }
 
 # -- writers ------------------------------------------------------------------------------

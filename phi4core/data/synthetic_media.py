@@ -267,56 +267,6 @@ _BOTH_QUESTIONS = [
     ("Are there more shapes or more sounds?", _more),
 ]
 
-# -- the same in words (the text stages' share of the demo data) ----------------------------
-
-
-def _image_truth(rng: random.Random) -> dict:
-    return {"count": rng.randint(1, 4), "colour": rng.choice(list(COLOURS)),
-            "shape": rng.choice(SHAPES)}
-
-
-def _audio_truth(rng: random.Random) -> dict:
-    return {"count": rng.randint(1, 4), "pitch": rng.choice(list(PITCHES)),
-            "sound": rng.choice(SOUNDS)}
-
-
-def _spoken(rng: random.Random) -> tuple[str, str]:
-    words = [rng.choice(list(SPOKEN_WORDS)) for _ in range(rng.randint(1, 3))]
-    return " ".join(words), " ".join(SPOKEN_WORDS[w][0] for w in words)
-
-
-def described_media_text(rng: random.Random) -> str:
-    """Sentences describing pictures, sounds and spoken words as the media answers do."""
-    sentences = []
-    for _ in range(rng.randint(3, 5)):
-        kind = rng.randrange(3)
-        if kind == 0:
-            sentences.append(f"the picture shows {describe_image(_image_truth(rng))}.")
-        elif kind == 1:
-            sentences.append(f"the clip has {describe_audio(_audio_truth(rng))}.")
-        else:
-            text, french = _spoken(rng)
-            sentences.append(f"someone says {text}. in french: {french}.")
-    return " ".join(sentences)
-
-
-def described_media_chat(rng: random.Random) -> list[dict]:
-    """A media question about a description in words, answered as for the media itself."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        truth = _image_truth(rng)
-        question, answer = rng.choice(_IMAGE_QUESTIONS)
-        return _chat(f"A picture of {describe_image(truth)}. {question}", answer(truth))
-    if kind == 1:
-        truth = _audio_truth(rng)
-        question, answer = rng.choice(_AUDIO_QUESTIONS)
-        return _chat(f"A clip of {describe_audio(truth)}. {question}", answer(truth))
-    text, french = _spoken(rng)
-    if rng.random() < 0.5:
-        return _chat(f"Someone says: {text}. {TRANSCRIBE}", f"{text}.")
-    return _chat(f"Someone says: {text}. {TRANSLATE}", f"{french}.")
-
-
 # -- records --------------------------------------------------------------------------------
 
 
