@@ -571,11 +571,19 @@ class EvalTask(Strict):
     path: str
 
 
+# The sources an eval stage's `heldout_images` may name (phi4core.finetune.image_heldout).
+IMAGE_HELDOUT_KINDS = ("webdataset", "synthetic", "chat_jsonl")
+
+
 class Evaluate(Strict):
     """What an eval stage measures, for the base model and the trained one side by side."""
 
     heldout: str | None = Field(default=None, description="chat JSONL: held-out loss and "
                                 "perplexity on its assistant tokens")
+    heldout_images: list[DataSource] = Field(
+        default_factory=list, description="image-text sources, read as a vision stage reads "
+        "them (webdataset; synthetic image; chat_jsonl of records with `images`): held-out "
+        "loss and perplexity on their assistant tokens, in vision mode")
     tasks: list[EvalTask] = Field(default_factory=list)
     base: list[str] | None = Field(
         default=None, description="the inputs the base model is made of (default: the frozen "
@@ -586,8 +594,16 @@ class Evaluate(Strict):
 
     @model_validator(mode="after")
     def _something(self) -> Self:
-        if self.heldout is None and not self.tasks:
-            raise ValueError("`evaluate` needs `heldout:` (a chat JSONL), `tasks:`, or both")
+        if self.heldout is None and not self.tasks and not self.heldout_images:
+            raise ValueError("`evaluate` needs `heldout:` (a chat JSONL), `heldout_images:` "
+                             "(image-text sources), `tasks:`, or several")
+        for i, s in enumerate(self.heldout_images):
+            if s.kind not in IMAGE_HELDOUT_KINDS or (s.kind == "synthetic"
+                                                     and s.modality != "image"):
+                what = s.kind if s.kind != "synthetic" else f"synthetic {s.modality}"
+                raise ValueError(f"heldout_images[{i}] ({what}): an image-text held-out set is "
+                                 "a webdataset (`phi4 data pack-images`), a synthetic image "
+                                 "source, or a chat_jsonl of records with `images`")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError("two tasks have the same name")

@@ -87,8 +87,8 @@ def _check_command(recipe: Recipe, r: _Report) -> None:
     if kind != "command" and recipe.cmd is not None:
         r.add(("cmd",), f"`cmd` belongs to command stages; this stage is `kind: {kind}`")
     if kind == "eval" and recipe.evaluate is None:
-        r.add(("evaluate",), "an eval stage needs `evaluate:` (heldout: a chat JSONL, and/or "
-              "tasks:)")
+        r.add(("evaluate",), "an eval stage needs `evaluate:` (heldout: a chat JSONL, "
+              "heldout_images: image-text sources, and/or tasks:)")
     if kind != "eval" and recipe.evaluate is not None:
         r.add(("evaluate",), f"`evaluate` belongs to eval stages; this stage is `kind: {kind}`")
     if kind in ("eval", "export"):

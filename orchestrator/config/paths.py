@@ -54,10 +54,11 @@ def path_fields(doc: dict) -> Iterator[Loc]:
     if isinstance(evaluate, dict):
         if isinstance(evaluate.get("heldout"), str):
             yield ("evaluate", "heldout")
-        tasks = evaluate.get("tasks")
-        for i, task in enumerate(tasks if isinstance(tasks, list) else []):
-            if isinstance(task, dict) and isinstance(task.get("path"), str):
-                yield ("evaluate", "tasks", i, "path")
+        for key in ("tasks", "heldout_images"):
+            items = evaluate.get(key)
+            for i, item in enumerate(items if isinstance(items, list) else []):
+                if isinstance(item, dict) and isinstance(item.get("path"), str):
+                    yield ("evaluate", key, i, "path")
 
 
 def _get(doc: Any, loc: Loc) -> Any:

@@ -221,6 +221,22 @@ def check_dataset(path: str) -> None:
         raise ValueError(f"{path}: not an energon dataset (no .nv-meta/split.yaml); {hint}")
 
 
+def count_batch(batch: dict, report: DataReport, policy: str, reported: set[str]) -> dict:
+    """Count a worker's batch in `report`: its samples kept, and the samples skipped since
+    the worker's previous batch (each source logged once in `reported`; met again in a later
+    epoch, only counted). Returns the batch without the skipped list."""
+    for source, reason, detail in batch.pop(SKIPPED, []):
+        report.records_read += 1
+        if source in reported and policy == "skip":
+            report.skipped[reason] += 1
+            continue
+        reported.add(source)
+        report.bad(source, reason, detail, policy)
+    report.records_read += len(batch["sources"])
+    report.records_kept += len(batch["sources"])
+    return batch
+
+
 class VisionStream:
     """Micro-batches of this data-parallel rank from energon, with a savable position.
 
@@ -272,17 +288,7 @@ class VisionStream:
     def next(self) -> dict:
         if self._it is None:
             self._open()
-        batch = next(self._it)
-        for source, reason, detail in batch.pop(SKIPPED, []):
-            self.report.records_read += 1
-            if source in self._reported and self.policy == "skip":
-                self.report.skipped[reason] += 1  # met again (next epoch): counted, not logged
-                continue
-            self._reported.add(source)
-            self.report.bad(source, reason, detail, self.policy)
-        self.report.records_read += len(batch["sources"])
-        self.report.records_kept += len(batch["sources"])
-        return batch
+        return count_batch(next(self._it), self.report, self.policy, self._reported)
 
     __next__ = next
 
@@ -308,3 +314,26 @@ class VisionStream:
     def close(self) -> None:
         self._it = None
         self._loader = None
+
+
+def heldout_batches(path: str, tokenizer, seq_length: int, batch_size: int, *,
+                    vision: Any | None = None, limit: int | None = None,
+                    report: DataReport | None = None):
+    """One pass over an energon dataset, in shard order, unshuffled (a held-out set): the
+    MultimodalCollator batches of its usable samples, `limit` batches at most. Samples that
+    cannot be used are counted in `report` (skipped, with their source), as in training."""
+    from megatron.energon import WorkerConfig, get_loader, get_val_dataset
+    from megatron.energon.errors import reraise_exception
+
+    check_dataset(path)
+    report = report if report is not None else DataReport(name=f"webdataset {path}")
+    config = WorkerConfig(rank=0, world_size=1, num_workers=0,
+                          global_error_handler=reraise_exception)
+    encoder = _task_encoder_class()(VisionItems(tokenizer, seq_length, vision),
+                                    MultimodalCollator(seq_length, tokenizer.pad_id, vision))
+    dataset = get_val_dataset(str(path), split_part=SPLIT, worker_config=config,
+                              batch_size=batch_size, limit=limit, task_encoder=encoder)
+    if not torch.cuda.is_available():
+        warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true")
+    for batch in get_loader(dataset, watchdog_timeout_seconds=None):
+        yield count_batch(batch, report, "skip", set())

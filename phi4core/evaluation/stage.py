@@ -80,12 +80,12 @@ def evaluated_modalities(spec) -> list[str] | None:
 
 
 def text_perplexity(model: torch.nn.Module, tokenizer, docs: int = TEXT_DOCS,
-                    seq_length: int = TEXT_SEQ) -> Result:
+                    seq_length: int = TEXT_SEQ, device: torch.device | str = "cpu") -> Result:
     from phi4core.data.synthetic import TEXT_GENERATORS, generate
 
     texts = [r["text"] for r in generate(TEXT_GENERATORS, docs, HELDOUT_SEED)]
     batches = text_batches(heldout_texts(tokenizer, texts), seq_length, tokenizer.pad_id, BATCH)
-    result = heldout_loss(model, batches)
+    result = heldout_loss(model, batches, device)
     return Result("heldout_perplexity", result.perplexity, float(tokenizer.vocab_size),
                   result.samples, higher_is_better=False)
 
@@ -132,8 +132,8 @@ def heldout_corpus(folder: Path, modality: str, seq_length: int,
 
 
 def task_accuracy(model: torch.nn.Module, index: Path, modality: str, task: Task, tokenizer,
-                  seq_length: int, vision) -> list[Result]:
-    """`model` asked `task.question` about each record of `index`: its answers' token
+                  seq_length: int, vision, device: torch.device | str = "cpu") -> list[Result]:
+    """`model` (on `device`) asked `task.question` about each record of `index`: its answers' token
     accuracy (`<task>_accuracy`) and exact match (`<task>_exact_match`), with their chances."""
     from phi4core.data.jsonl import iter_jsonl, write_jsonl
     from phi4core.data.multimodal import MultimodalCollator, MultimodalDataset, media_modality
@@ -152,7 +152,7 @@ def task_accuracy(model: torch.nn.Module, index: Path, modality: str, task: Task
     collate = MultimodalCollator(seq_length, tokenizer.pad_id, vision)
     batches = (collate([dataset[i] for i in range(start, min(start + BATCH, len(dataset)))])
                for start in range(0, len(dataset), BATCH))
-    scored = score_answers(model, batches)
+    scored = score_answers(model, batches, device)
     questions = [task.question] * len(scored)
     targets = [s.target for s in scored]
     return [Result(f"{task.name}_accuracy", token_accuracy(scored),
@@ -162,11 +162,13 @@ def task_accuracy(model: torch.nn.Module, index: Path, modality: str, task: Task
 
 
 def media_accuracy(model: torch.nn.Module, modality: str, folder: Path, tokenizer,
-                   seq_length: int, vision, items: int = MEDIA_ITEMS) -> list[Result]:
+                   seq_length: int, vision, items: int = MEDIA_ITEMS,
+                   device: torch.device | str = "cpu") -> list[Result]:
     """Every held-out task of `modality` (see `_tasks`)."""
     index = heldout_corpus(folder, modality, seq_length, items)
     return [r for task in _tasks()[modality]
-            for r in task_accuracy(model, index, modality, task, tokenizer, seq_length, vision)]
+            for r in task_accuracy(model, index, modality, task, tokenizer, seq_length, vision,
+                                   device)]
 
 
 def evaluate_stage(spec, model: torch.nn.Module, tokenizer) -> list[Result] | None:
@@ -174,11 +176,12 @@ def evaluate_stage(spec, model: torch.nn.Module, tokenizer) -> list[Result] | No
     modalities = evaluated_modalities(spec)
     if modalities is None:
         return None
-    results = [text_perplexity(model, tokenizer)]
+    device = next(model.parameters()).device  # the batches go where the model is
+    results = [text_perplexity(model, tokenizer, device=device)]
     folder = Path(spec.stage_dir) / "data"
     for modality in modalities:
         results.extend(media_accuracy(model, modality, folder, tokenizer,
-                                      spec.train.seq_length, spec.model.vision))
+                                      spec.train.seq_length, spec.model.vision, device=device))
     return results
 
 

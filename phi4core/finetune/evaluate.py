@@ -6,6 +6,8 @@ trained model adds the others over it, in order (a fine-tuning stage's adapter).
 measured on
   * `heldout`: a chat JSONL, tokenized and masked as the trainer does (assistant tokens only):
     the loss and perplexity on those tokens (phi4core.evaluation.language.heldout_loss);
+  * `heldout_images`: image-text sources read as a vision stage reads them, the same loss in
+    vision mode (heldout_image_loss / _perplexity; phi4core.finetune.image_heldout);
   * `tasks`: scored sets (phi4core.config.EvalTask): a multiple-choice record is right when
     its correct reply has the lowest mean loss of the choices; an exact-match record when
     greedy decoding gives the answer and then `<|end|>` (teacher-forced: every next-token
@@ -143,7 +145,8 @@ def accuracy(model, scored: ScoredSet, pad_id: int) -> float:
     return right / len(scored.items)
 
 
-def measure(model, spec: ToolSpec, tokenizer, which: str, sets: list[ScoredSet]) -> list[dict]:
+def measure(model, spec: ToolSpec, tokenizer, which: str, sets: list[ScoredSet],
+            images=None) -> list[dict]:
     ev = spec.evaluate
     out = []
     if ev.heldout is not None:
@@ -154,6 +157,8 @@ def measure(model, spec: ToolSpec, tokenizer, which: str, sets: list[ScoredSet])
                  "samples": h.samples, "model": which},
                 {"name": "heldout_perplexity", "value": ppl, "higher_is_better": False,
                  "samples": h.samples, "model": which}]
+    if images is not None:
+        out += images.measure(model, which, _device())
     for scored in sets:
         out.append({"name": scored.task.name, "value": accuracy(model, scored, tokenizer.pad_id),
                     "higher_is_better": True, "chance": scored.chance,
@@ -181,6 +186,12 @@ def evaluate(spec: ToolSpec) -> dict:
     tokenizer = PhiTokenizer.from_dir(folder)
     check_tokenizer_matches(tokenizer, mc)
     sets = [ScoredSet(t, tokenizer, ev.max_samples) for t in ev.tasks]
+    images = None
+    if ev.heldout_images:
+        from phi4core.finetune.image_heldout import ImageHeldout
+
+        images = ImageHeldout(ev.heldout_images, tokenizer, ev.seq_length, mc.vision,
+                              ev.max_samples, Path(spec.stage_dir) / "data")
     (model, *more) = fin.build(mc)
     if more:
         raise fin.InputError("an eval stage runs one model chunk (no virtual pipeline)")
@@ -188,7 +199,7 @@ def evaluate(spec: ToolSpec) -> dict:
     for names, which in ((base, "base"), (rest, "trained")):
         for name, inp in spec.ordered_inputs(names):
             fin.load([model], mc, name, inp)
-        results += measure(model, spec, tokenizer, which, sets)
+        results += measure(model, spec, tokenizer, which, sets, images)
     record = {"stage": spec.name, "fingerprint": spec.fingerprint, "results": results}
     write_json(Path(spec.stage_dir) / "evaluation.json", record)
     return record
