@@ -132,3 +132,57 @@ def test_evaluation_json_is_the_orchestrators_record(tmp_path):
     assert record.result("caption_accuracy").value == 0.75
     assert record.result("heldout_perplexity").higher_is_better is False
     assert math.isclose(record.result("heldout_perplexity").chance, 512.0)
+
+
+def test_image_heldout_reads_an_energon_dataset_as_its_chat_records(tmp_path, tokenizer):
+    """The same records, packed by `phi4 data pack-images` and as a chat JSONL with images,
+    give the same held-out loss over the same first max_samples samples, in vision mode."""
+    import json
+
+    from phi4core.config import DataSource
+    from phi4core.data.pack_images import pack_images
+    from phi4core.data.tokenizer import IMAGE_PLACEHOLDER
+    from phi4core.finetune.image_heldout import ImageHeldout
+    from phi4core.models.multimodal import build_multimodal_model
+    from phi4core.parallel import init_single_process
+    from tests._vision_helpers import write_corpus
+
+    images, _ = write_corpus(tmp_path / "src", 7)
+    packed_lines, chat_lines = [], []
+    for i in range(7):
+        reply = [{"role": "assistant", "content": f"cap number {i}"}]
+        packed_lines.append({"images": [f"cap{i}.png"], "messages": [
+            {"role": "user", "content": "<|image_1|> Describe the image."}] + reply})
+        chat_lines.append({"images": [f"src/images/cap{i}.png"], "messages": [
+            {"role": "user", "content": f"{IMAGE_PLACEHOLDER} Describe the image."}] + reply})
+    for name, lines in (("packed.jsonl", packed_lines), ("chat.jsonl", chat_lines)):
+        (tmp_path / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dataset = pack_images(images, tmp_path / "packed.jsonl", tmp_path / "ds", shard_size=3).out
+
+    init_single_process()
+    torch.manual_seed(0)
+    mc = preset("phi4_multimodal_tiny")
+    model = build_multimodal_model(mc)
+
+    def measured(source: dict) -> dict:
+        held = ImageHeldout([DataSource(**source)], tokenizer, 600, mc.vision, 5, tmp_path)
+        return {r["name"]: r for r in held.measure(model, "base", "cpu")}
+
+    packed = measured({"kind": "webdataset", "path": str(dataset)})
+    chat = measured({"kind": "chat_jsonl", "path": str(tmp_path / "chat.jsonl")})
+    assert packed["heldout_image_loss"]["samples"] == chat["heldout_image_loss"]["samples"] == 5
+    assert packed["heldout_image_loss"]["value"] == pytest.approx(
+        chat["heldout_image_loss"]["value"], rel=1e-5)
+    assert set(packed) == {"heldout_image_loss", "heldout_image_perplexity"}
+
+
+@pytest.mark.parametrize("source, error", [
+    ({"kind": "synthetic", "modality": "audio"}, r"heldout_images\[0\] \(synthetic audio\)"),
+    ({"kind": "lhotse", "path": "x"}, r"heldout_images\[0\] \(lhotse\)"),
+])
+def test_image_heldout_sources_are_image_text_ones(source, error):
+    from phi4core.config import Evaluate
+
+    with pytest.raises(ValueError, match=error):
+        Evaluate(heldout_images=[source])
+    assert Evaluate(heldout_images=[{"kind": "synthetic", "modality": "image"}]).heldout is None

@@ -1,11 +1,13 @@
 """Fine-tuning a released Phi-4-multimodal's vision adapter through
 `pipelines/finetune_phi4_multimodal.yaml`: a random tiny transformers Phi4MultimodalForCausalLM
 folder (phi4_multimodal_tiny's shapes, its two adapters as PEFT folders, the demo vocabulary
-and Phi-4-mini's chat template) fine-tuned on synthetic images, then exported. One run."""
+and Phi-4-mini's chat template) fine-tuned on synthetic images, evaluated against the released
+model on held-out synthetic images, then exported. One run."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,7 +51,7 @@ def run(tmp_path_factory):
         (folder,) = [p for p in (store / "stages" / name).iterdir() if p.is_dir()]
         return folder
 
-    return {"work": work, "hf": hf, "stage": stage}
+    return {"work": work, "hf": hf, "stage": stage, "store": store, "env": env}
 
 
 def test_only_the_vision_adapter_trains_and_is_published(run):
@@ -64,6 +66,28 @@ def test_only_the_vision_adapter_trains_and_is_published(run):
     assert sums["before"]["combined"] == sums["after"]["combined"]
     assert "lora.vision" not in sums["before"]["groups"]
     assert {"backbone", "lora.speech", "vision.encoder"} <= set(sums["before"]["groups"])
+
+
+def test_eval_stage_shows_trained_below_base_in_vision_mode(run):
+    from orchestrator.records import EvaluationRecord
+
+    record = EvaluationRecord.model_validate_json(
+        (run["stage"]("vision_sft_lora_eval") / "evaluation.json").read_text())
+    base, trained = (record.result("heldout_image_loss", m) for m in ("base", "trained"))
+    assert trained.value < base.value, record
+    assert trained.samples == base.samples == 16
+    ppl = {m: record.result("heldout_image_perplexity", m).value for m in ("base", "trained")}
+    assert ppl["trained"] == pytest.approx(math.exp(trained.value), rel=1e-6)
+    assert ppl["trained"] < ppl["base"]
+    # the demo's caption questions on the same held-out images, for both models
+    for m in ("base", "trained"):
+        caption = record.result("caption_accuracy", m)
+        assert caption.samples == 16 and caption.chance is not None
+    status = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--store",
+                             str(run["store"])], cwd=REPO, env=run["env"], capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "heldout_image_loss" in status.stdout and "base" in status.stdout, status.stdout
 
 
 def test_exports_give_phi4_vision_logits_in_transformers(run):
