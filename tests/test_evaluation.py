@@ -186,3 +186,20 @@ def test_image_heldout_sources_are_image_text_ones(source, error):
     with pytest.raises(ValueError, match=error):
         Evaluate(heldout_images=[source])
     assert Evaluate(heldout_images=[{"kind": "synthetic", "modality": "image"}]).heldout is None
+
+
+def test_eval_recipe_anchors_image_heldout_paths_and_points_at_bad_sources(tmp_path):
+    from orchestrator.config import load_recipe
+    from orchestrator.config.errors import ConfigError
+
+    recipe = tmp_path / "sub" / "s.yaml"
+    recipe.parent.mkdir()
+    head = "name: s\nkind: eval\ninputs: {model: {hf: /x, frozen: true}}\nevaluate:\n"
+    recipe.write_text(head + "  heldout_images: [{kind: webdataset, path: held}]\n")
+    (source,) = load_recipe(recipe).recipe.evaluate.heldout_images
+    assert source.path == str(recipe.parent / "held")
+    recipe.write_text(head + "  heldout_images: [{kind: synthetic, modality: speech}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert "heldout_images[0] (synthetic speech)" in str(err.value)
+    assert "s.yaml:" in str(err.value)
