@@ -33,7 +33,8 @@ FINETUNE = {
                                           "audio.encoder", "audio.projector", "lora.speech"}),
 }
 # Their evaluation and export stages: no training.
-TOOL_STAGES = {"text_sft_lora_eval", "text_sft_lora_export", "vision_sft_lora_export"}
+TOOL_STAGES = {"text_sft_lora_eval", "text_sft_lora_export", "vision_sft_lora_eval",
+               "vision_sft_lora_export"}
 
 
 def test_all_nine_stages_exist() -> None:
@@ -81,7 +82,7 @@ def test_seed_numbers() -> None:
 def test_pipeline_valid(path: Path, profile: str | None) -> None:
     loaded = load_pipeline(path, profile)
     expected = {"phi4_mini": 2, "phi4_multimodal": 9, "phi4_multimodal_from_mini": 7,
-                "finetune_phi4_mini": 3, "finetune_phi4_multimodal": 2}
+                "finetune_phi4_mini": 3, "finetune_phi4_multimodal": 3}
     assert len(loaded.stages) == expected[path.stem]
 
 
