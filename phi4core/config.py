@@ -8,6 +8,7 @@ compile every field's annotation string when the models are defined.
 
 import copy
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 
@@ -466,6 +467,10 @@ class DataSource(Strict):
                 raise ValueError("a synthetic source needs `modality:`")
         elif self.path is None:
             raise ValueError(f"a {self.kind} source needs `path:`")
+        if self.kind == "webdataset" and re.search(r"\{[^}]*\.\.[^}]*\}|\.tar$", self.path):
+            raise ValueError(f"{self.path!r} is a shard pattern; a webdataset source names the "
+                             "energon dataset folder that holds the shards (build one with "
+                             "`phi4 data pack-images` or `energon prepare`)")
         speech_only = [k for k in ("task", "max_clip_seconds", "max_duration")
                        if getattr(self, k) is not None]
         if speech_only and self.kind != "lhotse":

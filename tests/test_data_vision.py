@@ -338,3 +338,15 @@ def test_pixel_batches_equal_the_collators(one_shard, tokenizer):
     ref = MultimodalCollator(600, tokenizer.pad_id, VISION)([item])
     assert torch.equal(ref["image_pixel_values"], batch["image_pixel_values"])
     assert np.array_equal(ref["image_sizes"].numpy(), batch["image_sizes"].numpy())
+
+
+@pytest.mark.parametrize("path", ["/data/vl/{000000..002047}.tar", "/data/vl/shard_000001.tar"])
+def test_a_shard_pattern_is_refused_when_the_recipe_is_checked(path: str) -> None:
+    """Refused by `phi4 validate` (the recipe's DataSource), not first by the trainer on a node."""
+    from pydantic import ValidationError
+
+    from phi4core.config import DataSource
+
+    with pytest.raises(ValidationError, match="is a shard pattern; a webdataset source names"):
+        DataSource(kind="webdataset", path=path)
+    assert DataSource(kind="webdataset", path="/data/vl/captions").path == "/data/vl/captions"
