@@ -106,6 +106,19 @@ def atomic_output(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """A new empty folder beside `out`, renamed over it (replace_dir) only if the block
+    succeeds; removed otherwise, Ctrl-C included, so `out` is never half written."""
+    tmp = temp_dir_beside(out)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Rename the finished folder `tmp` to `out`; an existing `out` is moved aside first and
     removed after, so `out` is always either the old or the new folder, never a mix."""

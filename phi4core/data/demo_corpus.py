@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from phi4core.data.synthetic_media import (
     media_generators,
 )
 from phi4core.data.tokenizer import IMAGE_PLACEHOLDER
-from phi4core.files import replace_dir, temp_dir_beside, write_json
+from phi4core.files import atomic_dir, write_json
 
 INFO = "corpus.json"
 SPLITS = ("train", "heldout")
@@ -143,8 +142,7 @@ def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
             raise CorpusExists(f"{out} already exists and is not this demo corpus; remove it "
                                "or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         for kind in ("text", "chat"):
             (tmp / kind).mkdir()
         for split, (n_text, n_chat, n_img, n_aud) in zip(SPLITS, zip(*asdict(counts).values())):
@@ -159,8 +157,4 @@ def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
                 loaders.update(_pack_for_loaders(tmp, split))
             info = {**info, "loaders": loaders}
         write_json(tmp / INFO, info)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

@@ -34,7 +34,7 @@ import numpy as np
 
 from phi4core.data.jsonl import iter_jsonl
 from phi4core.data.report import DataReport, check_policy
-from phi4core.files import replace_dir, temp_dir_beside, write_json
+from phi4core.files import atomic_dir, write_json
 from phi4core.models.audio_features import HOP, SAMPLE_RATE, WIN, lhotse_log_mel
 
 CUTS_FILE = "cuts.jsonl.gz"
@@ -102,8 +102,7 @@ def prepare_speech(audio_dir: str | os.PathLike, transcripts: str | os.PathLike,
     if not audio_dir.is_dir():
         raise FileNotFoundError(f"{audio_dir}: no such folder")
     report = DataReport(name="prepare-speech")
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         writer = None
         if features:
             from lhotse import LilcomChunkyWriter
@@ -143,11 +142,5 @@ def prepare_speech(audio_dir: str | os.PathLike, transcripts: str | os.PathLike,
             writer.close()
         CutSet.from_cuts(cuts).to_file(tmp / CUTS_FILE)
         write_json(tmp / REPORT_FILE, {"features": features, **report.to_dict()})
-        replace_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.log_summary()
     return report
