@@ -105,10 +105,40 @@ def sentence_text(ctx: SampleContext) -> dict:
     return {"text": " ".join(sentences)}
 
 
+def _media_truths(rng: random.Random) -> tuple[dict, dict, dict]:
+    """Truths of the media generators (phi4core.data.synthetic_media) drawn without media: an
+    image's shapes, an audio clip's pulses and a spoken clip's words."""
+    from phi4core.data import synthetic_media as sm
+
+    image = {"count": rng.randint(1, 4), "colour": rng.choice(list(sm.COLOURS)),
+             "shape": rng.choice(sm.SHAPES)}
+    audio = {"count": rng.randint(1, 4), "pitch": rng.choice(list(sm.PITCHES)),
+             "sound": rng.choice(sm.SOUNDS)}
+    words = [rng.choice(list(sm.SPOKEN_WORDS)) for _ in range(rng.randint(1, 3))]
+    speech = {"text": " ".join(words),
+              "translation": " ".join(sm.SPOKEN_WORDS[w][0] for w in words)}
+    return image, audio, speech
+
+
+def media_words_text(ctx: SampleContext) -> dict:
+    """The words the media stages answer in (captions, sound descriptions, spoken words and
+    their French): every media stage freezes the backbone and its tied embeddings, so it can
+    only emit the words the text stages taught it."""
+    from phi4core.data import synthetic_media as sm
+
+    parts = []
+    for _ in range(ctx.rng.randint(2, 4)):
+        image, audio, speech = _media_truths(ctx.rng)
+        parts.append(f"{sm.describe_image(image)} and {sm.describe_audio(audio)}. "
+                     f"{speech['text']} is {speech['translation']} in French.")
+    return {"text": " ".join(parts)}
+
+
 TEXT_GENERATORS: dict[str, Generator] = {
     "arithmetic": arithmetic_text,
     "pattern": pattern_text,
     "sentence": sentence_text,
+    "media_words": media_words_text,
 }
 
 # -- chat ---------------------------------------------------------------------------------
@@ -158,10 +188,31 @@ def tool_chat(ctx: SampleContext) -> dict:
     }
 
 
+def media_words_chat(ctx: SampleContext) -> dict:
+    """The media stages' questions with their content told in words, answered in the media
+    stages' format ("Describe the image." -> "3 red circles."): the frozen backbone of the
+    media stages knows the questions and the answers' words; the towers add what is seen or
+    heard."""
+    from phi4core.data import synthetic_media as sm
+
+    image, audio, speech = _media_truths(ctx.rng)
+    told = {"image": f"The image shows {sm.describe_image(image)}.",
+            "audio": f"The sound is {sm.describe_audio(audio)}.",
+            "speech": f"The audio clip says {speech['text']}."}
+    asked = ([("image", q, a(image)) for q, a in sm.IMAGE_QUESTIONS]
+             + [("audio", q, a(audio)) for q, a in sm.AUDIO_QUESTIONS]
+             + [("speech", sm.TRANSCRIBE, f"{speech['text']}."),
+                ("speech", sm.TRANSLATE, f"{speech['translation']}.")])
+    medium, question, answer = ctx.rng.choice(asked)
+    return {"messages": [{"role": "user", "content": f"{told[medium]} {question}"},
+                         {"role": "assistant", "content": answer}]}
+
+
 CHAT_GENERATORS: dict[str, Generator] = {
     "arithmetic": arithmetic_chat,
     "reverse": reverse_chat,
     "tool": tool_chat,
+    "media_words": media_words_chat,
 }
 
 # -- writers ------------------------------------------------------------------------------

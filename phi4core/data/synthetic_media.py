@@ -132,7 +132,7 @@ def describe_image(t: dict) -> str:
     return f"{t['count']} {t['colour']} {t['shape']}" + ("" if t["count"] == 1 else "s")
 
 
-_IMAGE_QUESTIONS = [
+IMAGE_QUESTIONS = [
     ("How many shapes are there?", lambda t: f"{t['count']}."),
     ("What colour are the shapes?", lambda t: f"{t['colour']}."),
     ("What shape is drawn?", lambda t: f"{t['shape']}."),
@@ -187,7 +187,7 @@ def describe_audio(t: dict) -> str:
     return f"{t['count']} {t['pitch']} {t['sound']}" + ("" if t["count"] == 1 else "s")
 
 
-_AUDIO_QUESTIONS = [
+AUDIO_QUESTIONS = [
     ("How many sounds are there?", lambda t: f"{t['count']}."),
     ("Is the pitch low, mid or high?", lambda t: f"{t['pitch']}."),
     ("Are they beeps or chirps?", lambda t: f"{t['sound']}s."),
@@ -276,14 +276,14 @@ def _chat(prompt: str, answer: str) -> list[dict]:
 
 def image_record(ctx: SampleContext, max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> dict:
     image, truth = _image(ctx, max_image_tokens)
-    question, answer = ctx.rng.choice(_IMAGE_QUESTIONS)
+    question, answer = ctx.rng.choice(IMAGE_QUESTIONS)
     return {"messages": _chat(IMAGE_PLACEHOLDER + question, answer(truth)),
             "images": [image], "audios": [], "truth": {"image": truth}}
 
 
 def audio_record(ctx: SampleContext) -> dict:
     clip, truth = _audio(ctx)
-    question, answer = ctx.rng.choice(_AUDIO_QUESTIONS)
+    question, answer = ctx.rng.choice(AUDIO_QUESTIONS)
     return {"messages": _chat(AUDIO_PLACEHOLDER + question, answer(truth)),
             "images": [], "audios": [clip], "truth": {"audio": truth}}
 
