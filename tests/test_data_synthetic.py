@@ -55,3 +55,28 @@ def test_kinds_and_media_context(tmp_path):
     import random
     with pytest.raises(ValueError):
         SampleContext(random.Random(0), 0).media_path("wav")
+
+
+def test_text_corpora_teach_every_token_the_media_stages_answer_with(tmp_path):
+    """The media stages freeze the backbone and its tied embeddings: a token of their questions
+    or answers that the text stages never trained on cannot be learned after. Every one must
+    occur in the demo text and chat corpora (at the tiny profile's sizes)."""
+    from phi4core.data import synthetic_media as sm
+    from phi4core.data.tokenizer import get_demo_tokenizer
+
+    tok = get_demo_tokenizer(tmp_path / "tok")
+    seen = {i for r in generate(TEXT_GENERATORS, 2000, seed=0) for i in tok.encode(r["text"])}
+    seen |= {i for r in generate(CHAT_GENERATORS, 800, seed=0) for m in r["messages"]
+             for i in tok.encode(m["content"])}
+    image = [{"count": n, "colour": c, "shape": s}
+             for n in (1, 2) for c in sm.COLOURS for s in sm.SHAPES]
+    audio = [{"count": n, "pitch": p, "sound": s}
+             for n in (1, 2) for p in sm.PITCHES for s in sm.SOUNDS]
+    said = [(w, fr) for w, (fr, _) in sm.SPOKEN_WORDS.items()]
+    strings = ([q for q, _ in sm.IMAGE_QUESTIONS + sm.AUDIO_QUESTIONS]
+               + [sm.TRANSCRIBE, sm.TRANSLATE]
+               + [a(t) for t in image for _, a in sm.IMAGE_QUESTIONS]
+               + [a(t) for t in audio for _, a in sm.AUDIO_QUESTIONS]
+               + [f"{w} {w}." for pair in said for w in pair])
+    unseen = {s: [tok.decode([i]) for i in tok.encode(s) if i not in seen] for s in strings}
+    assert not {s: u for s, u in unseen.items() if u}
