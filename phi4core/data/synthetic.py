@@ -122,15 +122,17 @@ def _media_truths(rng: random.Random) -> tuple[dict, dict, dict]:
 
 def media_words_text(ctx: SampleContext) -> dict:
     """The words the media stages answer in (captions, sound descriptions, spoken words and
-    their French): every media stage freezes the backbone and its tied embeddings, so it can
-    only emit the words the text stages taught it."""
+    their French), and scenes asked about (see SCENES): every media stage freezes the backbone
+    and its tied embeddings, so it can only emit the words, and read the scenes, that the text
+    stages taught it."""
     from phi4core.data import synthetic_media as sm
 
-    parts = []
-    for _ in range(ctx.rng.randint(2, 4)):
-        image, audio, speech = _media_truths(ctx.rng)
+    rng, parts = ctx.rng, []
+    for _ in range(rng.randint(2, 3)):
+        image, audio, speech = _media_truths(rng)
         parts.append(f"{sm.describe_image(image)} and {sm.describe_audio(audio)}. "
                      f"{speech['text']} is {speech['translation']} in French.")
+        parts.append(" ".join(rng.choice(list(SCENES.values()))(rng)))
     return {"text": " ".join(parts)}
 
 
@@ -188,31 +190,81 @@ def tool_chat(ctx: SampleContext) -> dict:
     }
 
 
-def media_words_chat(ctx: SampleContext) -> dict:
-    """The media stages' questions with their content told in words, answered in the media
-    stages' format ("Describe the image." -> "3 red circles."): the frozen backbone of the
-    media stages knows the questions and the answers' words; the towers add what is seen or
-    heard."""
+SCENE_FILLER = "-"
+
+
+def _scene(rng: random.Random, words: Sequence[str], ordered: bool) -> str:
+    """`words` as a medium's tokens would carry them: each word 1-3 times, among filler
+    (the background, the silence), shuffled unless `ordered` (speech keeps its words' order)."""
+    runs = [[w] * rng.randint(1, 3) for w in words]
+    tokens = [t for run in runs for t in run]
+    if not ordered:
+        rng.shuffle(tokens)
+    for _ in range(rng.randint(2, 8)):
+        tokens.insert(rng.randint(0, len(tokens)), SCENE_FILLER)
+    return " ".join(tokens)
+
+
+# The media stages' questions about a scene told in words, answered in the media stages'
+# format ("Describe the image." -> "3 red circles."). The scene is a run of the medium's words
+# among filler, in any order (speech: in order), as a tower's rows would carry them: the frozen
+# backbone of the media stages learns here (in pre-training text, then as chat) to find an
+# answer's words by what they are, wherever they stand before the question, so a tower only has
+# to make its rows read like those words. Without it the tiny media stages learn nothing of
+# their media (docs/media_learning_investigation.md).
+
+def image_scene(rng: random.Random) -> tuple[str, str, str]:
+    """(scene, question, answer) about an image's shapes."""
     from phi4core.data import synthetic_media as sm
 
-    image, audio, speech = _media_truths(ctx.rng)
-    told = {"image": f"The image shows {sm.describe_image(image)}.",
-            "audio": f"The sound is {sm.describe_audio(audio)}.",
-            "speech": f"The audio clip says {speech['text']}."}
-    asked = ([("image", q, a(image)) for q, a in sm.IMAGE_QUESTIONS]
-             + [("audio", q, a(audio)) for q, a in sm.AUDIO_QUESTIONS]
-             + [("speech", sm.TRANSCRIBE, f"{speech['text']}."),
-                ("speech", sm.TRANSLATE, f"{speech['translation']}.")])
-    medium, question, answer = ctx.rng.choice(asked)
-    return {"messages": [{"role": "user", "content": f"{told[medium]} {question}"},
-                         {"role": "assistant", "content": answer}]}
+    image, _, _ = _media_truths(rng)
+    question, answer = rng.choice(sm.IMAGE_QUESTIONS)
+    return (_scene(rng, [str(image["count"]), image["colour"], image["shape"]], False),
+            question, answer(image))
+
+
+def sound_scene(rng: random.Random) -> tuple[str, str, str]:
+    """(scene, question, answer) about a clip's pulses."""
+    from phi4core.data import synthetic_media as sm
+
+    _, audio, _ = _media_truths(rng)
+    question, answer = rng.choice(sm.AUDIO_QUESTIONS)
+    return (_scene(rng, [str(audio["count"]), audio["pitch"], audio["sound"]], False),
+            question, answer(audio))
+
+
+def speech_scene(rng: random.Random) -> tuple[str, str, str]:
+    """(scene, question, answer) about spoken words: their transcript or French."""
+    from phi4core.data import synthetic_media as sm
+
+    _, _, speech = _media_truths(rng)
+    question, answer = rng.choice([(sm.TRANSCRIBE, speech["text"]),
+                                   (sm.TRANSLATE, speech["translation"])])
+    return _scene(rng, speech["text"].split(), True), question, f"{answer}."
+
+
+SCENES: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "image_scene": image_scene,
+    "sound_scene": sound_scene,
+    "speech_scene": speech_scene,
+}
+
+
+def _scene_chat(scene: Callable[[random.Random], tuple[str, str, str]]) -> Generator:
+    def chat(ctx: SampleContext) -> dict:
+        told, question, answer = scene(ctx.rng)
+        return {"messages": [{"role": "user", "content": f"{told} {question}"},
+                             {"role": "assistant", "content": answer}]}
+
+    chat.__name__ = f"{scene.__name__}_chat"
+    return chat
 
 
 CHAT_GENERATORS: dict[str, Generator] = {
     "arithmetic": arithmetic_chat,
     "reverse": reverse_chat,
     "tool": tool_chat,
-    "media_words": media_words_chat,
+    **{name: _scene_chat(scene) for name, scene in SCENES.items()},
 }
 
 # -- writers ------------------------------------------------------------------------------

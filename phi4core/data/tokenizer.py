@@ -51,7 +51,7 @@ DEMO_SPECIAL_TOKENS: tuple[str, ...] = (
     TOOL_RESPONSE_END,  # 14
 )
 # Bump when the demo corpus or training recipe changes, so stale caches are not reused.
-DEMO_TOKENIZER_VERSION = 2
+DEMO_TOKENIZER_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,21 @@ class MeanVarianceNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.global_mean) * self.global_invstd
 
+    def is_identity(self) -> bool:
+        """Still at its initial values (mean 0, inverse std 1): no statistics loaded."""
+        return bool((self.global_mean == 0).all() and (self.global_invstd == 1).all())
+
+    @torch.no_grad()
+    def fit(self, features: list[torch.Tensor]) -> None:
+        """Per-bin mean and inverse std over all frames of `features` ([frames, bins] each),
+        as the released encoder's statistics were computed over its training corpus."""
+        frames = torch.cat([f.reshape(-1, f.shape[-1]).double() for f in features])
+        if frames.shape[0] < 2 or not torch.isfinite(frames).all():
+            raise ValueError(f"cannot fit feature statistics on {frames.shape[0]} frames "
+                             "(need 2 or more, all finite)")
+        self.global_mean.copy_(frames.mean(0))
+        self.global_invstd.copy_(1.0 / frames.std(0).clamp_min(1e-5))
+
 
 def _chunk(x: torch.Tensor, valid: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[b, t, d] and [b, t] -> [b * n, size, d] and [b * n, size]: independent chunks, the last
@@ -100,6 +115,13 @@ class AudioEncoder(nn.Module):
         self.embed = ConvSubsampling(ac)
         self.relative_attention_bias_layer = RelativeAttentionBias(ac)
         self.encoders = nn.ModuleList(ConformerBlock(ac) for _ in range(ac.num_blocks))
+        # Biases start at zero, as transformers initialises them: torch's random biases in the
+        # convolutional subsampling outweigh a fresh encoder's input, whose states then hardly
+        # change over a clip (docs/media_learning_investigation.md).
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.bias is not None:
+                    m.bias.zero_()
 
     def attention_bias(self, valid: torch.Tensor) -> torch.Tensor:
         """[b, heads, t, t]: the relative bias plus -inf on padded keys. A chunk with no real

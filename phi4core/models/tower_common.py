@@ -15,7 +15,7 @@ from torch import nn
 
 from phi4core.models.decoder import gpu_available, use_transformer_engine
 
-__all__ = ["BufferTree", "ShardedCheckpointing", "base_config_kwargs", "count",
+__all__ = ["BufferTree", "ShardedCheckpointing", "base_config_kwargs", "count", "lecun_normal_",
            "decoder_settings", "place_like_megatron", "projector_config", "tp_group",
            "use_transformer_engine"]
 
@@ -95,6 +95,13 @@ def place_like_megatron(module: nn.Module, config: TransformerConfig) -> None:
     if (not config.use_cpu_initialization and gpu_available()
             and torch.empty(0).device.type == "cpu"):
         module.cuda(torch.cuda.current_device())
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """LeCun normal in place, as transformers initialises SigLIP's weights: std 1/sqrt(fan_in)
+    after truncation at 2 standard deviations (0.8796 is that truncation's std)."""
+    std = (1.0 / weight[0].numel()) ** 0.5 / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
 
 
 def count(module: nn.Module) -> int:

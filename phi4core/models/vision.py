@@ -50,6 +50,7 @@ from phi4core.models.tower_common import (
     base_config_kwargs,
     count,
     decoder_settings,
+    lecun_normal_,
     place_like_megatron,
     projector_config,
     tp_group,
@@ -126,6 +127,14 @@ class PatchEmbedding(nn.Module):
                                          dtype=dtype)
         self.position_embedding = nn.Embedding(self.side * self.side, vc.hidden_size,
                                                dtype=dtype)
+        # As transformers initialises SigLIP: a LeCun-normal patch convolution with a zero bias,
+        # positions of std 1/sqrt(width). torch's defaults (positions of std 1) bury a fresh
+        # tower's patch content under its positions, and a projector trained on such a tower
+        # learns nothing of the image (docs/media_learning_investigation.md).
+        with torch.no_grad():
+            lecun_normal_(self.patch_embedding.weight)
+            nn.init.zeros_(self.patch_embedding.bias)
+            nn.init.normal_(self.position_embedding.weight, std=vc.hidden_size ** -0.5)
 
     def position_ids(self, patch_mask: torch.Tensor) -> torch.Tensor:
         n, s = patch_mask.shape[0], self.side

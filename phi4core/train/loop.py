@@ -126,6 +126,7 @@ class Trainer:
         from phi4core.models.decoder import build_model_chunks
         from phi4core.parallel import init_parallel
         from phi4core.train import data as tdata
+        from phi4core.train.feature_stats import fit_fresh_feature_norms
         from phi4core.train.freezing import apply_freezing, frozen_checksums
         from phi4core.train.inputs import load_inputs
         from phi4core.train.optim import build_optimizer, wrap_ddp
@@ -171,6 +172,7 @@ class Trainer:
                                         model_kwargs={"lora_seed": t.seed},
                                         calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
+        fit_fresh_feature_norms(chunks, self.samples)
         apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
         if not any(p.requires_grad for c in chunks for p in c.parameters()):
             raise SpecError(f"nothing to train: trainable groups {spec.trainable} are empty")
