@@ -13,9 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def phi4(*args: str, env: dict) -> subprocess.CompletedProcess:
+def phi4(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def losses(store: Path, stage: str) -> list[float]:
@@ -32,7 +32,8 @@ def test_tiny_phi4_mini_pipeline_trains_then_is_up_to_date(tmp_path: Path) -> No
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in ("text_pretrain", "text_post_train"):
         curve = losses(store, stage)
-        assert len(curve) == 40
+        (spec,) = (store / "stages" / stage).glob("*/spec.json")
+        assert len(curve) == json.loads(spec.read_text())["train"]["steps"]
         start, end = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
         assert end < 0.7 * start, (stage, start, end)
         (artifact,) = (store / "stages" / stage).glob("*/artifacts/model")
@@ -67,14 +68,18 @@ MEDIA_EVALUATIONS = {
     "speech_pretrain": "transcription", "speech_post_train": "transcription",
     "vision_speech_joint": "joint_caption",
 }
-MARGIN = 0.1  # how far above chance a trained stage's answer accuracy should be
+MARGIN = 0.05  # at least this far above chance (48 held-out answers: ~0.02 of noise)
+# The two towers-only vision stages do not yet beat chance: their frozen backbone reads a row
+# that stands for one word, not a row that must carry colour, shape and count at once
+# (docs/media_learning_investigation.md). Every other media stage must.
+NOT_YET_LEARNING = {"vision_projector_align", "vision_joint_pretrain"}
 
 
 def check_evaluations(store: Path) -> list[str]:
     """Each stage's evaluation.json: the text perplexity far below chance after the text
     stages and exactly unchanged by every multimodal stage (language mode is the frozen
     backbone); each media stage's answers scored against chance. Returns the media stages
-    whose accuracy is not `MARGIN` above chance."""
+    whose accuracy is not `MARGIN` above chance (an error for any but NOT_YET_LEARNING)."""
     from orchestrator.store import Store
 
     records = {}
@@ -93,8 +98,9 @@ def check_evaluations(store: Path) -> list[str]:
         for r in (accuracy, exact):
             assert r.samples >= 32 and 0 <= r.value <= 1 and 0 <= r.chance <= 1, (stage, r)
         if accuracy.value < accuracy.chance + MARGIN:
-            short.append(f"{stage} {task}_accuracy {accuracy.value:.3f} (chance "
-                         f"{accuracy.chance:.3f})")
+            line = f"{stage} {task}_accuracy {accuracy.value:.3f} (chance {accuracy.chance:.3f})"
+            assert stage in NOT_YET_LEARNING, line
+            short.append(line)
     return short
 
 
@@ -106,7 +112,7 @@ def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI4_CACHE": str(tmp_path / "cache")}
     store = tmp_path / "store"
     run = phi4("run", "pipelines/phi4_multimodal.yaml", "--profile", "tiny", "--store",
-               str(store), env=env)
+               str(store), env=env, timeout=1800)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "9 succeeded" in run.stdout + run.stderr
     for stage, artifact in MULTIMODAL_OUTPUTS.items():
@@ -129,7 +135,7 @@ def test_tiny_multimodal_pipeline_trains_all_nine_stages(tmp_path: Path) -> None
     assert again.returncode == 0 and "nothing to run: 9 stages up to date" in again.stdout
     report_in_browser(store, env, tmp_path)  # skips where there is no chromium (never in CI)
     if short:  # last, so that everything above is checked: see README, "make demo"
-        pytest.xfail("the tiny towers do not yet learn the media within the demo's budget: "
+        pytest.xfail("the towers-only vision stages do not yet learn the image: "
                      + "; ".join(short))
 
 

@@ -14,7 +14,9 @@ from slurm_helpers import LOCAL_CLUSTER, REPO, job_info, phi4, recorded, wait_st
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 PIPELINE = str(REPO / "pipelines" / "phi4_mini.yaml")
-SLURM = ("--profile", "tiny", "--executor", "slurm", "--cluster", str(LOCAL_CLUSTER))
+# 40 steps whatever the tiny profile gives the demo (its text stages run longer)
+SLURM = ("--profile", "tiny", "--set", "train.steps=40", "--set", "train.save_interval=20",
+         "--executor", "slurm", "--cluster", str(LOCAL_CLUSTER))
 
 
 def _summary(store: Path, stage: str) -> dict:

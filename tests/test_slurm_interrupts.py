@@ -16,7 +16,8 @@ from slurm_helpers import LOCAL_CLUSTER, REPO, phi4, recorded, wait_status, why_
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 RECIPE = str(REPO / "recipes" / "text_pretrain.yaml")
-TINY = ("--profile", "tiny", "--set", "train.save_interval=10")
+# 40 steps whatever the tiny profile gives the demo (its text stages run longer)
+TINY = ("--profile", "tiny", "--set", "train.steps=40", "--set", "train.save_interval=10")
 SLURM = ("--executor", "slurm", "--cluster", str(LOCAL_CLUSTER))
 
 

@@ -132,7 +132,8 @@ def media_words_text(ctx: SampleContext) -> dict:
         image, audio, speech = _media_truths(rng)
         parts.append(f"{sm.describe_image(image)} and {sm.describe_audio(audio)}. "
                      f"{speech['text']} is {speech['translation']} in French.")
-        parts.append(" ".join(rng.choice(list(SCENES.values()))(rng)))
+        told, question, answer = rng.choice(list(SCENES.values()))(rng)
+        parts.append(f"{told}{question} {answer}")
     return {"text": " ".join(parts)}
 
 
@@ -194,15 +195,17 @@ SCENE_FILLER = "-"
 
 
 def _scene(rng: random.Random, words: Sequence[str], ordered: bool) -> str:
-    """`words` as a medium's tokens would carry them: each word 1-3 times, among filler
-    (the background, the silence), shuffled unless `ordered` (speech keeps its words' order)."""
+    """`words` as a medium's rows would carry them: each word 1-3 times, among filler (the
+    background, the silence), shuffled unless `ordered` (speech keeps its words' order)."""
     runs = [[w] * rng.randint(1, 3) for w in words]
     tokens = [t for run in runs for t in run]
     if not ordered:
         rng.shuffle(tokens)
     for _ in range(rng.randint(2, 8)):
         tokens.insert(rng.randint(0, len(tokens)), SCENE_FILLER)
-    return " ".join(tokens)
+    # It ends in filler so that the question can follow without a space and is spelled with
+    # the tokens it has after a medium's placeholder (which no space separates from it).
+    return " ".join(tokens) + " " + SCENE_FILLER
 
 
 # The media stages' questions about a scene told in words, answered in the media stages'
@@ -253,7 +256,7 @@ SCENES: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
 def _scene_chat(scene: Callable[[random.Random], tuple[str, str, str]]) -> Generator:
     def chat(ctx: SampleContext) -> dict:
         told, question, answer = scene(ctx.rng)
-        return {"messages": [{"role": "user", "content": f"{told} {question}"},
+        return {"messages": [{"role": "user", "content": f"{told}{question}"},
                              {"role": "assistant", "content": answer}]}
 
     chat.__name__ = f"{scene.__name__}_chat"
