@@ -80,3 +80,36 @@ def test_text_corpora_teach_every_token_the_media_stages_answer_with(tmp_path):
                + [f"{w} {w}." for pair in said for w in pair])
     unseen = {s: [tok.decode([i]) for i in tok.encode(s) if i not in seen] for s in strings}
     assert not {s: u for s, u in unseen.items() if u}
+
+
+def test_scenes_tell_the_medium_in_its_words_and_spell_the_question_as_after_a_placeholder(
+        tmp_path):
+    """The demo text teaches the frozen backbone to answer from a scene told in words (what a
+    tower's rows should come to read like): a scene holds only its medium's words and filler,
+    a spoken scene its words in order, and the question after it has the very tokens it has
+    after a medium's placeholder in the media stages."""
+    import itertools
+    import random
+
+    from phi4core.data import synthetic_media as sm
+    from phi4core.data.synthetic import SCENE_FILLER, SCENES
+    from phi4core.data.tokenizer import IMAGE_PLACEHOLDER, get_demo_tokenizer
+
+    tok = get_demo_tokenizer(tmp_path / "tok")
+    words = {"image_scene": {*map(str, range(1, 5)), *sm.COLOURS, *sm.SHAPES},
+             "sound_scene": {*map(str, range(1, 5)), *sm.PITCHES, *sm.SOUNDS},
+             "speech_scene": set(sm.SPOKEN_WORDS)}
+    for name, scene in SCENES.items():
+        for seed in range(40):
+            told, question, answer = scene(random.Random(seed))
+            said = [w for w in told.split() if w != SCENE_FILLER]
+            assert said and set(said) <= words[name], (name, told)
+            if name == "speech_scene":  # words in order, filler (silence) between words
+                runs = [list(run) for filler, run in
+                        itertools.groupby(told.split(), lambda w: w == SCENE_FILLER) if not filler]
+                heard = [run[0] for run in runs]
+                assert all(len(set(run)) == 1 for run in runs), told
+                if question == sm.TRANSCRIBE:
+                    assert answer == " ".join(heard) + ".", (told, answer)
+            asked = tok.encode(IMAGE_PLACEHOLDER + question)[1:]
+            assert tok.encode(told + question)[-len(asked):] == asked, (told, question)

@@ -198,11 +198,15 @@ def _scene(rng: random.Random, words: Sequence[str], ordered: bool) -> str:
     """`words` as a medium's rows would carry them: each word 1-3 times, among filler (the
     background, the silence), shuffled unless `ordered` (speech keeps its words' order)."""
     runs = [[w] * rng.randint(1, 3) for w in words]
-    tokens = [t for run in runs for t in run]
-    if not ordered:
+    if ordered:  # silence between words, as in the clips: "dog dog" is two words
+        tokens = [SCENE_FILLER] * rng.randint(0, 2)
+        for run in runs:
+            tokens += run + [SCENE_FILLER] * rng.randint(1, 3)
+    else:
+        tokens = [t for run in runs for t in run]
         rng.shuffle(tokens)
-    for _ in range(rng.randint(2, 8)):
-        tokens.insert(rng.randint(0, len(tokens)), SCENE_FILLER)
+        for _ in range(rng.randint(2, 8)):
+            tokens.insert(rng.randint(0, len(tokens)), SCENE_FILLER)
     # It ends in filler so that the question can follow without a space and is spelled with
     # the tokens it has after a medium's placeholder (which no space separates from it).
     return " ".join(tokens) + " " + SCENE_FILLER
