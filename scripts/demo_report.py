@@ -35,10 +35,24 @@ def _artifact_files(stage_dir) -> tuple[dict | None, str]:
     return None, "-"
 
 
+def loss_ends(metrics: Path) -> tuple[float, float] | None:
+    """Mean loss of the first and of the last tenth of a stage's steps (at least 5 each): one
+    step's loss of a batch of 8 varies too much to show whether a stage learnt."""
+    if not metrics.is_file():
+        return None
+    losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines())
+              if isinstance(r.get("loss"), (int, float))]
+    if not losses:
+        return None
+    n = max(5, len(losses) // 10)
+    return sum(losses[:n]) / len(losses[:n]), sum(losses[-n:]) / len(losses[-n:])
+
+
 def main(store_root: str, pipeline: str, lineage: str | None = None) -> int:
     store = Store(store_root, read_only=True)
     names = [Path(s).stem for s in yaml.safe_load(Path(pipeline).read_text())["stages"]]
-    print(f"\n{'stage':<24} {'loss first -> last':<20} {'frozen':<9} held-out evaluations")
+    print("\nloss: the mean of the first and of the last tenth of a stage's steps")
+    print(f"{'stage':<24} {'loss first -> last':<20} {'frozen':<9} held-out evaluations")
     folders = []
     for name in names:
         stage = store.latest(name)
@@ -47,8 +61,8 @@ def main(store_root: str, pipeline: str, lineage: str | None = None) -> int:
             continue
         folders.append(stage.path)
         summary, frozen = _artifact_files(stage)
-        loss = (f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-                if summary else "-")
+        ends = loss_ends(stage.path / "metrics.jsonl")
+        loss = f"{ends[0]:.3f} -> {ends[1]:.3f}" if ends else "-"
         record = stage.evaluation()
         figures = record.summary() if record else "-"
         print(f"{name:<24} {loss:<20} {frozen:<9} {figures}")
