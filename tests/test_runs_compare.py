@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,10 @@ def test_a_resumed_attempt_appends_to_the_same_tracker_runs(tmp_path: Path,
                                       "mlflow": {"tracking_uri": f"file:{mlruns}"}})
     run = TrackerRun(name="p.s.0123456789abcdef", tags={"stage": "s"})
     for steps, resumed, ok in ((range(0, 3), False, False), (range(3, 6), True, True)):
+        if resumed:
+            # W&B names an offline attempt's folder by the second it started: a resume within
+            # the same second (never, outside a test) would write over the first attempt's file
+            time.sleep(1.1)
         writer = MetricsWriter(stage, 6, logging, True, run, resumed=resumed)
         for step in steps:
             writer.log(step, {"loss": 6.0 - step, "lr": 0.1, "skipped": False, "x": None})
