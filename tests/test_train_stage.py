@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,23 @@ def test_chat_sft_from_artifact(pretrained, work):
     assert s["inputs"] == {"backbone": ["backbone"]}
     assert s["first_loss"] < 6.0  # starts from the pretrained weights, not from scratch (~6.2)
     assert s["last_loss"] < s["first_loss"] - 0.5, s
+
+
+def test_an_input_trained_with_other_token_ids_exits_2(pretrained, work):
+    """As with a demo tokenizer cache left by another phi4 version: refused before training."""
+    other = work / "retokenized"
+    shutil.copytree(Path(pretrained.output_dir) / "model", other)
+    tokenizer_json = other / "tokenizer" / "tokenizer.json"
+    data = json.loads(tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    tokenizer_json.write_text(json.dumps(data))
+    spec = tiny_spec(work, "retokenized_sft", chat=True, steps=2,
+                     inputs={"backbone": {"source": "path", "path": str(other)}})
+    rc, out = _train(write_spec(spec, work / "retokenized_sft.json"), work / "cache")
+    assert rc == 2 and "input 'backbone'" in out and "another tokenizer" in out, out[-3000:]
+    assert not (Path(spec.stage_dir) / "metrics.jsonl").exists()
 
 
 def test_sigkill_then_rerun_is_bit_identical(pretrained, work):

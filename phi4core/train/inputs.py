@@ -12,6 +12,7 @@ provide the same group; groups no input provides keep their fresh initialisation
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -41,6 +42,44 @@ def _check_shapes(spec: StageSpec, other: ModelConfig, groups: list[str], where:
     if diff:
         raise InputError(f"input {where} does not match model {spec.model.name}: "
                          + "; ".join(diff))
+
+
+def _vocabulary(tokenizer_json: Path) -> tuple:
+    """What decides a tokenizer's ids: its model's type, vocabulary and merges and its added
+    tokens; not how the file is laid out, nor how a `tokenizers` version writes merges ("a b"
+    or ["a", "b"]) or the model's other options."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in model.get("merges") or ()]
+    added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or ())
+    return model.get("type"), model.get("vocab"), merges, added
+
+
+def check_input_tokenizers(spec: StageSpec, tokenizer) -> None:
+    """Refuse a phi4 checkpoint input that was trained with other token ids than this stage's
+    tokenizer gives (its `tokenizer/` folder says which): the stage would train on junk. This
+    is what a demo tokenizer cache left by another phi4 version, or a `tokenizer:` pointing at
+    another model's folder, would do silently."""
+    mine = Path(tokenizer.path) / "tokenizer.json"
+    for name, inp in spec.inputs.items():
+        if inp.source == "hf" or inp.path is None:
+            continue
+        theirs = Path(inp.path) / "tokenizer" / "tokenizer.json"
+        if not theirs.is_file() or not mine.is_file():
+            continue
+        try:
+            same = _vocabulary(theirs) == _vocabulary(mine)
+        except (OSError, ValueError) as e:
+            raise InputError(f"input {name!r}: cannot read its tokenizer {theirs}: {e}") from None
+        if not same:
+            raise InputError(
+                f"input {name!r} ({inp.path}) was trained with another tokenizer "
+                f"({theirs.parent}) than this stage's ({mine.parent}): their token ids differ. "
+                "Give the stage the input's tokenizer (`tokenizer: "
+                f"{theirs.parent}`), or retrain the input; a demo tokenizer cache from another "
+                "phi4 version is rebuilt when its folder (PHI4_CACHE, default ~/.cache/phi4) is "
+                "removed")
 
 
 def provided_groups(spec: StageSpec, name: str, inp) -> list[str]:

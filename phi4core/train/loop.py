@@ -128,7 +128,7 @@ class Trainer:
         from phi4core.train import data as tdata
         from phi4core.train.feature_stats import fit_fresh_feature_norms
         from phi4core.train.freezing import apply_freezing, frozen_checksums
-        from phi4core.train.inputs import load_inputs
+        from phi4core.train.inputs import check_input_tokenizers, load_inputs
         from phi4core.train.optim import build_optimizer, wrap_ddp
 
         spec, t = self.spec, self.spec.train
@@ -144,6 +144,7 @@ class Trainer:
 
         self.kind = tdata.data_kind(spec)
         self.tokenizer = tdata.tokenizer_for(spec)
+        check_input_tokenizers(spec, self.tokenizer)
         # Stream sources (energon, lhotse) and mixed modalities: a MixedBatches whose loader
         # position goes into the checkpoints; otherwise one sample set addressed by index.
         self.samples, self.mixture = None, None
