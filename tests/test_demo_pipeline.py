@@ -71,8 +71,8 @@ MEDIA_EVALUATIONS = {
 MARGIN = 0.05  # at least this far above chance (48 held-out answers: ~0.02 of noise)
 # Not yet reliably above chance (docs/media_learning_investigation.md): the image stages. The
 # towers-only ones stay at the answers' prior (their frozen backbone reads a row that stands for
-# one word, not one that must carry colour, shape and count at once); the LoRA_V ones did at
-# 150 steps (0.03-0.18 above), not at the demo's 80; the vision-speech stage's clips go through the
+# one word, not one that must carry colour, shape and count at once); the LoRA_V ones do in some
+# runs at 150 steps, not at the demo's 80; the vision-speech stage's clips go through the
 # vision-speech audio projector, which no stage of the pipeline trains. The speech stages must.
 NOT_YET_LEARNING = {"vision_projector_align", "vision_joint_pretrain", "vision_sft",
                     "vision_multiframe", "vision_speech_joint"}
