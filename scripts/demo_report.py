@@ -10,6 +10,7 @@ train_summary.json and frozen_checksums.json, and its evaluation.json.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -40,8 +41,14 @@ def loss_ends(metrics: Path) -> tuple[float, float] | None:
     step's loss of a batch of 8 varies too much to show whether a stage learnt."""
     if not metrics.is_file():
         return None
-    losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines())
-              if isinstance(r.get("loss"), (int, float))]
+    losses = []
+    for line in metrics.read_text().splitlines():
+        try:  # a line torn by a crash mid-write is skipped, not fatal to the report
+            loss = json.loads(line).get("loss")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            losses.append(loss)
     if not losses:
         return None
     n = max(5, len(losses) // 10)

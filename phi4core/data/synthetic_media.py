@@ -39,7 +39,7 @@ from phi4core.data.jsonl import write_jsonl
 from phi4core.data.media_files import write_png, write_wav
 from phi4core.data.synthetic import Generator, SampleContext, generate
 from phi4core.data.tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from phi4core.files import replace_dir, temp_dir_beside, write_json
+from phi4core.files import atomic_dir, write_json
 from phi4core.models.hd_transform import CROP, num_image_tokens
 
 SAMPLE_RATE = 16000
@@ -338,16 +338,9 @@ def write_media_corpus(folder: str | os.PathLike, modality: str, n: int, seed: i
     except (OSError, ValueError):
         pass
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(folder)
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / MEDIA_DIR).mkdir()
         write_jsonl(tmp / INDEX, generate(media_generators(max_image_tokens), n, seed,
                                           kinds=[modality], out_dir=tmp / MEDIA_DIR))
         write_json(tmp / _CORPUS_INFO, info)
-        replace_dir(tmp, folder)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder / INDEX

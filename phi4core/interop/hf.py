@@ -31,7 +31,7 @@ import torch
 
 from phi4core import dtypes
 from phi4core.config import LongRopeConfig, ModelConfig, Precision
-from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
+from phi4core.files import atomic_dir, follow_umask, json_text
 from phi4core.interop.hf_mapping import (
     TABLE,
     TRANSFORMS,
@@ -550,8 +550,7 @@ def write_hf_folder(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out) as tmp:
         names = sorted(tensors, key=_hf_sort_key)
         shards: list[list[str]] = [[]]
         size = 0
@@ -589,10 +588,6 @@ def write_hf_folder(
             (tmp / folder / ADAPTER_CONFIG).write_text(json_text(adapter_cfg, indent=2))
         for written in tmp.glob("*.safetensors"):
             follow_umask(written)  # safetensors writes its files 0600
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

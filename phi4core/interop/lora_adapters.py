@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from phi4core import dtypes, parallel
-from phi4core.files import follow_umask, json_text, replace_dir, temp_dir_beside
+from phi4core.files import atomic_dir, follow_umask, json_text
 from phi4core.interop.hf import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -114,15 +113,10 @@ def save_adapter(model_or_chunks, adapter: str, out_dir: str | os.PathLike,
     merged = _gather_to_rank0(tensors)
     out = Path(out_dir)
     if merged is not None:
-        tmp = temp_dir_beside(out)
-        try:
+        with atomic_dir(out) as tmp:
             save_file(merged, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             follow_umask(tmp / ADAPTER_WEIGHTS)
             (tmp / ADAPTER_CONFIG).write_text(json_text(config, indent=2))
-            replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     parallel.barrier()
     return out
 

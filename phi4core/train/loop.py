@@ -173,7 +173,7 @@ class Trainer:
                                         model_kwargs={"lora_seed": t.seed},
                                         calculate_per_token_loss=True)
         self.loaded_inputs = load_inputs(spec, chunks)
-        fit_fresh_feature_norms(chunks, self.samples)
+        fit_fresh_feature_norms(chunks, self.samples, spec.data.sources)
         apply_freezing(chunks, spec.trainable, self.hooks.extra_frozen)
         if not any(p.requires_grad for c in chunks for p in c.parameters()):
             raise SpecError(f"nothing to train: trainable groups {spec.trainable} are empty")
