@@ -41,6 +41,7 @@ from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import PhiTokenizer
 from phi4core.models import hd_transform as hd
+from phi4core.models.hd_transform import ImageGeometry
 from phi4core.models.audio_features import (
     SAMPLE_RATE,
     WIN,
@@ -65,27 +66,6 @@ def media_modality(modality: str) -> str:
 MEDIA_KEYS = ("image_pixel_values", "image_sizes", "image_attention_mask",
               "audio_input_features", "audio_embed_sizes", "audio_attention_mask")
 TEXT_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-@dataclass(frozen=True)
-class ImageGeometry:
-    """The HD transform's parameters (phi4core.config.VisionConfig's, or the released ones)."""
-
-    crop: int = hd.CROP
-    patch: int = hd.PATCH
-    max_crops: int = hd.MAX_CROPS
-    pool: int = hd.POOL
-
-    @classmethod
-    def of(cls, vision: Any | None) -> ImageGeometry:
-        """From a VisionConfig (None: the released model's)."""
-        if vision is None:
-            return cls()
-        return cls(vision.image_size, vision.patch_size, vision.max_crops, vision.pool)
-
-    def tokens(self, width: int, height: int) -> int:
-        return hd.num_image_tokens(width, height, self.max_crops, self.crop, self.patch,
-                                   self.pool)
 
 
 def modality_of(num_images: int, num_audios: int) -> str | None:
@@ -334,18 +314,26 @@ SYNTHETIC_SAMPLES = 400
 TEXT_MARGIN = 128
 
 
-def image_token_budget(seq_length: int) -> int:
+def image_token_budget(seq_length: int, geometry: ImageGeometry = ImageGeometry()) -> int:
     """The most placeholder tokens a synthetic image may take in sequences of seq_length."""
-    from phi4core.data.synthetic_media import DEFAULT_MAX_IMAGE_TOKENS, MIN_IMAGE_TOKENS
+    from phi4core.data.synthetic_media import DEFAULT_MAX_IMAGE_TOKENS, min_image_tokens
 
-    budget = min(DEFAULT_MAX_IMAGE_TOKENS, seq_length - TEXT_MARGIN)
-    if budget < MIN_IMAGE_TOKENS:
+    budget, least = min(DEFAULT_MAX_IMAGE_TOKENS, seq_length - TEXT_MARGIN), min_image_tokens(geometry)
+    if budget < least:
         raise ValueError(
             f"train.seq_length {seq_length} is too short for synthetic image samples: an image "
-            f"takes {MIN_IMAGE_TOKENS}+ tokens (real 448-pixel crops) plus ~{TEXT_MARGIN} for "
-            f"the text; set train.seq_length to {MIN_IMAGE_TOKENS + TEXT_MARGIN} or more "
-            f"(1024 fits every synthetic image)")
+            f"takes {least}+ tokens ({geometry.crop}-pixel crops) plus ~{TEXT_MARGIN} for "
+            f"the text; set train.seq_length to {least + TEXT_MARGIN} or more")
     return budget
+
+
+def synthetic_image_options(seq_length: int, vision: Any | None) -> tuple[str, dict]:
+    """(folder-name suffix, write_media_corpus arguments) of synthetic images for a model of
+    `vision` (None: the released geometry) in sequences of seq_length."""
+    geometry = ImageGeometry.of(vision)
+    budget = image_token_budget(seq_length, geometry)
+    suffix = f"_max{budget}" + ("" if geometry == ImageGeometry() else f"_crop{geometry.crop}")
+    return suffix, {"max_image_tokens": budget, "geometry": geometry}
 
 
 def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike,
@@ -370,8 +358,8 @@ def build_multimodal_samples(sources: Sequence[Any], data_dir: str | os.PathLike
         n = s.samples or SYNTHETIC_SAMPLES
         name, extra = f"synthetic_{i}_{s.modality}_{n}", {}
         if "image" in s.modality:
-            extra["max_image_tokens"] = image_token_budget(seq_length)
-            name += f"_max{extra['max_image_tokens']}"
+            suffix, extra = synthetic_image_options(seq_length, vision)
+            name += suffix
         index = write_media_corpus(Path(data_dir) / name, s.modality, n, seed=seed + i, **extra)
         datasets.append(MultimodalDataset(index, tokenizer, seq_length, vision,
                                           media_modality(s.modality), on_bad_record))

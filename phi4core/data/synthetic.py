@@ -192,6 +192,9 @@ def tool_chat(ctx: SampleContext) -> dict:
 
 
 SCENE_FILLER = "-"
+# An image scene is as long as the tiny model's smaller images are in rows (41-101 tokens): the
+# backbone learns to find a shape however far before the question it stands.
+IMAGE_SCENE_ROWS = (24, 80)
 
 
 def _scene(rng: random.Random, words: Sequence[str], ordered: bool) -> str:
@@ -221,13 +224,29 @@ def _scene(rng: random.Random, words: Sequence[str], ordered: bool) -> str:
 # their media (docs/media_learning_investigation.md).
 
 def image_scene(rng: random.Random) -> tuple[str, str, str]:
-    """(scene, question, answer) about an image's shapes."""
+    """(scene, question, answer) about an image's shapes, told as an image's rows would carry
+    them: mostly background; a coloured shape as one word ("redtriangle": a row shows a piece
+    of one, so it has to stand for both its colour and its kind) or as its colour alone; the
+    count among them."""
     from phi4core.data import synthetic_media as sm
 
     image, _, _ = _media_truths(rng)
     question, answer = rng.choice(sm.IMAGE_QUESTIONS)
-    return (_scene(rng, [str(image["count"]), image["colour"], image["shape"]], False),
-            question, answer(image))
+    rows = [SCENE_FILLER] * rng.randint(IMAGE_SCENE_ROWS[0], IMAGE_SCENE_ROWS[1])
+    # A row inside a shape shows only its colour; one on its edge, its kind as well.
+    shown = [rng.choice((image_word(image), image["colour"]))
+             for _ in range(image["count"] * rng.randint(1, 3))]
+    shown += [str(image["count"])] * rng.randint(1, 2)
+    for word in shown:
+        rows[rng.randrange(len(rows))] = word
+    if rows[-1] != SCENE_FILLER:  # the question follows filler (see _scene)
+        rows.append(SCENE_FILLER)
+    return " ".join(rows), question, answer(image)
+
+
+def image_word(truth: dict) -> str:
+    """The one word a scene tells a coloured shape by."""
+    return f"{truth['colour']}{truth['shape']}"
 
 
 def sound_scene(rng: random.Random) -> tuple[str, str, str]:

@@ -11,8 +11,9 @@ relative to the index's folder:
      "images": ["media/00000007.png"], "audios": [], "truth": {"count": 3, ...}}
 
 * image: 1-4 shapes (square, circle or triangle) of one colour on a light background, in
-  PNGs of 96-896 pixels a side and various aspect ratios: 1 to 4 crops of the HD transform,
-  most of them padded, at most `max_image_tokens` placeholder tokens each. The question asks
+  PNGs of various aspect ratios covering 1 to 4 crops of the HD transform (96-896 pixels a
+  side at the released 448-pixel crops; the model's `geometry` when it is given), most of them
+  padded, at most `max_image_tokens` placeholder tokens each. The question asks
   for the count, the colour, the shape or all three.
 * audio: 16 kHz clips of 0.5-3 s holding 1-4 pulses at a low, mid or high pitch, either steady
   beeps or rising chirps. The question asks for the count, the pitch, the kind or all three.
@@ -23,11 +24,12 @@ relative to the index's folder:
 
 A model that ignores the media can only learn the answers' prior; one that sees them can learn
 the answers exactly. Records are seeded per index like phi4core.data.synthetic, so the files
-are the same bytes for the same (seed, index, max_image_tokens) whatever the corpus size.
+are the same bytes for the same (seed, index, max_image_tokens, geometry) whatever the corpus size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -40,7 +42,7 @@ from phi4core.data.media_files import write_png, write_wav
 from phi4core.data.synthetic import Generator, SampleContext, generate
 from phi4core.data.tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from phi4core.files import atomic_dir, write_json
-from phi4core.models.hd_transform import CROP, num_image_tokens
+from phi4core.models.hd_transform import ImageGeometry
 
 SAMPLE_RATE = 16000
 MODALITIES = ("image", "audio", "image_audio", "speech")
@@ -50,7 +52,7 @@ DEFAULT_MAX_IMAGE_TOKENS = 900
 MEDIA_DIR = "media"
 INDEX = "index.jsonl"
 _CORPUS_INFO = "corpus.json"
-CORPUS_VERSION = 2  # bump when a generator changes what it writes
+CORPUS_VERSION = 3  # bump when a generator changes what it writes
 
 # -- images ---------------------------------------------------------------------------------
 
@@ -61,31 +63,48 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 195, 20),
 }
 SHAPES = ("square", "circle", "triangle")
-MIN_SIDE = 96
 MAX_ASPECT = 4
-# The fewest tokens an image of the sampled sizes takes: 4:1, one crop, mostly padding.
-MIN_IMAGE_TOKENS = num_image_tokens(CROP, CROP // MAX_ASPECT)
+RELEASED = ImageGeometry()  # 448-pixel crops of 14-pixel patches
+
+
+def min_side(geometry: ImageGeometry = RELEASED) -> int:
+    """The shortest side of a synthetic image: 96 pixels at 448-pixel crops, and never under
+    4 patches (the shapes of a thinner image would be a patch or two across)."""
+    return max(geometry.crop * 3 // 14, 4 * geometry.patch)
+
+
+def _thinnest(geometry: ImageGeometry) -> tuple[int, int]:
+    """The sampled size of fewest tokens: one crop wide, as thin as it may be, mostly padding."""
+    return geometry.crop, max(geometry.crop // MAX_ASPECT, min_side(geometry))
+
+
+def min_image_tokens(geometry: ImageGeometry = RELEASED) -> int:
+    """The fewest placeholder tokens a synthetic image takes at this geometry."""
+    return geometry.tokens(*_thinnest(geometry))
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _image_size(rng: random.Random, max_tokens: int) -> tuple[int, int]:
+def _image_size(rng: random.Random, max_tokens: int,
+                geometry: ImageGeometry = RELEASED) -> tuple[int, int]:
     """A width x height covering 1-4 crops, usually padded, within the token budget."""
-    if max_tokens < MIN_IMAGE_TOKENS:
+    least = min_image_tokens(geometry)
+    if max_tokens < least:
         raise ValueError(f"max_image_tokens {max_tokens} leaves no image size: the smallest "
-                         f"synthetic images take {MIN_IMAGE_TOKENS} tokens")
+                         f"synthetic images take {least} tokens at {geometry.crop}-pixel crops")
+    crop, side = geometry.crop, min_side(geometry)
     for _ in range(1000):
         gw, gh = rng.choice([(1, 1), (1, 1), (2, 1), (1, 2), (2, 2)])
         if rng.random() < 0.15:  # exactly the grid: no padding
-            w, h = gw * CROP, gh * CROP
+            w, h = gw * crop, gh * crop
         else:
-            w = rng.randint(MIN_SIDE if gw == 1 else CROP + 1, gw * CROP)
-            h = rng.randint(MIN_SIDE if gh == 1 else CROP + 1, gh * CROP)
-        if max(w / h, h / w) <= MAX_ASPECT and num_image_tokens(w, h) <= max_tokens:
+            w = rng.randint(side if gw == 1 else crop + 1, gw * crop)
+            h = rng.randint(side if gh == 1 else crop + 1, gh * crop)
+        if max(w / h, h / w) <= MAX_ASPECT and geometry.tokens(w, h) <= max_tokens:
             return w, h
-    return CROP, CROP // MAX_ASPECT  # a budget that only the thinnest images meet
+    return _thinnest(geometry)  # a budget that only the thinnest images meet
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:
@@ -117,9 +136,9 @@ def draw_shapes(width: int, height: int, count: int, colour: str, shape: str,
     return img
 
 
-def _image(ctx: SampleContext, max_tokens: int) -> tuple[str, dict]:
+def _image(ctx: SampleContext, max_tokens: int, geometry: ImageGeometry) -> tuple[str, dict]:
     rng = ctx.rng
-    w, h = _image_size(rng, max_tokens)
+    w, h = _image_size(rng, max_tokens, geometry)
     truth = {"count": rng.randint(1, 4), "colour": rng.choice(list(COLOURS)),
              "shape": rng.choice(SHAPES), "width": w, "height": h}
     pixels = draw_shapes(w, h, truth["count"], truth["colour"], truth["shape"], rng)
@@ -274,8 +293,9 @@ def _chat(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def image_record(ctx: SampleContext, max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> dict:
-    image, truth = _image(ctx, max_image_tokens)
+def image_record(ctx: SampleContext, max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
+                 geometry: ImageGeometry = RELEASED) -> dict:
+    image, truth = _image(ctx, max_image_tokens, geometry)
     question, answer = ctx.rng.choice(IMAGE_QUESTIONS)
     return {"messages": _chat(IMAGE_PLACEHOLDER + question, answer(truth)),
             "images": [image], "audios": [], "truth": {"image": truth}}
@@ -288,9 +308,9 @@ def audio_record(ctx: SampleContext) -> dict:
             "images": [], "audios": [clip], "truth": {"audio": truth}}
 
 
-def image_audio_record(ctx: SampleContext,
-                       max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> dict:
-    image, itruth = _image(ctx, max_image_tokens)
+def image_audio_record(ctx: SampleContext, max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
+                       geometry: ImageGeometry = RELEASED) -> dict:
+    image, itruth = _image(ctx, max_image_tokens, geometry)
     clip, atruth = _audio(ctx)
     question, answer = ctx.rng.choice(_BOTH_QUESTIONS)
     return {"messages": _chat(IMAGE_PLACEHOLDER + AUDIO_PLACEHOLDER + question,
@@ -308,18 +328,21 @@ def speech_record(ctx: SampleContext) -> dict:
             "images": [], "audios": [clip], "truth": {"audio": truth}}
 
 
-def media_generators(max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS
-                     ) -> dict[str, Generator]:
+def media_generators(max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
+                     geometry: ImageGeometry = RELEASED) -> dict[str, Generator]:
+    """The record generators by modality; images are sized in crops of `geometry` (the
+    model's: a model of smaller crops sees the same number of crops per image)."""
     return {
-        "image": lambda ctx: image_record(ctx, max_image_tokens),
+        "image": lambda ctx: image_record(ctx, max_image_tokens, geometry),
         "audio": audio_record,
-        "image_audio": lambda ctx: image_audio_record(ctx, max_image_tokens),
+        "image_audio": lambda ctx: image_audio_record(ctx, max_image_tokens, geometry),
         "speech": speech_record,
     }
 
 
 def write_media_corpus(folder: str | os.PathLike, modality: str, n: int, seed: int = 0,
-                       max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS) -> Path:
+                       max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS,
+                       geometry: ImageGeometry = RELEASED) -> Path:
     """Write `n` records of `modality` to `folder` (index.jsonl and media/); returns the index.
 
     The corpus is written into a temporary folder renamed into place when complete, so a
@@ -331,7 +354,7 @@ def write_media_corpus(folder: str | os.PathLike, modality: str, n: int, seed: i
         raise ValueError(f"a corpus needs at least one record, got n={n}")
     folder = Path(folder)
     info = {"version": CORPUS_VERSION, "modality": modality, "n": n, "seed": seed,
-            "max_image_tokens": max_image_tokens}
+            "max_image_tokens": max_image_tokens, "geometry": dataclasses.asdict(geometry)}
     try:
         if json.loads((folder / _CORPUS_INFO).read_text(encoding="utf-8")) == info:
             return folder / INDEX
@@ -340,7 +363,7 @@ def write_media_corpus(folder: str | os.PathLike, modality: str, n: int, seed: i
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(folder) as tmp:
         (tmp / MEDIA_DIR).mkdir()
-        write_jsonl(tmp / INDEX, generate(media_generators(max_image_tokens), n, seed,
+        write_jsonl(tmp / INDEX, generate(media_generators(max_image_tokens, geometry), n, seed,
                                           kinds=[modality], out_dir=tmp / MEDIA_DIR))
         write_json(tmp / _CORPUS_INFO, info)
     return folder / INDEX

@@ -51,7 +51,10 @@ DEMO_SPECIAL_TOKENS: tuple[str, ...] = (
     TOOL_RESPONSE_END,  # 14
 )
 # Bump when the demo corpus or training recipe changes, so stale caches are not reused.
-DEMO_TOKENIZER_VERSION = 3
+DEMO_TOKENIZER_VERSION = 4
+# The tiny model's vocabulary: room for every word of the demo corpora whole (at 512 the media
+# words split: "blue" as b-lu-e, "colour" in five pieces, "redtriangle" in two).
+DEMO_VOCAB_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,8 @@ def check_tokenizer_matches(tokenizer: PhiTokenizer, model: ModelConfig) -> None
 # -- the demo tokenizer -------------------------------------------------------------------
 
 
-def train_demo_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> PhiTokenizer:
+def train_demo_tokenizer(out_dir: str | os.PathLike,
+                         vocab_size: int = DEMO_VOCAB_SIZE) -> PhiTokenizer:
     """Train a small byte-level BPE on the synthetic demo corpus and write it to `out_dir`.
 
     Digits are split one by one so that the arithmetic demo data stays learnable by a tiny
@@ -235,7 +239,7 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512) -> P
     return PhiTokenizer.from_dir(out)
 
 
-def get_demo_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = 512) -> PhiTokenizer:
+def get_demo_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = DEMO_VOCAB_SIZE) -> PhiTokenizer:
     """The demo tokenizer from `cache_dir`, training it on first use only.
 
     Training happens in a private temporary folder that is renamed into place, so concurrent

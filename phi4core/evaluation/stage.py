@@ -118,16 +118,16 @@ def _tasks() -> dict[str, list[Task]]:
 
 
 def heldout_corpus(folder: Path, modality: str, seq_length: int,
-                   items: int = MEDIA_ITEMS) -> Path:
-    """The index of `items` held-out records of `modality`, written under `folder` on first
-    use (atomically; reused after)."""
-    from phi4core.data.multimodal import image_token_budget
+                   items: int = MEDIA_ITEMS, vision=None) -> Path:
+    """The index of `items` held-out records of `modality` (images sized for a model of
+    `vision`), written under `folder` on first use (atomically; reused after)."""
+    from phi4core.data.multimodal import synthetic_image_options
     from phi4core.data.synthetic_media import write_media_corpus
 
     extra, name = {}, f"heldout_{modality}_{items}"
     if "image" in modality:
-        extra["max_image_tokens"] = image_token_budget(seq_length)
-        name += f"_max{extra['max_image_tokens']}"
+        suffix, extra = synthetic_image_options(seq_length, vision)
+        name += suffix
     return write_media_corpus(folder / name, modality, items, seed=HELDOUT_SEED, **extra)
 
 
@@ -165,7 +165,7 @@ def media_accuracy(model: torch.nn.Module, modality: str, folder: Path, tokenize
                    seq_length: int, vision, items: int = MEDIA_ITEMS,
                    device: torch.device | str = "cpu") -> list[Result]:
     """Every held-out task of `modality` (see `_tasks`)."""
-    index = heldout_corpus(folder, modality, seq_length, items)
+    index = heldout_corpus(folder, modality, seq_length, items, vision)
     return [r for task in _tasks()[modality]
             for r in task_accuracy(model, index, modality, task, tokenizer, seq_length, vision,
                                    device)]

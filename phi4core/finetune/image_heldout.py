@@ -55,7 +55,7 @@ class ImageHeldout:
                 continue
             if s.kind == "synthetic":
                 items = s.samples or MEDIA_ITEMS
-                index = heldout_corpus(data_dir, "image", seq_length, items)
+                index = heldout_corpus(data_dir, "image", seq_length, items, vision)
                 self.synthetic.append(items)
             else:
                 index = s.path

@@ -121,6 +121,27 @@ def num_image_tokens(width: int, height: int, max_crops: int = MAX_CROPS, crop: 
                             crop, patch, pool)
 
 
+@dataclass(frozen=True)
+class ImageGeometry:
+    """The HD transform's parameters (phi4core.config.VisionConfig's, or the released ones)."""
+
+    crop: int = CROP
+    patch: int = PATCH
+    max_crops: int = MAX_CROPS
+    pool: int = POOL
+
+    @classmethod
+    def of(cls, vision: Any | None) -> ImageGeometry:
+        """From a VisionConfig (None: the released model's)."""
+        if vision is None:
+            return cls()
+        return cls(vision.image_size, vision.patch_size, vision.max_crops, vision.pool)
+
+    def tokens(self, width: int, height: int) -> int:
+        return num_image_tokens(width, height, self.max_crops, self.crop, self.patch,
+                                self.pool)
+
+
 def to_uint8_chw(image: Any) -> torch.Tensor:
     """A PIL image, an HWC uint8 array or a [3, H, W] uint8 tensor as a [3, H, W] uint8 tensor
     (RGB: grey and RGBA images are converted, like the processor's do_convert_rgb)."""
