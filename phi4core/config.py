@@ -275,7 +275,7 @@ _MM_FULL: dict[str, Any] = dict(
 
 _MM_TINY: dict[str, Any] = dict(
     # The released HD transform on 112-pixel crops of 14-pixel patches: an image of 1-4 crops
-    # takes 41-101 tokens (at 448 pixels, 341-1329), which the 2-layer backbone, trained on
+    # takes 31-93 tokens (at 448 pixels, 341-1329), which the 2-layer backbone, trained on
     # 128-token text, reads; and the tower costs a sixteenth.
     vision=dict(
         num_layers=3, hidden_size=32, intermediate_size=64, num_heads=2,

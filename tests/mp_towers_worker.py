@@ -18,6 +18,7 @@ import torch
 
 
 def inputs():
+    from phi4core.config import preset
     from phi4core.models.audio import extract_features
     from phi4core.models.hd_transform import process_images
 
@@ -25,7 +26,8 @@ def inputs():
     images = [torch.randint(0, 256, (3, 300, 500), generator=g, dtype=torch.uint8),
               torch.randint(0, 256, (3, 448, 448), generator=g, dtype=torch.uint8)]
     clips = [torch.randn(20_000, generator=g) * 0.1, torch.randn(9_000, generator=g) * 0.1]
-    return process_images(images), extract_features(clips)
+    crop = preset("phi4_multimodal_tiny").vision.image_size
+    return process_images(images, crop), extract_features(clips)
 
 
 def run(towers, img, aud) -> dict:

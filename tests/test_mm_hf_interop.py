@@ -120,11 +120,15 @@ def _image(w: int, h: int, seed: int = 0):
 
 
 def mode_inputs(mc) -> dict[str, dict]:
-    """Per mode: input_ids with expanded placeholders and the processors' outputs, made by
-    transformers' own image processor and feature extractor."""
-    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor
+    """Per mode: input_ids with expanded placeholders and the processors' outputs: transformers'
+    own feature extractor; the HD transform's (equal to transformers' image processor at 448-
+    pixel crops: tests/test_mm_towers.py) at the tiny model's crops, which that processor
+    does not take."""
+    from transformers import Phi4MultimodalFeatureExtractor
 
-    img = Phi4MultimodalImageProcessor()(images=[_image(500, 300)], return_tensors="pt")
+    from phi4core.models.hd_transform import process_images
+
+    img = process_images([_image(500, 300)], mc.vision.image_size)
     clip = (np.random.default_rng(3).standard_normal(24000) * 0.1).astype(np.float32)
     aud = Phi4MultimodalFeatureExtractor()(clip, sampling_rate=16000, return_tensors="pt")
     n_img, n_aud = int(img["num_img_tokens"][0]), int(aud["audio_embed_sizes"][0])

@@ -88,14 +88,19 @@ def count_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def test_tiny_preset_keeps_real_crops_and_patches(tiny):
-    from phi4core.models.vision import num_image_tokens
+def test_tiny_preset_keeps_the_released_transform_on_smaller_crops(tiny):
+    """The tiny tower: the released patches, pooling and crop limit on 112-pixel crops (4x4
+    tokens a crop), so an image is tens of tokens where the released model takes hundreds."""
+    from phi4core.models.hd_transform import ImageGeometry, num_image_tokens
 
     vc = tiny.vision
-    assert (vc.image_size, vc.patch_size, vc.pool, vc.max_crops) == (448, 14, 2, 36)
+    assert (vc.image_size, vc.patch_size, vc.pool, vc.max_crops) == (112, 14, 2, 36)
     assert vc.used_layers == vc.num_layers - 1 and vc.num_layers <= 4
     assert tiny.audio.num_blocks <= 4 and tiny.audio.time_reduction == 8
-    assert num_image_tokens(448, 448) == 545
+    # global view 4x4 + a separator a row, the global separator, one crop: 16 + 4 + 1 + 20
+    assert ImageGeometry.of(vc).tokens(112, 112) == 41 == num_image_tokens(112, 112, crop=112)
+    assert ImageGeometry.of(vc).tokens(224, 224) == 93  # 2x2 crops: 21 + 8x8 + 8
+    assert ImageGeometry().tokens(448, 448) == 545
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +284,7 @@ def test_vision_tower_matches_transformers(vision_pair, tiny):
              [_image(700, 1000), _image(448, 448)]]  # padded crops, a batch of two
     with torch.no_grad():
         for images in cases:
-            inputs = process_images(images)
+            inputs = process_images(images, tiny.vision.image_size)
             ref = _hf_image_embeds(hf, inputs, tiny.hidden_size, tiny.image_token_id)
             got = ours(inputs["image_pixel_values"], inputs["image_sizes"],
                        inputs["image_attention_mask"])
@@ -287,12 +292,12 @@ def test_vision_tower_matches_transformers(vision_pair, tiny):
             assert (got - ref).abs().max() <= 1e-5, [im.size for im in images]
 
 
-def test_vision_tower_runs_only_the_used_layers(vision_pair):
+def test_vision_tower_runs_only_the_used_layers(vision_pair, tiny):
     """The comparison can fail: a used layer's weight changes the output, the tail's does not."""
     from phi4core.models.hd_transform import process_images
 
     _, ours = vision_pair
-    inputs = process_images([_image(500, 300)])
+    inputs = process_images([_image(500, 300)], tiny.vision.image_size)
     args = (inputs["image_pixel_values"], inputs["image_sizes"], inputs["image_attention_mask"])
     with torch.no_grad():
         base = ours(*args)
@@ -480,7 +485,7 @@ def test_towers_run_in_bf16(vision_pair, audio_pair, tiny):
     from phi4core.models.hd_transform import process_images
     from phi4core.models.vision import VisionTower
 
-    img = process_images([_image(500, 300)])
+    img = process_images([_image(500, 300)], tiny.vision.image_size)
     aud = extract_features([_clip(30_000)])
     v32, a32 = vision_pair[1], audio_pair[1]
     v16 = VisionTower(tiny.vision, tiny.hidden_size, dtype=torch.bfloat16).eval()

@@ -40,7 +40,7 @@ def _image_batch(seed=0):
     rng = np.random.default_rng(seed)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((448, 448),
                                                                            (300, 600))]
-    inputs = process_images(images)
+    inputs = process_images(images, preset("phi4_multimodal_tiny").vision.image_size)
     counts = inputs.pop("num_img_tokens").tolist()
     rows = [expand_placeholders([1, 20, IMG, 21, 22, 2], {IMG: [n]}).tolist() for n in counts]
     width = max(len(r) for r in rows)

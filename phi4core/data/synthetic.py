@@ -192,7 +192,7 @@ def tool_chat(ctx: SampleContext) -> dict:
 
 
 SCENE_FILLER = "-"
-# An image scene is as long as the tiny model's smaller images are in rows (41-101 tokens): the
+# An image scene is as long as the tiny model's smaller images are in rows (31-93 tokens): the
 # backbone learns to find a shape however far before the question it stands.
 IMAGE_SCENE_ROWS = (24, 80)
 
