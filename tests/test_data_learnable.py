@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from phi4core.data.chat import ChatDataset
 from phi4core.data.packing import PackedCollator
 from phi4core.data.synthetic import write_chat_corpus
-from phi4core.data.tokenizer import get_demo_tokenizer
+from phi4core.data.tokenizer import DEMO_VOCAB_SIZE, get_demo_tokenizer
 
 SEQ = 128
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab=512, d=96, layers=2, heads=6):
+    def __init__(self, vocab=DEMO_VOCAB_SIZE, d=96, layers=2, heads=6):
         super().__init__()
         self.emb, self.pos, self.heads = nn.Embedding(vocab, d), nn.Embedding(SEQ, d), heads
         nn.init.normal_(self.emb.weight, std=0.02)

@@ -34,15 +34,18 @@ from phi4core.data.multimodal import (
 from phi4core.data.report import DataError
 from phi4core.data.synthetic_media import (
     COLOURS,
-    MIN_IMAGE_TOKENS,
     _image_size,
+    min_image_tokens,
+    min_side,
     write_media_corpus,
 )
 from phi4core.data.tokenizer import get_demo_tokenizer
 from phi4core.models.audio_features import extract_features, num_audio_tokens
-from phi4core.models.hd_transform import CROP, hd_transform, num_image_tokens, plan
+from phi4core.models.hd_transform import CROP, ImageGeometry, hd_transform, num_image_tokens, plan
 
-VISION = preset("phi4_multimodal_tiny").vision
+TINY_VISION = preset("phi4_multimodal_tiny").vision  # 112-pixel crops
+# The tiny tower at the released 448-pixel crops: what the HD transform's defaults compute.
+VISION = TINY_VISION.model_copy(update={"image_size": CROP})
 SEQ = 1024
 N = 32
 
@@ -309,18 +312,27 @@ def test_answers_vary_with_the_media(corpora):
         assert max(len(a) for a in by_question.values()) > 1, modality
 
 
-def test_image_sizes_cover_crops_padding_and_aspects():
-    sizes = [_image_size(random.Random(i), 900) for i in range(300)]
-    plans = [plan(w, h) for w, h in sizes]
+@pytest.mark.parametrize(("geometry", "budget"), [(ImageGeometry(), 500),
+                                                  (ImageGeometry(crop=112), 50)],
+                         ids=["released", "tiny"])
+def test_image_sizes_cover_crops_padding_and_aspects(geometry, budget):
+    """Images of 1-4 crops of the model's geometry, padded or not, of several aspects, none
+    thinner than min_side, within the token budget (which the tiny crops make tens)."""
+    sizes = [_image_size(random.Random(i), 900, geometry) for i in range(300)]
+    plans = [plan(w, h, geometry.crop) for w, h in sizes]
     assert {p.crops for p in plans} == {1, 2, 4}
     assert {(p.grid_w, p.grid_h) for p in plans} == {(1, 1), (2, 1), (1, 2), (2, 2)}
     padded = [p.pad_w or p.pad_h for p in plans]
     assert any(padded) and not all(padded)
     assert any(w > 2 * h for w, h in sizes) and any(h > 2 * w for w, h in sizes)
-    assert max(num_image_tokens(w, h) for w, h in sizes) <= 900
-    assert min(num_image_tokens(w, h) for w, h in sizes) >= MIN_IMAGE_TOKENS
-    assert max(num_image_tokens(w, h) for w, h in
-               (_image_size(random.Random(i), 500) for i in range(100))) <= 500
+    assert min(min(w, h) for w, h in sizes) >= min_side(geometry) >= 4 * geometry.patch
+    assert max(geometry.tokens(w, h) for w, h in sizes) <= 900
+    assert min(geometry.tokens(w, h) for w, h in sizes) >= min_image_tokens(geometry)
+    small = [geometry.tokens(*_image_size(random.Random(i), budget, geometry))
+             for i in range(100)]
+    assert max(small) <= budget < max(geometry.tokens(w, h) for w, h in sizes)
+    with pytest.raises(ValueError, match=f"{geometry.crop}-pixel crops"):
+        _image_size(random.Random(0), min_image_tokens(geometry) - 1, geometry)
 
 
 # -- samples and batches --------------------------------------------------------------------
@@ -436,6 +448,13 @@ def test_stage_sources(tmp_path, tok):
         build_multimodal_samples([DataSource(kind="synthetic", modality="chat")], tmp_path,
                                  tok, 700, 2, 8, 9, VISION)
     assert image_token_budget(1024) == 896
+    # a model of smaller crops gets images sized in its crops, in a folder of their own
+    tiny = build_multimodal_samples(sources[:1], tmp_path, tok, 256, group=2, num_samples=8,
+                                    seed=9, vision=TINY_VISION)
+    assert (tmp_path / "synthetic_0_image_4_max128_crop112").is_dir()
+    assert all(31 <= len(s.ids) <= 257 for s in tiny.datasets[0].samples)
+    batch = MultimodalCollator(256, tok.pad_id, TINY_VISION)([tiny[i] for i in range(2)])
+    assert batch["image_pixel_values"].shape[-2:] == (112, 112)
 
 
 def _write_index(folder, recs):

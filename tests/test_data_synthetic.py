@@ -92,11 +92,13 @@ def test_scenes_tell_the_medium_in_its_words_and_spell_the_question_as_after_a_p
     import random
 
     from phi4core.data import synthetic_media as sm
-    from phi4core.data.synthetic import SCENE_FILLER, SCENES
+    from phi4core.data.synthetic import IMAGE_SCENE_ROWS, SCENE_FILLER, SCENES
     from phi4core.data.tokenizer import IMAGE_PLACEHOLDER, get_demo_tokenizer
 
     tok = get_demo_tokenizer(tmp_path / "tok")
-    words = {"image_scene": {*map(str, range(1, 5)), *sm.COLOURS, *sm.SHAPES},
+    # an image's rows: background, a coloured shape as one word or its colour alone, the count
+    words = {"image_scene": {*map(str, range(1, 5)), *sm.COLOURS,
+                             *(c + s for c in sm.COLOURS for s in sm.SHAPES)},
              "sound_scene": {*map(str, range(1, 5)), *sm.PITCHES, *sm.SOUNDS},
              "speech_scene": set(sm.SPOKEN_WORDS)}
     for name, scene in SCENES.items():
@@ -104,6 +106,9 @@ def test_scenes_tell_the_medium_in_its_words_and_spell_the_question_as_after_a_p
             told, question, answer = scene(random.Random(seed))
             said = [w for w in told.split() if w != SCENE_FILLER]
             assert said and set(said) <= words[name], (name, told)
+            if name == "image_scene":  # as many rows as the tiny tower gives an image
+                assert IMAGE_SCENE_ROWS[0] <= len(told.split()) <= IMAGE_SCENE_ROWS[1] + 1
+                assert len({w for w in said if not w.isdigit()}) <= 2, told  # one colour, shape
             if name == "speech_scene":  # words in order, filler (silence) between words
                 runs = [list(run) for filler, run in
                         itertools.groupby(told.split(), lambda w: w == SCENE_FILLER) if not filler]
