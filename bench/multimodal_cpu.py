@@ -235,8 +235,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     init_single_process()
-    mc = preset("phi4_multimodal_tiny").model_copy(update={
+    tiny = preset("phi4_multimodal_tiny")
+    mc = tiny.model_copy(update={
         "name": "phi4_multimodal_tiny_r8_16",
+        # the released 448-pixel crops, which transformers' image processor makes (the tiny
+        # preset's own are 112)
+        "vision": tiny.vision.model_copy(update={"image_size": 448}),
         "lora_vision": LoraConfig(rank=8, alpha=16, dropout=0.0),
         "lora_speech": LoraConfig(rank=16, alpha=32, dropout=0.0),
     })

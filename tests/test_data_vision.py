@@ -165,7 +165,7 @@ def test_items_mask_assistant_turns_and_expand_each_image(tokenizer, tmp_path):
                   png[:1], "s.tar:2")
     assert inter["loss_mask"].sum() == (inter["labels"] != image_id).sum()
     with pytest.raises(RecordError, match="longer than seq_length"):
-        VisionItems(tokenizer, 400, VISION)(chat, png, "s.tar:1")
+        VisionItems(tokenizer, want, VISION)(chat, png, "s.tar:1")  # the images alone fill it
 
 
 # -- the loader --------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_two_workers_one_shard_yield_every_sample_once_per_epoch(one_shard, toke
     finally:
         stream.close()
     assert sorted(epoch) == [f"ds/shard_000000.tar:{i:09d}" for i in range(9)]
-    assert batch["input_mode"] == 1 and batch["image_pixel_values"].shape[-1] == 448
+    assert batch["input_mode"] == 1 and batch["image_pixel_values"].shape[-1] == VISION.image_size
     assert stream.report.records_kept == 10 and not stream.report.skipped
 
 
