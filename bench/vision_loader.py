@@ -2,10 +2,11 @@
 consumption rate, measured in the same run: does data or compute bound a vision step?
 
     OMP_NUM_THREADS=1 python bench/vision_loader.py [--samples 96] [--workers 0,2]
-        [--seq-length 512] [--micro 4]
+        [--seq-length 256] [--micro 4]
 
-The corpus: random-pixel PNGs of several sizes and aspect ratios (1 to 4 HD crops at the
-tiny profile's 512-token budget), captions through `pack_images`. The loader is the trainer's
+The corpus: random-pixel PNGs of several sizes and aspect ratios (one to several of the tiny
+tower's 112-pixel HD crops, in the tiny profile's 256-token sequences), captions through
+`pack_images`. The loader is the trainer's
 `VisionStream` (shuffling, tokenising, placeholder expansion, HD transform and collation of
 micro-batches of `--micro`), timed over `--samples` samples after its first batch (start-up
 excluded, reported apart). The model is phi4_multimodal_tiny with every tower trainable:
@@ -31,14 +32,14 @@ sys.path.insert(0, str(HERE.parent))
 SIZES = [(100, 40), (64, 48), (200, 90), (150, 150), (90, 210), (300, 120)]
 
 
-def make_dataset(folder: Path, n: int, seq_length: int) -> Path:
+def make_dataset(folder: Path, n: int, seq_length: int, vision) -> Path:
     import numpy as np
 
     from phi4core.data.media_files import write_png
     from phi4core.data.multimodal import ImageGeometry
     from phi4core.data.pack_images import pack_images
 
-    fits = [s for s in SIZES if ImageGeometry().tokens(*s) <= seq_length - 40]
+    fits = [s for s in SIZES if ImageGeometry.of(vision).tokens(*s) <= seq_length - 40]
     rng = np.random.default_rng(0)
     images = folder / "images"
     images.mkdir(parents=True)
@@ -99,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--workers", default="0,2")
-    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro", type=int, default=4)
     args = parser.parse_args()
     threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -114,7 +115,7 @@ def main() -> None:
     tokenizer = get_demo_tokenizer(cache)
     results = []
     with tempfile.TemporaryDirectory(prefix="phi4-bench-vision-") as tmp:
-        ds = make_dataset(Path(tmp), max(64, args.samples // 2), args.seq_length)
+        ds = make_dataset(Path(tmp), max(64, args.samples // 2), args.seq_length, mc.vision)
         model_sps = None
         for workers in (int(w) for w in args.workers.split(",")):
             rate, first, batches = loader_rate(ds, tokenizer, mc.vision, workers, args.samples,
