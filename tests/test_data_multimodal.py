@@ -35,6 +35,7 @@ from phi4core.data.report import DataError
 from phi4core.data.synthetic_media import (
     COLOURS,
     _image_size,
+    draw_shapes,
     min_image_tokens,
     min_side,
     write_media_corpus,
@@ -313,8 +314,9 @@ def test_answers_vary_with_the_media(corpora):
 
 
 @pytest.mark.parametrize(("geometry", "budget"), [(ImageGeometry(), 500),
-                                                  (ImageGeometry(crop=112), 50)],
-                         ids=["released", "tiny"])
+                                                  (ImageGeometry(crop=112), 50),
+                                                  (ImageGeometry(crop=56, patch=7), 50)],
+                         ids=["released", "tiny", "small-patches"])
 def test_image_sizes_cover_crops_padding_and_aspects(geometry, budget):
     """Images of 1-4 crops of the model's geometry, padded or not, of several aspects, none
     thinner than min_side, within the token budget (which the tiny crops make tens)."""
@@ -333,6 +335,9 @@ def test_image_sizes_cover_crops_padding_and_aspects(geometry, budget):
     assert max(small) <= budget < max(geometry.tokens(w, h) for w, h in sizes)
     with pytest.raises(ValueError, match=f"{geometry.crop}-pixel crops"):
         _image_size(random.Random(0), min_image_tokens(geometry) - 1, geometry)
+    for i, (w, h) in enumerate(sizes[:40]):  # four shapes fit the smallest images' cells
+        pixels = draw_shapes(w, h, 4, "red", "circle", random.Random(i))
+        assert pixels.shape == (h, w, 3) and (pixels == COLOURS["red"]).all(-1).any()
 
 
 # -- samples and batches --------------------------------------------------------------------

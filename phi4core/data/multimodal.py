@@ -41,7 +41,6 @@ from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataReport, check_policy
 from phi4core.data.tokenizer import PhiTokenizer
 from phi4core.models import hd_transform as hd
-from phi4core.models.hd_transform import ImageGeometry
 from phi4core.models.audio_features import (
     SAMPLE_RATE,
     WIN,
@@ -49,6 +48,7 @@ from phi4core.models.audio_features import (
     num_audio_tokens,
     pad_features,
 )
+from phi4core.models.hd_transform import ImageGeometry
 from phi4core.models.lora import InputMode
 
 # input_mode per modality.
@@ -314,11 +314,14 @@ SYNTHETIC_SAMPLES = 400
 TEXT_MARGIN = 128
 
 
-def image_token_budget(seq_length: int, geometry: ImageGeometry = ImageGeometry()) -> int:
-    """The most placeholder tokens a synthetic image may take in sequences of seq_length."""
+def image_token_budget(seq_length: int, geometry: ImageGeometry | None = None) -> int:
+    """The most placeholder tokens a synthetic image may take in sequences of seq_length
+    (images in crops of `geometry`, the released one by default)."""
     from phi4core.data.synthetic_media import DEFAULT_MAX_IMAGE_TOKENS, min_image_tokens
 
-    budget, least = min(DEFAULT_MAX_IMAGE_TOKENS, seq_length - TEXT_MARGIN), min_image_tokens(geometry)
+    geometry = geometry or ImageGeometry()
+    budget = min(DEFAULT_MAX_IMAGE_TOKENS, seq_length - TEXT_MARGIN)
+    least = min_image_tokens(geometry)
     if budget < least:
         raise ValueError(
             f"train.seq_length {seq_length} is too short for synthetic image samples: an image "

@@ -24,7 +24,8 @@ relative to the index's folder:
 
 A model that ignores the media can only learn the answers' prior; one that sees them can learn
 the answers exactly. Records are seeded per index like phi4core.data.synthetic, so the files
-are the same bytes for the same (seed, index, max_image_tokens, geometry) whatever the corpus size.
+are the same bytes for the same (seed, index, max_image_tokens, geometry) whatever the corpus
+size.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def draw_shapes(width: int, height: int, count: int, colour: str, shape: str,
     cw, ch = width // cols, height // rows
     for cell in rng.sample(range(rows * cols), count):
         r, c = divmod(cell, cols)
-        side = int(min(cw, ch) * rng.uniform(0.45, 0.8))
+        # within the cell less its 2-pixel margins, however small the image's cells are
+        side = max(1, min(int(min(cw, ch) * rng.uniform(0.45, 0.8)), cw - 4, ch - 4))
         # 2 pixels clear of the cell's edges: shapes in neighbouring cells never touch
         x0 = c * cw + rng.randint(2, cw - side - 2)
         y0 = r * ch + rng.randint(2, ch - side - 2)

@@ -239,7 +239,8 @@ def train_demo_tokenizer(out_dir: str | os.PathLike,
     return PhiTokenizer.from_dir(out)
 
 
-def get_demo_tokenizer(cache_dir: str | os.PathLike, vocab_size: int = DEMO_VOCAB_SIZE) -> PhiTokenizer:
+def get_demo_tokenizer(cache_dir: str | os.PathLike,
+                       vocab_size: int = DEMO_VOCAB_SIZE) -> PhiTokenizer:
     """The demo tokenizer from `cache_dir`, training it on first use only.
 
     Training happens in a private temporary folder that is renamed into place, so concurrent
