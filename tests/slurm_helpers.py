@@ -69,6 +69,21 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\S+?)=(\S*)", r.stdout))
 
 
+def job_ended(job_id: str, timeout: float = 30) -> dict[str, str]:
+    """job_info once the job has left the controller's live states: a stage publishes its
+    status before its batch script exits, so "succeeded" in the store can come while Slurm
+    still says RUNNING or COMPLETING."""
+    deadline = time.monotonic() + timeout
+    while (info := job_info(job_id))["JobState"] in LIVE_STATES:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.2)
+    return info
+
+
+LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING",
+               "SUSPENDED"}
+
+
 def recorded(store: Path, stage: str) -> dict:
     """The status.json of a stage's latest attempt."""
     stage_dir = store / "stages" / stage

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 from dag_helpers import counts, make_pipeline
-from slurm_helpers import LOCAL_CLUSTER, job_info, phi4, recorded, status, wait_status, why_not_up
+from slurm_helpers import (
+    LOCAL_CLUSTER,
+    job_ended,
+    job_info,
+    phi4,
+    recorded,
+    status,
+    wait_status,
+    why_not_up,
+)
 
 pytestmark = pytest.mark.slurm
 SLURM = ("--executor", "slurm", "--cluster", str(LOCAL_CLUSTER))
@@ -185,7 +194,7 @@ def test_preempted_stage_checkpoints_is_requeued_and_resumes(slurm, tmp_path: Pa
     rows = wait_status(store, lambda r: r["p"]["state"] == "succeeded", "p succeeded",
                        timeout=90)
     took = time.monotonic() - t0
-    info = job_info(job)
+    info = job_ended(job)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), info
     assert rows["p"]["attempt"] == 2 and rows["p"]["job"] == job
     assert (stage_dir / "artifacts" / "out" / "resumed_from.txt").read_text() == "10"
