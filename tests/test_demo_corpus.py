@@ -11,10 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import cli as main_cli
-from phi4core.data.demo_corpus import CorpusExists, DemoCounts, write_demo_corpus
+from phi4core.data.demo_corpus import CorpusExists, DemoCounts, demo_geometry, write_demo_corpus
 from phi4core.data.media_files import png_size, read_wav
 from phi4core.data.synthetic_media import SPOKEN_WORDS
-from phi4core.models.hd_transform import num_image_tokens
 
 SMALL = DemoCounts(text=(20, 5), chat=(20, 5), images=(12, 4), audio=(12, 4))
 
@@ -74,7 +73,9 @@ def test_images_and_words_vary(corpus):
     captions = lines(folder / "captions.jsonl")
     sizes = [png_size(folder / c["image"]) for c in captions]
     assert len({w / h for w, h in sizes}) >= 8  # aspect ratios
-    assert len({num_image_tokens(w, h) for w, h in sizes}) >= 3  # the HD crops differ
+    tiny = demo_geometry()  # sized in the tiny tower's crops, to fit the tiny profile
+    assert len({tiny.tokens(w, h) for w, h in sizes}) >= 3  # the HD crops differ
+    assert max(tiny.tokens(w, h) for w, h in sizes) <= 256 - 128
     words = [c["caption"].rstrip(".").split() for c in captions]
     assert len({w[0] for w in words}) >= 3  # counts
     assert len({w[1] for w in words}) >= 3  # colours

@@ -21,9 +21,11 @@ With `pack` (the command's default) it also builds what the loaders read, from t
 
 Everything comes from the synthetic generators (phi4core.data.synthetic, synthetic_media):
 shapes of several kinds, colours, counts, positions, sizes and aspect ratios (so the HD
-transform's crops vary) and speech-like clips whose words are tone patterns. The held-out
-splits use `HELDOUT_SEED`, which no training corpus uses. The same seed gives the same bytes;
-the folder is written beside OUT and renamed into place, so a crash leaves no half corpus.
+transform's crops vary: 1-4 crops of the tiny tower the demo trains, 56-224 pixels a side,
+31-93 tokens, which fit the tiny profile's 256-token sequences) and speech-like clips whose
+words are tone patterns. The held-out splits use `HELDOUT_SEED`, which no training corpus
+uses. The same seed gives the same bytes; the folder is written beside OUT and renamed into
+place, so a crash leaves no half corpus.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from phi4core.data.synthetic_media import (
 )
 from phi4core.data.tokenizer import IMAGE_PLACEHOLDER
 from phi4core.files import atomic_dir, write_json
+from phi4core.models.hd_transform import ImageGeometry
 
 INFO = "corpus.json"
 SPLITS = ("train", "heldout")
@@ -72,6 +75,13 @@ class CorpusExists(FileExistsError):
     """OUT holds something other than this exact demo corpus."""
 
 
+def demo_geometry() -> ImageGeometry:
+    """The crops the demo's images are sized in: the tiny tower's (phi4_multimodal_tiny)."""
+    from phi4core.config import preset
+
+    return ImageGeometry.of(preset("phi4_multimodal", "tiny").vision)
+
+
 def _seed(seed: int, split: str) -> int:
     return seed if split == "train" else HELDOUT_SEED + seed
 
@@ -79,7 +89,8 @@ def _seed(seed: int, split: str) -> int:
 def _image_files(folder: Path, n: int, seed: int) -> int:
     media = folder / MEDIA_DIR
     media.mkdir(parents=True)
-    records = list(generate(media_generators(), n, seed, kinds=["image"], out_dir=media))
+    records = list(generate(media_generators(geometry=demo_geometry()), n, seed,
+                            kinds=["image"], out_dir=media))
     write_jsonl(folder / "captions.jsonl", (
         {"image": r["images"][0], "caption": f"{describe_image(r['truth']['image'])}."}
         for r in records))
