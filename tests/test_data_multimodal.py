@@ -156,6 +156,27 @@ def test_corpus_reused_when_identical_rewritten_when_not(tmp_path):
     write_media_corpus(tmp_path / "c", "audio", 4, seed=0)
     assert len(records(index)) == 4 and len(list((tmp_path / "c" / "media").iterdir())) == 4
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary folder left
+    # the same images at other crops are other images: rewritten, sized in the new crops
+    big = write_media_corpus(tmp_path / "i", "image", 3, seed=0)
+    sizes = [png_size(big.parent / r["images"][0]) for r in records(big)]
+    small = write_media_corpus(tmp_path / "i", "image", 3, seed=0,
+                               geometry=ImageGeometry(crop=112))
+    resized = [png_size(small.parent / r["images"][0]) for r in records(small)]
+    assert resized != sizes and max(max(s) for s in resized) <= 224
+
+
+def test_heldout_images_follow_the_model_and_small_budgets_name_its_crops(tmp_path):
+    from phi4core.evaluation.stage import heldout_corpus
+
+    index = heldout_corpus(tmp_path, "image", 256, items=8, vision=TINY_VISION)
+    assert index.parent.name == "heldout_image_8_max128_crop112"
+    geometry = ImageGeometry.of(TINY_VISION)
+    assert all(31 <= geometry.tokens(*png_size(index.parent / r["images"][0])) <= 93
+               for r in records(index))
+    with pytest.raises(ValueError, match=r"too short.*112-pixel crops.*to 159 or more"):
+        image_token_budget(158, geometry)
+    with pytest.raises(ValueError, match="too small for synthetic shape images"):
+        _image_size(random.Random(0), 900, ImageGeometry(crop=28, patch=14))
 
 
 def test_bad_corpus_arguments(tmp_path):
@@ -457,7 +478,11 @@ def test_stage_sources(tmp_path, tok):
     tiny = build_multimodal_samples(sources[:1], tmp_path, tok, 256, group=2, num_samples=8,
                                     seed=9, vision=TINY_VISION)
     assert (tmp_path / "synthetic_0_image_4_max128_crop112").is_dir()
-    assert all(31 <= len(s.ids) <= 257 for s in tiny.datasets[0].samples)
+    truths = [r["truth"]["image"] for r in records(
+        tmp_path / "synthetic_0_image_4_max128_crop112" / "index.jsonl")]
+    assert all(max(t["width"], t["height"]) <= 224 for t in truths)
+    assert all(31 <= int((torch.as_tensor(s.ids) == tok.image_token_id).sum()) <= 128
+               for s in tiny.datasets[0].samples)
     batch = MultimodalCollator(256, tok.pad_id, TINY_VISION)([tiny[i] for i in range(2)])
     assert batch["image_pixel_values"].shape[-2:] == (112, 112)
 

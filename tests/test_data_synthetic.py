@@ -109,6 +109,10 @@ def test_scenes_tell_the_medium_in_its_words_and_spell_the_question_as_after_a_p
             if name == "image_scene":  # as many rows as the tiny tower gives an image
                 assert IMAGE_SCENE_ROWS[0] <= len(told.split()) <= IMAGE_SCENE_ROWS[1] + 1
                 assert len({w for w in said if not w.isdigit()}) <= 2, told  # one colour, shape
+                shapes = [w for w in said if w[-1].isalpha() and w not in sm.COLOURS]
+                assert shapes and said.count(shapes[0]) + said.count(
+                    next(c for c in sm.COLOURS if shapes[0].startswith(c))) <= 12, told
+                assert sum(w.isdigit() for w in said) in (1, 2), told
             if name == "speech_scene":  # words in order, filler (silence) between words
                 runs = [list(run) for filler, run in
                         itertools.groupby(told.split(), lambda w: w == SCENE_FILLER) if not filler]

@@ -45,7 +45,7 @@ def test_round_trip(tmp_path, tok):
     ds = _indexed(out)
     assert [ds[i].tolist() for i in range(len(ds))] == [tok.encode(t) for t in TEXTS[2:]] * 2
     assert report.num_tokens == sum(len(ds[i]) for i in range(len(ds)))
-    assert ds[0].dtype.name == "uint16"  # 512-token vocabulary fits 16 bits
+    assert ds[0].dtype.name == "uint16"  # the demo's 1024-token vocabulary fits 16 bits
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "corpus.bin", "corpus.idx", "corpus.manifest.json"]  # no temporaries left
 

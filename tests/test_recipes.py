@@ -92,9 +92,9 @@ def test_tiny_profile_makes_every_stage_one_cpu_process() -> None:
         r = stage.recipe
         assert r.resources.world_size == 1 and r.resources.gpus_per_node == 0
         assert r.model.size == "tiny" and r.precision.fp8 == "off"
-        # an image takes 341+ tokens (real 448-pixel crops), unpacked: 512 at most; about a
-        # million tokens per stage, a minute of a laptop CPU at the tiny size
-        assert r.train.seq_length <= 512
+        # an image takes 31-93 tokens (the tiny tower's 112-pixel crops), unpacked: 256 at
+        # most; about a million tokens per stage, a minute of a laptop CPU at the tiny size
+        assert r.train.seq_length <= 256
         assert r.train.total_steps * r.train.global_batch_size * r.train.seq_length <= 1_100_000
         assert all(s.kind == "synthetic" for s in r.data.sources)
     assert "vision_encoder" not in loaded.stages["vision_projector_align"].recipe.inputs

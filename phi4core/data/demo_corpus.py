@@ -1,6 +1,6 @@
 """`phi4 data demo OUT`: the demo corpus as raw files, in the formats users' data arrives in.
 
-    OUT/corpus.json                    what was written: counts, seed, version
+    OUT/corpus.json                    what was written: counts, seed, version, image crops
     OUT/text/{train,heldout}.jsonl     {"text": ...}                      (prepare-text)
     OUT/chat/{train,heldout}.jsonl     {"messages": [...], "tools": [...]} (chat SFT, tool calls)
     OUT/images/{train,heldout}/        media/*.png, and
@@ -141,7 +141,7 @@ def write_demo_corpus(out: str | os.PathLike, seed: int = 0,
     out = Path(out)
     info = {"version": CORPUS_VERSION, "seed": seed, "heldout_seed": HELDOUT_SEED + seed,
             "counts": {k: dict(zip(SPLITS, v)) for k, v in asdict(counts).items()},
-            "packed": pack}
+            "image_geometry": asdict(demo_geometry()), "packed": pack}
     if out.exists():
         try:
             there = json.loads((out / INFO).read_text(encoding="utf-8"))

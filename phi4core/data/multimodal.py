@@ -24,6 +24,7 @@ so each group is one source and one input mode.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from phi4core.models.audio_features import (
     num_audio_tokens,
     pad_features,
 )
-from phi4core.models.hd_transform import ImageGeometry
+from phi4core.models.hd_transform import RELEASED, ImageGeometry
 from phi4core.models.lora import InputMode
 
 # input_mode per modality.
@@ -319,7 +320,7 @@ def image_token_budget(seq_length: int, geometry: ImageGeometry | None = None) -
     (images in crops of `geometry`, the released one by default)."""
     from phi4core.data.synthetic_media import DEFAULT_MAX_IMAGE_TOKENS, min_image_tokens
 
-    geometry = geometry or ImageGeometry()
+    geometry = geometry or RELEASED
     budget = min(DEFAULT_MAX_IMAGE_TOKENS, seq_length - TEXT_MARGIN)
     least = min_image_tokens(geometry)
     if budget < least:
@@ -335,7 +336,10 @@ def synthetic_image_options(seq_length: int, vision: Any | None) -> tuple[str, d
     `vision` (None: the released geometry) in sequences of seq_length."""
     geometry = ImageGeometry.of(vision)
     budget = image_token_budget(seq_length, geometry)
-    suffix = f"_max{budget}" + ("" if geometry == ImageGeometry() else f"_crop{geometry.crop}")
+    # every parameter that differs from the released geometry names the folder ("_crop112")
+    suffix = f"_max{budget}" + "".join(
+        f"_{field.name}{getattr(geometry, field.name)}" for field in dataclasses.fields(geometry)
+        if getattr(geometry, field.name) != getattr(RELEASED, field.name))
     return suffix, {"max_image_tokens": budget, "geometry": geometry}
 
 

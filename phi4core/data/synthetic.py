@@ -192,7 +192,7 @@ def tool_chat(ctx: SampleContext) -> dict:
 
 
 SCENE_FILLER = "-"
-# An image scene is as long as the tiny model's smaller images are in rows (31-93 tokens): the
+# An image scene is about as long as the tiny tower's images are in rows (31-93 tokens): the
 # backbone learns to find a shape however far before the question it stands.
 IMAGE_SCENE_ROWS = (24, 80)
 
@@ -233,12 +233,13 @@ def image_scene(rng: random.Random) -> tuple[str, str, str]:
     image, _, _ = _media_truths(rng)
     question, answer = rng.choice(sm.IMAGE_QUESTIONS)
     rows = [SCENE_FILLER] * rng.randint(IMAGE_SCENE_ROWS[0], IMAGE_SCENE_ROWS[1])
-    # A row inside a shape shows only its colour; one on its edge, its kind as well.
-    shown = [rng.choice((image_word(image), image["colour"]))
-             for _ in range(image["count"] * rng.randint(1, 3))]
+    # A row inside a shape shows only its colour; one on its edge, its kind as well (and every
+    # shape has an edge).
+    shown = [image_word(image)] + [rng.choice((image_word(image), image["colour"]))
+                                   for _ in range(image["count"] * rng.randint(1, 3) - 1)]
     shown += [str(image["count"])] * rng.randint(1, 2)
-    for word in shown:
-        rows[rng.randrange(len(rows))] = word
+    for row, word in zip(rng.sample(range(len(rows)), len(shown)), shown):
+        rows[row] = word
     if rows[-1] != SCENE_FILLER:  # the question follows filler (see _scene)
         rows.append(SCENE_FILLER)
     return " ".join(rows), question, answer(image)

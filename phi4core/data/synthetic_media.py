@@ -43,12 +43,13 @@ from phi4core.data.media_files import write_png, write_wav
 from phi4core.data.synthetic import Generator, SampleContext, generate
 from phi4core.data.tokenizer import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from phi4core.files import atomic_dir, write_json
-from phi4core.models.hd_transform import ImageGeometry
+from phi4core.models.hd_transform import RELEASED, ImageGeometry
 
 SAMPLE_RATE = 16000
 MODALITIES = ("image", "audio", "image_audio", "speech")
-# At most this many placeholder tokens per image by default: a 2x2-crop image without padding
-# (1329) is excluded, so an image, a clip and the text fit 1024 positions.
+# At most this many placeholder tokens per image by default: at the released 448-pixel crops a
+# 2x2-crop image without padding (1329) is excluded, so an image, a clip and the text fit 1024
+# positions (the tiny tower's images take 93 at most).
 DEFAULT_MAX_IMAGE_TOKENS = 900
 MEDIA_DIR = "media"
 INDEX = "index.jsonl"
@@ -65,13 +66,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle", "triangle")
 MAX_ASPECT = 4
-RELEASED = ImageGeometry()  # 448-pixel crops of 14-pixel patches
 
 
 def min_side(geometry: ImageGeometry = RELEASED) -> int:
     """The shortest side of a synthetic image: 96 pixels at 448-pixel crops, and never under
     4 patches (the shapes of a thinner image would be a patch or two across)."""
-    return max(geometry.crop * 3 // 14, 4 * geometry.patch)
+    side = max(geometry.crop * 3 // 14, 4 * geometry.patch)
+    if side > geometry.crop:
+        raise ValueError(f"{geometry.crop}-pixel crops of {geometry.patch}-pixel patches are too "
+                         f"small for synthetic shape images: a crop needs 4 patches a side "
+                         f"({4 * geometry.patch} pixels)")
+    return side
 
 
 def _thinnest(geometry: ImageGeometry) -> tuple[int, int]:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from phi4core.data.chat import ChatFormatError, render_chat, tokenize_chat
-from phi4core.data.multimodal import ImageGeometry, MultimodalCollator
+from phi4core.data.multimodal import MultimodalCollator
+from phi4core.models.hd_transform import ImageGeometry
 from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataError, DataReport, check_policy
 from phi4core.data.vision_records import RecordError

@@ -142,6 +142,9 @@ class ImageGeometry:
                                 self.pool)
 
 
+RELEASED = ImageGeometry()  # 448-pixel crops of 14-pixel patches, as Phi-4-multimodal
+
+
 def to_uint8_chw(image: Any) -> torch.Tensor:
     """A PIL image, an HWC uint8 array or a [3, H, W] uint8 tensor as a [3, H, W] uint8 tensor
     (RGB: grey and RGBA images are converted, like the processor's do_convert_rgb)."""

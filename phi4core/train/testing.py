@@ -38,8 +38,8 @@ def tiny_spec(workdir: str | Path, name: str = "pretrain", *, chat: bool = False
 
 
 # The synthetic source of each multimodal modality, and a sequence length that fits its samples
-# (an image takes 341+ tokens: real 448-pixel crops; a clip of up to 3 s, 38).
-_MM_SEQ = {"image": 512, "audio": 256, "image_audio": 512}
+# (an image of the tiny tower's 112-pixel crops takes 31-93 tokens; a clip of up to 3 s, 38).
+_MM_SEQ = {"image": 256, "audio": 256, "image_audio": 256}
 
 
 def tiny_multimodal_spec(workdir: str | Path, name: str, modality: str, *, trainable: list[str],
