@@ -36,8 +36,8 @@ def make_dataset(folder: Path, n: int, seq_length: int, vision) -> Path:
     import numpy as np
 
     from phi4core.data.media_files import write_png
-    from phi4core.models.hd_transform import ImageGeometry
     from phi4core.data.pack_images import pack_images
+    from phi4core.models.hd_transform import ImageGeometry
 
     fits = [s for s in SIZES if ImageGeometry.of(vision).tokens(*s) <= seq_length - 40]
     rng = np.random.default_rng(0)

@@ -33,11 +33,11 @@ import torch
 
 from phi4core.data.chat import ChatFormatError, render_chat, tokenize_chat
 from phi4core.data.multimodal import MultimodalCollator
-from phi4core.models.hd_transform import ImageGeometry
 from phi4core.data.placeholders import expand_placeholders
 from phi4core.data.report import DataError, DataReport, check_policy
 from phi4core.data.vision_records import RecordError
 from phi4core.files import atomic_output, json_text
+from phi4core.models.hd_transform import ImageGeometry
 
 log = logging.getLogger("phi4core.data")
 
