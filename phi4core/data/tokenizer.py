@@ -51,7 +51,7 @@ DEMO_SPECIAL_TOKENS: tuple[str, ...] = (
     TOOL_RESPONSE_END,  # 14
 )
 # Bump when the demo corpus or training recipe changes, so stale caches are not reused.
-DEMO_TOKENIZER_VERSION = 4
+DEMO_TOKENIZER_VERSION = 5
 # The tiny model's vocabulary: room for every word of the demo corpora whole (at 512 the media
 # words split: "blue" as b-lu-e, "colour" in five pieces, "redtriangle" in two).
 DEMO_VOCAB_SIZE = 1024
