@@ -21,12 +21,12 @@ MAX_CLIPS = 64  # enough for 80 per-bin means and stds of thousands of frames
 MAX_SCAN = 1024  # samples looked at for clips (a mixture may hold few audio samples)
 
 
-AUDIO_MODALITIES = ("audio", "image_audio", "speech")
-
-
 def carries_audio(sources) -> bool:
     """Whether any of a stage's data sources holds clips (a lhotse corpus, synthetic audio)."""
-    return any(s.kind == "lhotse" or (s.kind == "synthetic" and s.modality in AUDIO_MODALITIES)
+    from phi4core.data.multimodal import media_modality
+
+    return any(s.kind == "lhotse"
+               or (s.kind == "synthetic" and "audio" in media_modality(s.modality or ""))
                for s in sources)
 
 

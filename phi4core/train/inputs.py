@@ -49,7 +49,9 @@ def _vocabulary(tokenizer_json: Path) -> tuple:
     tokens; not how the file is laid out, nor how a `tokenizers` version writes merges ("a b"
     or ["a", "b"]) or the model's other options."""
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    model = data.get("model") or {}
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError("not a tokenizers file (no `model` object)")
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
               for m in model.get("merges") or ()]
     added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or ())
@@ -62,6 +64,7 @@ def check_input_tokenizers(spec: StageSpec, tokenizer) -> None:
     is what a demo tokenizer cache left by another phi4 version, or a `tokenizer:` pointing at
     another model's folder, would do silently."""
     mine = Path(tokenizer.path) / "tokenizer.json"
+    ids = None  # this stage's, read once and only when an input has a tokenizer to compare
     for name, inp in spec.inputs.items():
         if inp.source == "hf" or inp.path is None:
             continue
@@ -69,8 +72,9 @@ def check_input_tokenizers(spec: StageSpec, tokenizer) -> None:
         if not theirs.is_file() or not mine.is_file():
             continue
         try:
-            same = _vocabulary(theirs) == _vocabulary(mine)
-        except (OSError, ValueError) as e:
+            ids = ids or _vocabulary(mine)
+            same = _vocabulary(theirs) == ids
+        except (OSError, ValueError, TypeError) as e:
             raise InputError(f"input {name!r}: cannot read its tokenizer {theirs}: {e}") from None
         if not same:
             raise InputError(
